@@ -1,1 +1,22 @@
-"""placeholder"""
+"""powerbert: PoWER-BERT progressive word-vector elimination for Hugging Face encoders.
+
+    import powerbert
+    powerbert.patch(model, retention=[77, 63, 56, 53, 43, 40, 36, 24, 18, 14, 11, 3])
+"""
+from powerbert.families import supported_models
+from powerbert.patch import is_patched, patch, patched_retention, unpatch
+from powerbert.retention import flops_ideal, validate_retention, vector_ratio
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "patch",
+    "unpatch",
+    "is_patched",
+    "patched_retention",
+    "supported_models",
+    "validate_retention",
+    "vector_ratio",
+    "flops_ideal",
+    "__version__",
+]

@@ -1,0 +1,98 @@
+"""The eliminating encoder layer forward, shared by every family (see ``families.py``).
+
+Per layer (ALGORITHM.md §2): self-attention on the n vectors that entered, significance of
+every position from this layer's own attention probabilities, keep the top-k (CLS always,
+original order), then the FFN on the k survivors only.
+
+One reordering that changes no value: the attention output projection, its residual and
+LayerNorm act row by row, so they are applied *after* selection, to the k surviving rows
+only (their probability rows times V, plus the gathered residual). This saves the (n - k)
+rows of P·V and of the output projection that elimination would discard anyway.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from powerbert import ops
+from powerbert.families import LayerParts
+
+
+def _heads(linear: torch.nn.Linear, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Project ``x [B, n, D]`` and split heads: ``[B, H, n, d]`` (a strided view)."""
+    y = linear(x)
+    batch, length, width = y.shape
+    return y.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _merge_heads(context: torch.Tensor) -> torch.Tensor:
+    """``[B, H, n, d]`` -> ``[B, n, H * d]``."""
+    batch, heads, length, dim = context.shape
+    return context.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+def _attention_output(parts: LayerParts, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return parts.attn_norm(parts.attn_dropout(parts.attn_out(_merge_heads(context))) + residual)
+
+
+def _feed_forward(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
+    return parts.ffn_norm(parts.ffn_dropout(parts.ffn_out(parts.ffn_act(parts.ffn_in(x)))) + x)
+
+
+def _sdpa(parts: LayerParts, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    dropout = parts.probs_dropout.p if parts.probs_dropout.training else 0.0
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+
+
+def eliminating_layer(
+    parts: LayerParts,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    keep: int,
+    *,
+    padded: bool,
+    cls_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one encoder layer with word-vector elimination.
+
+    Args:
+        parts: the layer's modules.
+        hidden: ``[B, n, D]`` vectors entering the layer.
+        mask: ``[B, n]`` bool, True for real tokens.
+        keep: k_l, vectors kept after this layer's attention; ``keep >= n`` keeps all.
+        padded: False when the batch is known to hold no padding (lets attention skip the mask).
+        cls_only: compute only the [CLS] output (lossless when the caller reads only [CLS],
+            e.g. the last layer under a sequence-classification head).
+
+    Returns:
+        ``(hidden [B, k', D], mask [B, k'])`` with ``k' = min(keep, n)`` (1 if ``cls_only``).
+    """
+    n = hidden.shape[1]
+    attn_mask = mask if padded else None
+    k_proj = _heads(parts.key, hidden, parts.num_heads)
+    v_proj = _heads(parts.value, hidden, parts.num_heads)
+
+    if cls_only:
+        residual = hidden[:, :1]
+        q_proj = _heads(parts.query, residual, parts.num_heads)
+        context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
+        return _feed_forward(parts, _attention_output(parts, context, residual)), mask[:, :1]
+
+    q_proj = _heads(parts.query, hidden, parts.num_heads)
+    if keep >= n:
+        # Nothing to eliminate: no scores needed, so use fused SDPA like the stock model.
+        context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
+        return _feed_forward(parts, _attention_output(parts, context, hidden)), mask
+
+    scale = q_proj.shape[-1] ** -0.5
+    logits = torch.matmul(q_proj * scale, k_proj.transpose(-1, -2))
+    if padded:
+        logits = logits.masked_fill(~mask[:, None, None, :], torch.finfo(logits.dtype).min)
+    probs = logits.softmax(dim=-1)  # [B, H, n, n], before dropout: significance uses these
+
+    residual, mask, indices = ops.extract(probs, hidden, mask, keep)
+    batch, heads, _, _ = probs.shape
+    rows = torch.gather(probs, 2, indices.view(batch, 1, keep, 1).expand(batch, heads, keep, n))
+    context = torch.matmul(parts.probs_dropout(rows), v_proj)  # [B, H, k, d]
+    return _feed_forward(parts, _attention_output(parts, context, residual)), mask

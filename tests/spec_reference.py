@@ -1,0 +1,77 @@
+"""An independent eager implementation of PoWER-BERT inference, written from ALGORITHM.md.
+
+Deliberately plain: per-sequence Python loops for scoring and selection, the textbook
+layer order (attention output for every row, then select, then FFN), float64 scores.
+It shares no code with ``powerbert`` or ``kernels``; tests compare the library against it.
+"""
+import math
+
+import torch
+
+
+def spec_scores(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """§1 for one sequence: probs [H, n, n], mask [n] bool -> [n] float64."""
+    heads, n, _ = probs.shape
+    p = probs.double()
+    scores = torch.empty(n, dtype=torch.float64)
+    for j in range(n):
+        if not mask[j]:
+            scores[j] = -math.inf
+            continue
+        total = 0.0
+        for i in range(n):
+            if mask[i] and i != j:
+                total += float(p[:, i, j].sum())
+        scores[j] = total
+    return scores
+
+
+def spec_keep(scores: torch.Tensor, k: int) -> list[int]:
+    """§2 for one sequence: [CLS] first, then by score descending, ties to the lower index."""
+    n = scores.numel()
+    order = sorted(range(n), key=lambda j: (0 if j == 0 else 1, -float(scores[j]), j))
+    return sorted(order[:k])
+
+
+def bert_layer_modules(layer):
+    sa = layer.attention.self
+    return dict(
+        q=sa.query, k=sa.key, v=sa.value, heads=sa.num_attention_heads,
+        o=layer.attention.output.dense, ln1=layer.attention.output.LayerNorm,
+        ffn_in=layer.intermediate.dense, act=layer.intermediate.intermediate_act_fn,
+        ffn_out=layer.output.dense, ln2=layer.output.LayerNorm,
+    )
+
+
+@torch.no_grad()
+def spec_encoder(hidden: torch.Tensor, mask: torch.Tensor, layers, retention):
+    """Run encoder layers with hard extraction. hidden [B, N, D], mask [B, N] 0/1.
+
+    ``layers``: list of dicts as built by ``bert_layer_modules``. Returns the list of
+    per-sequence outputs [k_L, D] and the kept original positions of each sequence.
+    """
+    outputs, kept_positions = [], []
+    for b in range(hidden.shape[0]):
+        h = hidden[b]
+        m = mask[b].bool()
+        positions = list(range(h.shape[0]))
+        for mods, k in zip(layers, retention):
+            n, width = h.shape
+            heads = mods["heads"]
+            d = width // heads
+            q = mods["q"](h).view(n, heads, d).transpose(0, 1)
+            kk = mods["k"](h).view(n, heads, d).transpose(0, 1)
+            v = mods["v"](h).view(n, heads, d).transpose(0, 1)
+            logits = q @ kk.transpose(1, 2) / math.sqrt(d)
+            logits = logits.masked_fill(~m[None, None, :], float("-inf"))
+            probs = logits.softmax(-1)
+            context = (probs @ v).transpose(0, 1).reshape(n, width)
+            a = mods["ln1"](mods["o"](context) + h)
+            if k < n:
+                keep = spec_keep(spec_scores(probs, m), k)
+                a, m = a[keep], m[keep]
+                positions = [positions[i] for i in keep]
+            h = mods["ln2"](mods["ffn_out"](mods["act"](mods["ffn_in"](a))) + a)
+        outputs.append(h)
+        kept_positions.append(positions)
+    return outputs, kept_positions
