@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow bench aot clean
+.PHONY: demo test test-slow bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
