@@ -1,0 +1,403 @@
+"""Attention forward that also returns PoWER-BERT significance scores.
+
+The significance of key position j (ALGORITHM.md §1) is the attention it receives from the
+real query tokens of its sequence, summed over heads, without the self term:
+
+    score[b, j] = sum_h sum_{i : mask[b, i] = 1, i != j} P[b, h, i, j]      (-inf where mask[b, j] = 0)
+
+The eager reference materialises P (B·H·n² values). The Triton path never writes P:
+
+1. ``_attn_fwd_kernel``: flash-attention forward (online softmax), one program per
+   (query block, batch·head). Writes the context and the row log-sum-exp (base 2) ``lse``.
+2. ``_attn_colsum_kernel``: one program per (key block, batch). It loops over heads and query
+   blocks, recomputes ``P = exp2(q·kᵀ·scale·log2e − lse)`` exactly (the normaliser is known
+   now), drops padded query rows and the diagonal, and accumulates the column sums in fp32
+   registers. Each score is written once by one program: deterministic, no atomics, so ties
+   seen by the later top-k cannot flip from run to run.
+
+A one-pass variant cannot produce column sums: with online softmax the normaliser of a row is
+only known after its last key block, so column partials would need a rescale per row.
+
+``need_scores=False`` skips pass 2 (and still costs one fp32 ``lse`` write per row).
+"""
+from __future__ import annotations
+
+import math
+import os
+from numbers import Real
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention_with_significance", "attention_with_significance_ref", "aot_specs"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HEAD_DIMS = (32, 64, 128)
+_BACKENDS = (None, "triton", "torch")
+_LOG2E = 1.4426950408889634
+# Finite stand-in for a padded key's logit (base-2 units). Finite rather than -inf so that a
+# sequence without any real token gets a uniform softmax, as HF eager attention does with
+# finfo.min, instead of NaN; with at least one real key it underflows to probability 0.
+_PAD_LOGIT = tl.constexpr(-1.0e30)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (the specification)
+# --------------------------------------------------------------------------------------------
+def attention_with_significance_ref(q, k, v, mask, scale=None):
+    """Eager attention plus significance scores; the specification of the Triton path.
+
+    Args:
+        q, k, v: ``[B, H, n, d]`` floating tensors (any strides).
+        mask: ``[B, n]`` key-padding mask, nonzero/True = real token, 0 = padding.
+        scale: logit scale, default ``d ** -0.5``.
+
+    Returns:
+        ``(context, scores)``: context ``[B, H, n, d]`` in q's dtype,
+        ``softmax(q kᵀ·scale, padded keys filled with finfo.min) @ v``; scores ``[B, n]``
+        float32 (float64 for float64 inputs), ``sum_h sum_{real i != j} P[b, h, i, j]``,
+        ``-inf`` at padded positions.
+    """
+    d = q.shape[-1]
+    if scale is None:
+        scale = d ** -0.5
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    real = mask != 0  # [B, n]
+    logits = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
+    # masked_fill (not an additive bias) so an all-padding sequence is exactly uniform.
+    logits = logits.masked_fill(~real[:, None, None, :], torch.finfo(cdt).min)
+    probs = torch.softmax(logits, dim=-1)  # [B, H, n(query), n(key)]
+    context = torch.matmul(probs, v.to(cdt)).to(q.dtype)
+
+    votes = (probs * real[:, None, :, None].to(cdt)).sum(dim=1)  # [B, n(query), n(key)]
+    votes.diagonal(dim1=-2, dim2=-1).zero_()  # the self term i == j does not count
+    scores = votes.sum(dim=1).masked_fill(~real, float("-inf"))
+    return context, scores.to(cdt)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_mb, stride_mn,
+    H, N, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr,
+):
+    """Flash-attention forward: context [B,H,N,D] and base-2 row log-sum-exp lse [B*H, N]."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    m_base = mask_ptr + b * stride_mb
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    if not DOT_IN_INPUT_DTYPE:
+        # The interpreter gets bf16 arithmetic and bf16 tl.dot wrong: work in fp32 there.
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N
+        key_real = tl.load(m_base + offs_n * stride_mn, mask=col_ok, other=0) != 0
+        # K loaded transposed, [HEAD_DIM, BLOCK_N], so the dot needs no tl.trans.
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=col_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None], other=0.0)
+        if not DOT_IN_INPUT_DTYPE:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+
+        s = tl.dot(q, kt, input_precision="ieee") * qk_scale  # base-2 logits, fp32
+        s = tl.where(key_real[None, :], s, _PAD_LOGIT)
+        # Every block holds at least one in-range key, so m_new stays finite (no inf - inf).
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if DOT_IN_INPUT_DTYPE:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p, v, acc, input_precision="ieee")
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_base = out_ptr + b * stride_ob + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    lse = m_i + tl.log2(l_i)
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_colsum_kernel(
+    q_ptr, k_ptr, mask_ptr, lse_ptr, scores_ptr,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_mb, stride_mn,
+    H, N, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_IN_INPUT_DTYPE: tl.constexpr,
+):
+    """Significance of one key block of one sequence: column sums of P over heads and real
+    query rows, diagonal excluded, recomputed from q, k and the forward's lse. Scores [B, N]."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < N
+    m_base = mask_ptr + b * stride_mb
+    key_real = tl.load(m_base + offs_n * stride_mn, mask=col_ok, other=0) != 0
+
+    col_acc = tl.zeros([BLOCK_N], tl.float32)
+    # Per-head base pointers advance by one head stride per iteration; the batch offset is
+    # computed once in int64.
+    q_base = q_ptr + b * stride_qb
+    k_base = k_ptr + b * stride_kb
+    lse_base = lse_ptr + b * H * N
+    for _h in range(0, H):
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=col_ok[None, :], other=0.0)
+        if not DOT_IN_INPUT_DTYPE:
+            kt = kt.to(tl.float32)
+        for start_m in range(0, N, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < N
+            # Out-of-range rows read as padding, so they never vote.
+            voter = tl.load(m_base + offs_m * stride_mn, mask=row_ok, other=0) != 0
+            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                        mask=row_ok[:, None], other=0.0)
+            if not DOT_IN_INPUT_DTYPE:
+                q = q.to(tl.float32)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+            # A non-voting row gets lse = +inf, hence probability exactly 0 (and no overflow
+            # from the huge logits of an all-padding sequence).
+            lse = tl.where(voter, lse, float("inf"))
+            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+            p = tl.exp2(s - lse[:, None])
+            # Padded key columns are not masked here: they are overwritten with -inf below.
+            p = tl.where(offs_m[:, None] != offs_n[None, :], p, 0.0)  # no self vote
+            col_acc += tl.sum(p, axis=0)
+        q_base += stride_qh
+        k_base += stride_kh
+        lse_base += N
+
+    scores = tl.where(key_real, col_acc, float("-inf"))
+    tl.store(scores_ptr + b * N + offs_n, scores, mask=col_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    """True when the kernels were defined under TRITON_INTERPRET (InterpretedFunction)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - layout of other triton versions
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return isinstance(_attn_fwd_kernel, InterpretedFunction)
+
+
+def _check_inputs(q, k, v, mask, scale, need_scores, backend):
+    for name, t in (("q", q), ("k", k), ("v", v), ("mask", mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [B, H, n, d], got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    for name, t in (("k", k), ("v", v), ("mask", mask)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    B, _, n, d = q.shape
+    if d not in _HEAD_DIMS:
+        raise ValueError(f"head dim d (q.shape[-1]) must be one of {_HEAD_DIMS}, got {d}")
+    if mask.dim() != 2 or tuple(mask.shape) != (B, n):
+        raise ValueError(f"mask must have shape [B, n] = {(B, n)}, got {tuple(mask.shape)}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool, integer or floating, got {mask.dtype}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, Real):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if not isinstance(need_scores, bool):
+        raise TypeError(f"need_scores must be a bool, got {type(need_scores).__name__}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+def _block_sizes(n: int, d: int, dtype: torch.dtype, interpret: bool):
+    """(BLOCK_M, BLOCK_N, num_warps). tl.dot needs every dim >= 16.
+
+    64x64 tiles on the GPU; fp32 with d = 128 takes 32-wide key tiles, since 64-wide ones need
+    ~180 KB of shared memory at the default 3 pipeline stages (sm_80 has 164 KB).
+    The interpreter gets 32-wide tiles: less numpy work per program.
+    """
+    cap_m = 32 if interpret else 64
+    cap_n = 32 if interpret or (dtype == torch.float32 and d == 128) else 64
+    p2 = triton.next_power_of_2(n)
+    return max(16, min(cap_m, p2)), max(16, min(cap_n, p2)), 4
+
+
+def _colsum_block_n(n: int, B: int, block: int, device) -> int:
+    """Pass 2 runs only B * cdiv(n, BLOCK_N) programs (each loops over every head and query
+    block); halve BLOCK_N, down to 16, until they fill one wave of the GPU's SMs."""
+    if device.type != "cuda":
+        return block
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    while block > 16 and B * triton.cdiv(n, block) < sms:
+        block //= 2
+    return block
+
+
+def _new_output(shape, dtype, device):
+    """Every buffer the kernels write comes from here (tests poison them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _attention_triton(q, k, v, mask, scale, need_scores, block_m=None, block_n=None,
+                      dot_in_input_dtype=None):
+    """Launch both passes. ``block_m`` / ``block_n`` override the heuristic (tests use small
+    ones); ``dot_in_input_dtype`` overrides the GPU/interpreter choice of tl.dot operand dtype
+    (tests run the GPU variant under the interpreter for fp16/fp32, where that is exact)."""
+    B, H, n, d = q.shape
+    interpret = _interpreting()
+    bm, bn, num_warps = _block_sizes(n, d, q.dtype, interpret)
+    block_m = block_m or bm
+    block_n = block_n or bn
+    for name, blk in (("block_m", block_m), ("block_n", block_n)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
+    # Byte view of a bool mask needs no copy; other dtypes cost one tiny [B, n] comparison.
+    mask_i8 = mask.view(torch.int8) if mask.dtype == torch.bool else (mask != 0).view(torch.int8)
+    qk_scale = float(scale) * _LOG2E
+    if dot_in_input_dtype is None:
+        # GPU: fp16/bf16 operands feed the tensor cores. Interpreter: fp32, since its bf16
+        # arithmetic and bf16 tl.dot are wrong.
+        dot_in_input_dtype = not interpret
+
+    out = _new_output((B, H, n, d), q.dtype, q.device)
+    lse = _new_output((B * H, n), torch.float32, q.device)
+    _attn_fwd_kernel[(triton.cdiv(n, block_m), B * H)](
+        q, k, v, mask_i8, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_i8.stride(),
+        H, n, qk_scale,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_IN_INPUT_DTYPE=dot_in_input_dtype, num_warps=num_warps,
+    )
+    if not need_scores:
+        return out, None
+    scores = _new_output((B, n), torch.float32, q.device)
+    cb_n = _colsum_block_n(n, B, block_n, q.device)
+    _attn_colsum_kernel[(triton.cdiv(n, cb_n), B)](
+        q, k, mask_i8, lse, scores,
+        *q.stride(), *k.stride(), *mask_i8.stride(),
+        H, n, qk_scale,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cb_n,
+        DOT_IN_INPUT_DTYPE=dot_in_input_dtype, num_warps=num_warps,
+    )
+    return out, scores
+
+
+def attention_with_significance(q, k, v, mask, scale=None, *, need_scores=True, backend=None):
+    """Bidirectional attention with a key-padding mask, plus PoWER-BERT significance scores.
+
+    Args:
+        q, k, v: ``[B, H, n, d]`` float16 / bfloat16 / float32, same shape, dtype and device,
+            any strides (e.g. ``x.view(B, n, H, d).transpose(1, 2)``); d in {32, 64, 128}.
+        mask: ``[B, n]`` bool / integer / floating, nonzero = real token, 0 = padding.
+        scale: logit scale, default ``d ** -0.5``.
+        need_scores: when False, skip the significance pass and return ``None`` for scores.
+        backend: ``None`` (CUDA -> Triton, otherwise the torch reference), ``"triton"`` (CPU
+            tensors only under ``TRITON_INTERPRET=1``) or ``"torch"``.
+
+    Returns:
+        ``(context, scores)``: context ``[B, H, n, d]`` contiguous in q's dtype; scores
+        ``[B, n]`` float32, ``sum_h sum_{i real, i != j} P[b, h, i, j]``, ``-inf`` at padding
+        (``None`` when ``need_scores`` is False). Inputs are never modified.
+    """
+    _check_inputs(q, k, v, mask, scale, need_scores, backend)
+    d = q.shape[-1]
+    if scale is None:
+        scale = d ** -0.5
+    if backend is None:
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        if q.device.type == "cpu" and not _interpreting():
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                             "kernels.attention is imported; use backend='torch' or CUDA tensors")
+        if q.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' supports CUDA tensors, got device {q.device}")
+        if q.numel() > 0:
+            return _attention_triton(q, k, v, mask, scale, need_scores)
+    context, scores = attention_with_significance_ref(q, k, v, mask, scale)
+    return context.contiguous(), (scores.float() if need_scores else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (used by kernels/aot.py)
+# --------------------------------------------------------------------------------------------
+_AOT_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def aot_specs():
+    """``[(name, jit_fn, signature, constexprs)]`` for ``triton.compile(ASTSource(...))``:
+    both kernels x (fp32, fp16, bf16) x head dim (32, 64, 128), with the GPU launch settings
+    (``_block_sizes`` for a long sequence, DOT_IN_INPUT_DTYPE=True, num_warps 4 = triton's
+    default). Strides are typed i64 (the runtime may specialise them to i32)."""
+    specs = []
+    for dtype, ty in _AOT_TY.items():
+        for d in _HEAD_DIMS:
+            block_m, block_n, _ = _block_sizes(512, d, dtype, interpret=False)
+            const = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     "DOT_IN_INPUT_DTYPE": True}
+            sig = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "mask_ptr": "*i8",
+                   "out_ptr": f"*{ty}", "lse_ptr": "*fp32"}
+            for t in "qkvo":
+                sig.update({f"stride_{t}{s}": "i64" for s in "bhnd"})
+            sig.update({"stride_mb": "i64", "stride_mn": "i64", "H": "i32", "N": "i32",
+                        "qk_scale": "fp32"})
+            sig.update({c: "constexpr" for c in const})
+            specs.append((f"attn_fwd_{ty}_d{d}", _attn_fwd_kernel, sig, dict(const)))
+
+            sig = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "mask_ptr": "*i8", "lse_ptr": "*fp32",
+                   "scores_ptr": "*fp32"}
+            for t in "qk":
+                sig.update({f"stride_{t}{s}": "i64" for s in "bhnd"})
+            sig.update({"stride_mb": "i64", "stride_mn": "i64", "H": "i32", "N": "i32",
+                        "qk_scale": "fp32"})
+            sig.update({c: "constexpr" for c in const})
+            specs.append((f"attn_colsum_{ty}_d{d}", _attn_colsum_kernel, sig, dict(const)))
+    return specs

@@ -1,0 +1,309 @@
+"""Attention forward with significance scores (kernels/attention.py).
+
+Runs the Triton kernels under TRITON_INTERPRET=1 on CPU tensors (set by conftest.py), or
+compiled on CUDA with POWERBERT_TEST_GPU=1. Shapes stay small: every program instance costs
+the interpreter about a millisecond.
+"""
+import math
+
+import pytest
+import torch
+
+from kernels import attention
+from kernels.attention import attention_with_significance, attention_with_significance_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (context atol, context rtol, scores rtol): the kernel against the fp64 reference on the same
+# (already rounded) inputs. Context is stored in the input dtype; scores are fp32 sums of up to
+# H*n probabilities.
+TOL = {
+    torch.float32: (2e-5, 2e-5, 5e-5),
+    torch.float16: (2e-3, 2e-3, 5e-5),
+    torch.bfloat16: (1.6e-2, 1.6e-2, 5e-5),
+}
+MASKS = ["none", "heavy", "cls_only"]
+
+
+def make_qkv(B, H, n, d, dtype, device, layout="bnhd"):
+    """q, k, v as a BERT layer produces them: views of one [B, n, 3, H, d] projection."""
+    if layout == "bnhd":
+        x = torch.randn(B, n, 3, H, d, device=device, dtype=torch.float32) * 1.5
+        q, k, v = (t.transpose(1, 2) for t in x.to(dtype).unbind(2))  # non-contiguous
+    else:
+        q, k, v = (torch.randn(B, H, n, d, device=device).to(dtype) * 1.5 for _ in range(3))
+    return q, k, v
+
+
+def make_mask(kind, B, n, device, dtype=torch.bool):
+    if kind == "none":
+        m = torch.ones(B, n, dtype=torch.bool)
+    elif kind == "heavy":  # mostly padding, ragged lengths, padding also inside a sequence
+        m = torch.rand(B, n) < 0.3
+        m[:, 0] = True
+        if B > 1:
+            m[1, max(1, n // 3):] = False
+    elif kind == "cls_only":
+        m = torch.zeros(B, n, dtype=torch.bool)
+        m[:, 0] = True
+    else:
+        raise AssertionError(kind)
+    return m.to(device=device, dtype=dtype)
+
+
+def reference64(q, k, v, mask, scale=None):
+    ctx, scores = attention_with_significance_ref(q.double(), k.double(), v.double(), mask,
+                                                  scale)
+    return ctx, scores
+
+
+def assert_scores_close(got, want, rtol):
+    assert got.dtype == torch.float32
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), "-inf pattern differs"
+    finite = torch.isfinite(want)
+    assert torch.isfinite(got[finite]).all()
+    torch.testing.assert_close(got[finite].double(), want[finite], rtol=rtol, atol=rtol)
+
+
+def run_triton(*args, **kwargs):
+    return attention_with_significance(*args, backend="triton", **kwargs)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every kernel output buffer (context, lse, scores) starts as NaN."""
+    def full_nan(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(attention, "_new_output", full_nan)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference is the specification: check it against the definition, written out here.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_reference_matches_definition(mask_kind):
+    B, H, n, d = 2, 3, 7, 4
+    q, k, v = (torch.randn(B, H, n, d, dtype=torch.float64) for _ in range(3))
+    mask = make_mask(mask_kind, B, n, "cpu")
+    ctx, scores = attention_with_significance_ref(q, k, v, mask)
+
+    want_scores = torch.empty(B, n, dtype=torch.float64)
+    want_ctx = torch.empty_like(ctx)
+    for b in range(B):
+        real = [j for j in range(n) if mask[b, j]]
+        probs = torch.zeros(H, n, n, dtype=torch.float64)
+        for h in range(H):
+            for i in range(n):
+                logits = torch.tensor([float(q[b, h, i] @ k[b, h, j]) / math.sqrt(d)
+                                       for j in real], dtype=torch.float64)
+                probs[h, i, real] = torch.softmax(logits, 0)
+            want_ctx[b, h] = probs[h] @ v[b, h]
+        for j in range(n):
+            if mask[b, j]:
+                want_scores[b, j] = sum(probs[h, i, j] for h in range(H) for i in real if i != j)
+            else:
+                want_scores[b, j] = -math.inf
+    torch.testing.assert_close(ctx, want_ctx)
+    torch.testing.assert_close(scores, want_scores)
+
+
+def test_reference_all_padding_is_uniform():
+    """A sequence without real tokens: uniform attention (HF eager's finfo.min), scores -inf."""
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    ctx, scores = attention_with_significance_ref(q, k, v, torch.zeros(1, 5))
+    torch.testing.assert_close(ctx, v.mean(dim=2, keepdim=True).expand_as(v))
+    assert torch.isneginf(scores).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Triton path against the fp64 reference
+# --------------------------------------------------------------------------------------------
+SHAPES = [  # (B, H, n, d)
+    (2, 2, 1, 32),     # length 1: no off-diagonal vote at all
+    (2, 2, 33, 32),    # power of two plus one: a 1-row tail block
+    (2, 2, 130, 32),   # several query and key blocks
+    (1, 2, 65, 64),
+    (1, 1, 20, 128),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}n{}d{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_matches_reference(shape, dtype, mask_kind, device, poisoned):
+    B, H, n, d = shape
+    q, k, v = make_qkv(B, H, n, d, dtype, device)
+    mask = make_mask(mask_kind, B, n, device)
+    ctx, scores = run_triton(q, k, v, mask)
+    want_ctx, want_scores = reference64(q, k, v, mask)
+
+    atol, rtol, srtol = TOL[dtype]
+    assert ctx.shape == q.shape and ctx.dtype == dtype and scores.shape == (B, n)
+    torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
+    assert_scores_close(scores, want_scores, srtol)
+
+
+@pytest.mark.parametrize("block_m, block_n", [(16, 16), (16, 32), (32, 16)])
+def test_small_blocks(block_m, block_n, device, poisoned):
+    """Many blocks with ragged tails, unequal query and key tiles."""
+    B, H, n, d = 2, 2, 50, 32
+    q, k, v = make_qkv(B, H, n, d, torch.float32, device)
+    mask = make_mask("heavy", B, n, device)
+    ctx, scores = attention._attention_triton(q, k, v, mask, d ** -0.5, True,
+                                              block_m=block_m, block_n=block_n)
+    want_ctx, want_scores = reference64(q, k, v, mask)
+    atol, rtol, srtol = TOL[torch.float32]
+    torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
+    assert_scores_close(scores, want_scores, srtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_gpu_dot_variant(dtype, device, poisoned):
+    """The GPU variant (tl.dot on fp16 operands, P cast to the input dtype before P·V), run by
+    the interpreter where it is exact for fp16/fp32 (bf16 tl.dot is wrong there)."""
+    B, H, n, d = 2, 2, 33, 32
+    q, k, v = make_qkv(B, H, n, d, dtype, device)
+    mask = make_mask("heavy", B, n, device)
+    ctx, scores = attention._attention_triton(q, k, v, mask, d ** -0.5, True,
+                                              dot_in_input_dtype=True)
+    want_ctx, want_scores = reference64(q, k, v, mask)
+    atol, rtol, srtol = TOL[dtype]
+    torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
+    assert_scores_close(scores, want_scores, srtol)
+
+
+def test_long_sequence(device, poisoned):
+    """n = 1024 (beyond BERT's 512). 128-wide tiles keep the interpreter at ~1 s."""
+    B, H, n, d = 1, 1, 1024, 32
+    q, k, v = make_qkv(B, H, n, d, torch.float32, device)
+    mask = make_mask("heavy", B, n, device)
+    ctx, scores = attention._attention_triton(q, k, v, mask, d ** -0.5, True,
+                                              block_m=128, block_n=128)
+    want_ctx, want_scores = reference64(q, k, v, mask)
+    atol, rtol, srtol = TOL[torch.float32]
+    torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
+    assert_scores_close(scores, want_scores, srtol)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "mixed"])
+def test_strides(layout, device, poisoned):
+    B, H, n, d = 2, 2, 20, 32
+    q, k, v = make_qkv(B, H, n, d, torch.float16, device, layout="bhnd")
+    if layout == "mixed":  # three different stride patterns at once
+        k = k.transpose(1, 2).contiguous().transpose(1, 2)
+        v = v.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
+    big_mask = make_mask("heavy", B, 2 * n, device)
+    mask = big_mask[:, ::2]  # non-contiguous mask
+    ctx, scores = run_triton(q, k, v, mask)
+    want_ctx, want_scores = reference64(q, k, v, mask)
+    atol, rtol, srtol = TOL[torch.float16]
+    torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
+    assert_scores_close(scores, want_scores, srtol)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.float32, torch.uint8])
+def test_mask_dtypes_and_scale(mask_dtype, device):
+    B, H, n, d = 2, 2, 24, 32
+    q, k, v = make_qkv(B, H, n, d, torch.float32, device)
+    mask = make_mask("heavy", B, n, device, dtype=mask_dtype)
+    ctx, scores = run_triton(q, k, v, mask, scale=0.3)
+    want_ctx, want_scores = reference64(q, k, v, mask, scale=0.3)
+    atol, rtol, srtol = TOL[torch.float32]
+    torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
+    assert_scores_close(scores, want_scores, srtol)
+
+
+def test_all_padding_sequence(device):
+    """A batch entry with no real token behaves like the reference (uniform, scores -inf)."""
+    B, H, n, d = 2, 2, 20, 32
+    q, k, v = make_qkv(B, H, n, d, torch.float32, device)
+    mask = make_mask("heavy", B, n, device)
+    mask[1] = False
+    ctx, scores = run_triton(q, k, v, mask)
+    want_ctx, want_scores = reference64(q, k, v, mask)
+    torch.testing.assert_close(ctx.double(), want_ctx, atol=2e-5, rtol=2e-5)
+    assert_scores_close(scores, want_scores, TOL[torch.float32][2])
+
+
+def test_need_scores_false(device, poisoned):
+    B, H, n, d = 2, 2, 33, 32
+    q, k, v = make_qkv(B, H, n, d, torch.bfloat16, device)
+    mask = make_mask("heavy", B, n, device)
+    ctx, scores = run_triton(q, k, v, mask, need_scores=False)
+    assert scores is None
+    ctx_both, _ = run_triton(q, k, v, mask)
+    assert torch.equal(ctx, ctx_both)
+
+
+def test_deterministic_and_inputs_untouched(device):
+    B, H, n, d = 2, 2, 40, 32
+    q, k, v = make_qkv(B, H, n, d, torch.float16, device)
+    mask = make_mask("heavy", B, n, device)
+    before = [t.clone() for t in (q, k, v, mask)]
+    first = run_triton(q, k, v, mask)
+    second = run_triton(q, k, v, mask)
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1], second[1])  # bitwise: no atomics, ties cannot flip
+    for t, b in zip((q, k, v, mask), before):
+        assert torch.equal(t, b)
+
+
+def test_backends_agree_on_cpu():
+    B, H, n, d = 2, 2, 17, 32
+    q, k, v = make_qkv(B, H, n, d, torch.float32, "cpu")
+    mask = make_mask("heavy", B, n, "cpu")
+    ctx_auto, s_auto = attention_with_significance(q, k, v, mask)  # CPU -> torch path
+    ctx_ref, s_ref = attention_with_significance_ref(q, k, v, mask)
+    assert torch.equal(ctx_auto, ctx_ref) and torch.equal(s_auto, s_ref.float())
+    ctx_t, s_t = attention_with_significance(q, k, v, mask, backend="torch", need_scores=False)
+    assert s_t is None and torch.equal(ctx_t, ctx_ref)
+    ctx_tr, s_tr = run_triton(q, k, v, mask)
+    torch.testing.assert_close(ctx_tr, ctx_ref, atol=2e-5, rtol=2e-5)
+    assert_scores_close(s_tr, s_ref.double(), 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs: clear errors naming the argument, before any kernel runs
+# --------------------------------------------------------------------------------------------
+def _good(device="cpu"):
+    q, k, v = make_qkv(2, 2, 8, 32, torch.float32, device)
+    return dict(q=q, k=k, v=v, mask=torch.ones(2, 8, dtype=torch.bool, device=device))
+
+
+BAD = [
+    (lambda a: a.update(q=a["q"].numpy()), TypeError, "q must be a torch.Tensor"),
+    (lambda a: a.update(mask=[[1] * 8] * 2), TypeError, "mask must be a torch.Tensor"),
+    (lambda a: a.update(q=a["q"][0]), ValueError, r"q must be 4-D"),
+    (lambda a: a.update(k=a["k"][:, :, :4]), ValueError, r"k must have q's shape"),
+    (lambda a: a.update(v=a["v"][:1]), ValueError, r"v must have q's shape"),
+    (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), TypeError,
+     r"q must be float16, bfloat16 or float32"),
+    (lambda a: a.update(q=a["q"].to(torch.int32)), TypeError, r"q must be float16"),
+    (lambda a: a.update(k=a["k"].half()), TypeError, r"k must have q's dtype"),
+    (lambda a: a.update(v=a["v"].to("meta")), ValueError, r"v must be on q's device"),
+    (lambda a: a.update(mask=a["mask"].to("meta")), ValueError, r"mask must be on q's device"),
+    (lambda a: a.update(**{t: a[t][..., :16] for t in "qkv"}), ValueError,
+     r"head dim d .* one of \(32, 64, 128\), got 16"),
+    (lambda a: a.update(**{t: torch.randn(2, 2, 8, 48) for t in "qkv"}), ValueError,
+     r"head dim d .* got 48"),
+    (lambda a: a.update(mask=a["mask"][:, :5]), ValueError, r"mask must have shape \[B, n\]"),
+    (lambda a: a.update(mask=a["mask"][None]), ValueError, r"mask must have shape \[B, n\]"),
+    (lambda a: a.update(mask=a["mask"].to(torch.complex64)), TypeError, "mask must be bool"),
+    (lambda a: a.update(scale="0.1"), TypeError, "scale must be a real number"),
+    (lambda a: a.update(scale=float("nan")), ValueError, "scale must be finite"),
+    (lambda a: a.update(need_scores=1), TypeError, "need_scores must be a bool"),
+    (lambda a: a.update(backend="cuda"), ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("edit, exc, match", BAD, ids=[b[2] for b in BAD])
+def test_bad_inputs(edit, exc, match):
+    args = _good()
+    edit(args)
+    with pytest.raises(exc, match=match):
+        attention_with_significance(**args)
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setattr(attention, "_interpreting", lambda: False)
+    with pytest.raises(ValueError, match="backend='triton' on CPU .* TRITON_INTERPRET=1"):
+        attention_with_significance(**_good(), backend="triton")
