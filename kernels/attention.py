@@ -33,7 +33,7 @@ import triton.language as tl
 __all__ = ["attention_with_significance", "attention_with_significance_ref", "aot_specs"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_HEAD_DIMS = (32, 64, 128)
+HEAD_DIMS = (32, 64, 128)
 _BACKENDS = (None, "triton", "torch")
 _LOG2E = 1.4426950408889634
 # Finite stand-in for a padded key's logit (base-2 units). Finite rather than -inf so that a
@@ -241,8 +241,8 @@ def _check_inputs(q, k, v, mask, scale, need_scores, backend):
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
     B, _, n, d = q.shape
-    if d not in _HEAD_DIMS:
-        raise ValueError(f"head dim d (q.shape[-1]) must be one of {_HEAD_DIMS}, got {d}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim d (q.shape[-1]) must be one of {HEAD_DIMS}, got {d}")
     if mask.dim() != 2 or tuple(mask.shape) != (B, n):
         raise ValueError(f"mask must have shape [B, n] = {(B, n)}, got {tuple(mask.shape)}")
     if mask.is_complex():
@@ -379,7 +379,7 @@ def aot_specs():
     default). Strides are typed i64 (the runtime may specialise them to i32)."""
     specs = []
     for dtype, ty in _AOT_TY.items():
-        for d in _HEAD_DIMS:
+        for d in HEAD_DIMS:
             block_m, block_n, _ = _block_sizes(512, d, dtype, interpret=False)
             const = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n,
                      "DOT_IN_INPUT_DTYPE": True}

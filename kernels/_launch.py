@@ -1,0 +1,204 @@
+"""Launch helpers shared by the elimination kernels: block sizes, input checks, backend choice.
+
+Nothing here touches the GPU at import time: the helpers only read tensor metadata
+(shape, dtype, device) and the ``TRITON_INTERPRET`` environment variable when called.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+
+import torch
+
+# Float dtypes the attention probabilities / scores may come in. The kernels load them,
+# upcast to fp32 right away and accumulate in fp32.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The hidden states are only moved, never computed on, so fp64 is fine there too.
+HIDDEN_DTYPES = FLOAT_DTYPES + (torch.float64,)
+# The one-program-per-row kernels hold a whole row (scores, sort keys) in registers.
+MAX_TRITON_N = 512
+
+BACKENDS = (None, "triton", "torch")
+
+# Triton pointer types for the dtypes above, for ahead-of-time compile specs.
+TRITON_PTR = {
+    torch.float32: "*fp32",
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.float64: "*fp64",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
+    torch.uint8: "*u8",
+}
+AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1). Pure Python: no triton import needed."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def num_warps_for(block_elems: int) -> int:
+    """Warps for a program that holds ``block_elems`` fp32 values in registers."""
+    if block_elems >= 8192:
+        return 8
+    if block_elems >= 2048:
+        return 4
+    return 2 if block_elems >= 512 else 1
+
+
+def colsum_block_i(block_n: int) -> int:
+    """Query rows per iteration of the column-sum loop: a [BLOCK_I, BLOCK_N] fp32 tile of ~8K values."""
+    return max(1, min(block_n, 8192 // block_n))
+
+
+def interpreting() -> bool:
+    """True when the Triton interpreter is on (kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_dtype(x: torch.Tensor, name: str, allowed) -> None:
+    if x.dtype not in allowed:
+        names = ", ".join(dtype_name(d) for d in allowed)
+        raise TypeError(f"{name} has unsupported dtype {dtype_name(x.dtype)}; accepted: {names}")
+
+
+def check_probs(probs) -> tuple[int, int, int]:
+    """probs must be [B, H, n, n] float16/bfloat16/float32 with n >= 1; returns (B, H, n)."""
+    check_tensor(probs, "probs")
+    if probs.dim() != 4:
+        raise ValueError(f"probs must be 4-D [B, H, n, n], got shape {tuple(probs.shape)}")
+    B, H, n, n2 = probs.shape
+    if n != n2:
+        raise ValueError(f"probs must be square in its last two dims [B, H, n, n], got {tuple(probs.shape)}")
+    if B < 1 or H < 1 or n < 1:
+        raise ValueError(f"probs needs B, H, n >= 1, got shape {tuple(probs.shape)}")
+    check_dtype(probs, "probs", FLOAT_DTYPES)
+    return B, H, n
+
+
+def check_mask(mask, B: int, n: int) -> None:
+    """mask must be [B, n]: bool, or an integer/float dtype with 1 = real token, 0 = padding."""
+    check_tensor(mask, "mask")
+    if tuple(mask.shape) != (B, n):
+        raise ValueError(f"mask must have shape [B, n] = {[B, n]}, got {list(mask.shape)}")
+    if mask.is_complex():
+        raise TypeError(f"mask has unsupported dtype {dtype_name(mask.dtype)}; accepted: bool, integer or real float")
+
+
+def check_scores(scores) -> tuple[int, int]:
+    """scores must be [B, n] float32 (float16/bfloat16 are upcast exactly); returns (B, n)."""
+    check_tensor(scores, "scores")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D [B, n], got shape {tuple(scores.shape)}")
+    B, n = scores.shape
+    if B < 1 or n < 1:
+        raise ValueError(f"scores needs B, n >= 1, got shape {tuple(scores.shape)}")
+    check_dtype(scores, "scores", FLOAT_DTYPES)
+    return B, n
+
+
+def check_hidden(hidden, B: int | None = None, n: int | None = None) -> tuple[int, int, int]:
+    """hidden must be [B, n, D] with a float dtype (B, n checked when given); returns (B, n, D)."""
+    check_tensor(hidden, "hidden")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be 3-D [B, n, D], got shape {tuple(hidden.shape)}")
+    if B is not None and tuple(hidden.shape[:2]) != (B, n):
+        raise ValueError(
+            f"hidden must have batch and length [B, n] = {[B, n]} matching the other inputs, "
+            f"got {list(hidden.shape[:2])}"
+        )
+    check_dtype(hidden, "hidden", HIDDEN_DTYPES)
+    return tuple(hidden.shape)
+
+
+def check_indices(indices, B: int, n: int) -> int:
+    """indices must be [B, k] int64 (values in [0, n) are the caller's promise); returns k."""
+    check_tensor(indices, "indices")
+    if indices.dim() != 2 or indices.shape[0] != B:
+        raise ValueError(f"indices must be 2-D [B, k] with B = {B}, got shape {tuple(indices.shape)}")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {dtype_name(indices.dtype)}")
+    return indices.shape[1]
+
+
+def check_k(k) -> int:
+    """k must be a Python integer >= 1 (a tensor would force a host sync)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int >= 1, got {type(k).__name__}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k}")
+    return k
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"all tensors must be on the same device, got {listing}")
+    return first
+
+
+def resolve_backend(backend, device: torch.device, n: int | None = None, max_n: int | None = None) -> str:
+    """Pick ``"triton"`` or ``"torch"``.
+
+    ``None`` (auto): Triton for CUDA tensors whose row length fits the kernel (n <= max_n),
+    the vectorised torch path otherwise. ``"triton"`` forces the kernels: it needs CUDA tensors,
+    or CPU tensors with TRITON_INTERPRET=1, and n <= max_n. ``"torch"`` forces the torch path.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of None, 'triton', 'torch'; got {backend!r}")
+    fits = max_n is None or n is None or n <= max_n
+    if backend is None:
+        return "triton" if device.type == "cuda" and fits else "torch"
+    if backend == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
+                f"before kernels are imported; got tensors on {device}"
+            )
+        if not fits:
+            raise ValueError(f"backend='triton' supports sequence length n in [1, {max_n}], got n = {n}")
+    return backend
+
+
+def poison_outputs() -> bool:
+    """Whether launchers fill fresh outputs with NaN / -1 before a kernel writes them.
+
+    On by default under the interpreter (tests) and with POWERBERT_POISON_OUTPUTS=1, so
+    unwritten elements fail the comparisons; off on a plain CUDA run, where the fill would be
+    an extra launch (the fused extract promises at most two).
+    """
+    return interpreting() or os.environ.get("POWERBERT_POISON_OUTPUTS", "0") == "1"
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output buffer for a kernel: poisoned (NaN for floats, -1 for integers) when
+    :func:`poison_outputs` says so, else uninitialised."""
+    if not poison_outputs():
+        return torch.empty(shape, dtype=dtype, device=device)
+    if dtype == torch.bool:  # no invalid bool value to poison with
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def mask_for_kernel(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensors are passed to kernels as uint8 views (same bytes, no copy)."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask

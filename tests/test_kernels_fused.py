@@ -1,0 +1,208 @@
+"""Fused extract (spec §2): two Triton launches (interpreter on CPU) and the torch path vs the eager reference."""
+import pytest
+import torch
+
+import kernels.fused as fused_mod
+import kernels.gather_rows as gather_mod
+from kernels.fused import extract, extract_from_scores, extract_from_scores_ref, extract_ref
+from kernels.scores import significance_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_probs(B, H, n, dtype, quantise=True, device="cpu"):
+    """Softmax of fresh random logits. quantise=True rounds to multiples of 2**-8: exactly
+    representable in fp32/fp16/bf16, so every summation order gives the same fp32 scores (the
+    selection is then comparable exactly whatever the kernel's order) and many scores tie."""
+    p = (torch.randn(B, H, n, n) * 3).softmax(-1)
+    if quantise:
+        p = torch.round(p * 256) / 256
+    return p.to(dtype).to(device)
+
+
+def make_mask(B, n, kind, dtype=torch.int64, device="cpu"):
+    """'none': no padding; 'heavy': right padding on row 0, random holes elsewhere; 'cls': only [CLS] real."""
+    if kind == "none":
+        m = torch.ones(B, n, dtype=torch.bool)
+    elif kind == "heavy":
+        m = torch.rand(B, n) < 0.3
+        m[0] = torch.arange(n) < max(1, n // 4)
+    else:
+        m = torch.zeros(B, n, dtype=torch.bool)
+    m[:, 0] = True
+    return m.to(dtype).to(device)
+
+
+def check(out, ref):
+    (h, m, idx), (h_ref, m_ref, idx_ref) = out, ref
+    assert idx.dtype == torch.int64
+    assert torch.equal(idx, idx_ref), f"\n{idx}\n!=\n{idx_ref}"
+    assert h.dtype == h_ref.dtype and m.dtype == m_ref.dtype
+    assert torch.equal(h, h_ref) and torch.equal(m, m_ref)  # gathered values are exact copies
+
+
+def fp64_ref(probs, hidden, mask, k):
+    """extract_ref with the scores computed in fp64 from the same (rounded) probabilities."""
+    return extract_ref(probs.double(), hidden, mask, k)
+
+
+@pytest.mark.parametrize(
+    "B,H,n,D,k",
+    [(2, 2, 7, 8, 3), (2, 3, 17, 16, 1), (2, 2, 33, 24, 32), (2, 2, 65, 32, 20), (1, 2, 300, 64, 77)],
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "heavy", "cls"])
+def test_extract_triton(B, H, n, D, k, dtype, mask_kind, device):
+    probs = make_probs(B, H, n, dtype, device=device)
+    hidden = torch.randn(B, n, D, device=device).to(dtype)
+    mask = make_mask(B, n, mask_kind, device=device)
+    check(extract(probs, hidden, mask, k, backend="triton"), fp64_ref(probs, hidden, mask, k))
+
+
+def test_extract_unquantised_and_repeated_columns(device):
+    """Fresh unrounded probabilities (seeded), and repeated columns (near-ties through the self term)."""
+    probs = make_probs(2, 3, 40, torch.float32, quantise=False, device=device)
+    probs[..., 9] = probs[..., 4]
+    probs[..., 30] = probs[..., 4]
+    hidden = torch.randn(2, 40, 12, device=device)
+    mask = make_mask(2, 40, "heavy", device=device)
+    for k in (1, 5, 20, 39):
+        check(extract(probs, hidden, mask, k, backend="triton"), fp64_ref(probs, hidden, mask, k))
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (9, 9), (9, 50)])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_extract_keeps_all_when_k_ge_n(n, k, backend, device):
+    probs = make_probs(2, 2, n, torch.float32, device=device)
+    hidden = torch.randn(2, n, 4, device=device)
+    mask = make_mask(2, n, "heavy", device=device)
+    h, m, idx = extract(probs, hidden, mask, k, backend=backend)
+    assert h is hidden and m is mask
+    assert torch.equal(idx, torch.arange(n, device=device).expand(2, n))
+    h, m, idx = extract_from_scores(significance_ref(probs, mask), hidden, mask, k, backend=backend)
+    assert h is hidden and m is mask and idx.shape == (2, n)
+
+
+def test_extract_non_contiguous_and_mask_dtypes(device):
+    B, H, n, D, k = 2, 3, 21, 10, 8
+    # stored [B, n, H, n], viewed as [B, H, n, n]; quantised as in make_probs
+    probs = (torch.round((torch.randn(B, n, H, n) * 3).softmax(-1) * 256) / 256).to(torch.bfloat16)
+    probs = probs.to(device).permute(0, 2, 1, 3)
+    hidden = torch.randn(B, D, n, device=device).to(torch.bfloat16).transpose(1, 2)
+    for mask_dtype in (torch.bool, torch.float32, torch.int32):
+        mask = make_mask(B, 2 * n, "heavy", mask_dtype, device)[:, ::2]
+        assert not (probs.is_contiguous() or hidden.is_contiguous() or mask.is_contiguous())
+        ref = fp64_ref(probs, hidden, mask, k)
+        check(extract(probs, hidden, mask, k, backend="triton"), ref)
+        check(extract(probs, hidden, mask, k, backend="torch"), ref)
+
+
+def test_extract_padded_rows_do_not_vote(device):
+    probs = make_probs(2, 2, 12, torch.float32, device=device)
+    hidden = torch.randn(2, 12, 4, device=device)
+    mask = make_mask(2, 12, "heavy", device=device)
+    poisoned = probs.masked_fill((mask == 0)[:, None, :, None], float("nan"))
+    check(extract(poisoned, hidden, mask, 5, backend="triton"), fp64_ref(probs, hidden, mask, 5))
+    check(extract(poisoned, hidden, mask, 5, backend="torch"), fp64_ref(probs, hidden, mask, 5))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_extract_from_scores(backend, device):
+    B, n, D, k = 2, 37, 8, 11
+    scores = torch.randint(0, 5, (B, n), device=device).float()   # ties, and finite at padding:
+    hidden = torch.randn(B, n, D, device=device)                   # the mask must force -inf there
+    mask = make_mask(B, n, "heavy", device=device)
+    ref = extract_from_scores_ref(scores, hidden, mask, k)
+    check(extract_from_scores(scores, hidden, mask, k, backend=backend), ref)
+    # with masked scores it is the plain extract
+    probs = make_probs(B, 2, n, torch.float32, device=device)
+    s = significance_ref(probs, mask)
+    check(extract_from_scores(s, hidden, mask, k, backend=backend), fp64_ref(probs, hidden, mask, k))
+
+
+def test_extract_two_launches_no_host_sync(device, monkeypatch):
+    """Triton path: exactly two kernel launches and no .item()/.cpu()/.tolist() on the way."""
+    launches = []
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.kernel)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(fused_mod, "_score_select_kernel", Counting(fused_mod._score_select_kernel))
+    monkeypatch.setattr(gather_mod, "_gather_kernel", Counting(gather_mod._gather_kernel))
+    probs = make_probs(2, 2, 16, torch.float16, device=device)
+    hidden = torch.randn(2, 16, 8, device=device).half()
+    mask = make_mask(2, 16, "heavy", device=device)
+    ref = fp64_ref(probs, hidden, mask, 6)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation in the forward path")
+
+    for name in ("item", "cpu", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    out = extract(probs, hidden, mask, 6, backend="triton")
+    monkeypatch.undo()
+    assert len(launches) == 2
+    check(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quantise", [True, False])
+def test_extract_torch_path(dtype, quantise):
+    B, H, n, D, k = 8, 12, 128, 64, 77
+    probs = make_probs(B, H, n, dtype, quantise=quantise)
+    hidden = torch.randn(B, n, D).to(dtype)
+    mask = make_mask(B, n, "heavy")
+    ref = fp64_ref(probs, hidden, mask, k)
+    check(extract(probs, hidden, mask, k, backend="torch"), ref)
+    check(extract(probs, hidden, mask, k), ref)  # auto on CPU = torch path
+    for kk in (1, 2, 127):
+        check(extract(probs, hidden, mask, kk, backend="torch"), fp64_ref(probs, hidden, mask, kk))
+
+
+def test_extract_does_not_mutate(device):
+    probs = make_probs(2, 2, 10, torch.float16, device=device)
+    hidden = torch.randn(2, 10, 4, device=device).half()
+    mask = make_mask(2, 10, "heavy", device=device)
+    saved = [t.clone() for t in (probs, hidden, mask)]
+    extract(probs, hidden, mask, 4, backend="triton")
+    extract(probs, hidden, mask, 4, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip((probs, hidden, mask), saved))
+
+
+def test_extract_errors(monkeypatch, device):
+    probs = make_probs(2, 2, 6, torch.float32)
+    hidden = torch.randn(2, 6, 4)
+    mask = make_mask(2, 6, "none")
+    with pytest.raises(ValueError, match="probs must be 4-D"):
+        extract(probs[0], hidden, mask, 2)
+    with pytest.raises(ValueError, match="square"):
+        extract(probs[..., :5], hidden, mask, 2)
+    with pytest.raises(ValueError, match=r"mask must have shape \[B, n\] = \[2, 6\]"):
+        extract(probs, hidden, mask[:1], 2)
+    with pytest.raises(ValueError, match="hidden must have batch and length"):
+        extract(probs, hidden[:, :5], mask, 2)
+    with pytest.raises(ValueError, match=r"hidden must be 3-D"):
+        extract(probs, hidden[0], mask, 2)
+    with pytest.raises(TypeError, match="hidden has unsupported dtype int32"):
+        extract(probs, hidden.int(), mask, 2)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        extract(probs, hidden, mask, -1)
+    with pytest.raises(TypeError, match="k must be an int >= 1"):
+        extract(probs, hidden, mask, 2.5)
+    with pytest.raises(ValueError, match="same device"):
+        extract(probs, hidden.to("meta"), mask, 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        extract(probs, hidden, mask, 2, backend="auto")
+    with pytest.raises(ValueError, match=r"n in \[1, 512\], got n = 600"):
+        extract(make_probs(1, 1, 600, torch.float16, device=device), torch.randn(1, 600, 2, device=device),
+                make_mask(1, 600, "none", device=device), 2, backend="triton")
+    with pytest.raises(ValueError, match=r"scores must be 2-D"):
+        extract_from_scores(torch.randn(2, 6, 1), hidden, mask, 2)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        extract(probs, hidden, mask, 2, backend="triton")
