@@ -32,6 +32,7 @@ def _merge_heads(context: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_output(parts: LayerParts, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``context [B, H, m, d]``, ``residual [B, m, D]`` -> attention sub-layer output ``[B, m, D]``."""
     return parts.attn_norm(parts.attn_dropout(parts.attn_out(_merge_heads(context))) + residual)
 
 
@@ -84,6 +85,14 @@ def eliminating_layer(
         # Nothing to eliminate: no scores needed, so use fused SDPA like the stock model.
         context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
         return _feed_forward(parts, _attention_output(parts, context, hidden)), mask
+
+    if ops.fused_attention_available(hidden, q_proj.shape[-1]):
+        # GPU path: scores come out of the attention kernel; no [B, H, n, n] in memory.
+        context, scores = ops.attention_with_significance(q_proj, k_proj, v_proj, mask)
+        context, mask, indices = ops.extract_from_scores(scores, _merge_heads(context), mask, keep)
+        residual = ops.gather_rows(hidden, indices)
+        attention = parts.attn_norm(parts.attn_dropout(parts.attn_out(context)) + residual)
+        return _feed_forward(parts, attention), mask
 
     scale = q_proj.shape[-1] ** -0.5
     logits = torch.matmul(q_proj * scale, k_proj.transpose(-1, -2))

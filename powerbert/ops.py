@@ -1,18 +1,56 @@
 """The one dispatch point between model code and ``kernels/``.
 
 ``kernels`` picks Triton on CUDA tensors and a vectorised torch path on CPU tensors. Here we
-add what only the model side knows: when autograd must see the gather (training), the
-indices still come from the kernels but the rows are gathered with differentiable torch ops.
+add what only the model side knows:
+
+* when autograd must see the gather (training), the indices still come from the kernels but
+  the rows are gathered with differentiable torch ops;
+* whether a layer can use the Triton attention that emits significance scores (CUDA, no
+  autograd): then the ``[B, H, n, n]`` probabilities are never materialised;
+* ``use_backend("triton")`` forces the Triton kernels on CPU tensors, so that model-level tests
+  can run the GPU code path under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 import kernels
 
+_forced_backend: str | None = None
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None):
+    """Force the kernel backend (``"triton"``, ``"torch"`` or None = by device) inside a block."""
+    global _forced_backend
+    if backend not in (None, "triton", "torch"):
+        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    previous, _forced_backend = _forced_backend, backend
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
 
 def _needs_autograd(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def fused_attention_available(hidden: torch.Tensor, head_dim: int) -> bool:
+    """True if the Triton attention + significance kernel serves this layer.
+
+    It does on CUDA (or when forced) for head dims it supports, and never under autograd
+    (the kernel has no backward; training takes the eager path).
+    """
+    from kernels.attention import HEAD_DIMS
+
+    if _needs_autograd(hidden) or head_dim not in HEAD_DIMS:
+        return False
+    if _forced_backend is not None:
+        return _forced_backend == "triton"
+    return hidden.is_cuda
 
 
 def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -36,6 +74,20 @@ def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: in
     if _needs_autograd(hidden):
         # Selection is not differentiable; only the gathered vectors carry gradients.
         with torch.no_grad():
-            _, mask_kept, indices = kernels.extract(probs.detach(), hidden.detach(), mask, k)
+            _, mask_kept, indices = kernels.extract(
+                probs.detach(), hidden.detach(), mask, k, backend=_forced_backend)
         return gather_rows(hidden, indices), mask_kept, indices
-    return kernels.extract(probs, hidden, mask, k)
+    return kernels.extract(probs, hidden, mask, k, backend=_forced_backend)
+
+
+def attention_with_significance(q, k, v, mask):
+    """Triton attention that also returns significance scores (no n x n probabilities stored).
+
+    q, k, v ``[B, H, n, d]``, mask ``[B, n]`` bool -> ``(context [B, H, n, d], scores [B, n] fp32)``.
+    """
+    return kernels.attention_with_significance(q, k, v, mask, backend=_forced_backend)
+
+
+def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: int):
+    """Select by precomputed ``scores [B, n]`` fp32 and gather ``hidden [B, n, D]`` and ``mask``."""
+    return kernels.extract_from_scores(scores, hidden, mask, k, backend=_forced_backend)
