@@ -94,8 +94,11 @@ def eliminating_layer(
         attention = parts.attn_norm(parts.attn_dropout(parts.attn_out(context)) + residual)
         return _feed_forward(parts, attention), mask
 
+    # Contiguous head-major operands: a strided [B, H, n, d] view makes the batched matmul
+    # several times slower on CPU than the two copies cost (measured: 25 ms vs 7 ms at
+    # BERT-base, B 16, n 128, one thread).
     scale = q_proj.shape[-1] ** -0.5
-    logits = torch.matmul(q_proj * scale, k_proj.transpose(-1, -2))
+    logits = torch.matmul((q_proj * scale).contiguous(), k_proj.transpose(-1, -2).contiguous())
     if padded:
         logits = logits.masked_fill(~mask[:, None, None, :], torch.finfo(logits.dtype).min)
     probs = logits.softmax(dim=-1)  # [B, H, n, n], before dropout: significance uses these
