@@ -64,30 +64,105 @@ class Family:
     enter: Callable | None = None
 
 
+# Stands in for a dropout a family does not have at that place (ALBERT's FFN output,
+# DistilBERT's attention output), so every family fits the one LayerParts layout.
+_NO_DROPOUT = nn.Identity()
+
+
+def _bert_layer_parts(layer: nn.Module) -> LayerParts:
+    """BERT layout, shared by RoBERTa, XLM-RoBERTa and ELECTRA (their layers are copies of it)."""
+    attention = layer.attention
+    return LayerParts(
+        query=attention.self.query,
+        key=attention.self.key,
+        value=attention.self.value,
+        num_heads=attention.self.num_attention_heads,
+        probs_dropout=attention.self.dropout,
+        attn_out=attention.output.dense,
+        attn_dropout=attention.output.dropout,
+        attn_norm=attention.output.LayerNorm,
+        ffn_in=layer.intermediate.dense,
+        ffn_act=layer.intermediate.intermediate_act_fn,
+        ffn_out=layer.output.dense,
+        ffn_dropout=layer.output.dropout,
+        ffn_norm=layer.output.LayerNorm,
+    )
+
+
 def _bert_layers(base: nn.Module) -> list[LayerParts]:
+    return [_bert_layer_parts(layer) for layer in base.encoder.layer]
+
+
+def _albert_layer_parts(layer: nn.Module) -> LayerParts:
+    # AlbertLayer: full_layer_layer_norm(ffn_output(act(ffn(a))) + a), no dropout on the FFN output.
+    attention = layer.attention
+    return LayerParts(
+        query=attention.query,
+        key=attention.key,
+        value=attention.value,
+        num_heads=attention.num_attention_heads,
+        probs_dropout=attention.attention_dropout,
+        attn_out=attention.dense,
+        attn_dropout=attention.output_dropout,
+        attn_norm=attention.LayerNorm,
+        ffn_in=layer.ffn,
+        ffn_act=layer.activation,
+        ffn_out=layer.ffn_output,
+        ffn_dropout=_NO_DROPOUT,
+        ffn_norm=layer.full_layer_layer_norm,
+    )
+
+
+def _albert_layers(base: nn.Module) -> list[LayerParts]:
+    """One entry per layer *application*: ``num_hidden_layers * inner_group_num``.
+
+    ALBERT shares weights: application ``i`` of ``num_hidden_layers`` runs every inner layer of
+    group ``int(i / (num_hidden_layers / num_hidden_groups))`` (the index AlbertTransformer
+    computes). The same modules recur, but each application gets its own retention entry.
+    """
+    config = base.config
+    groups = base.encoder.albert_layer_groups
     parts = []
-    for layer in base.encoder.layer:
-        attention = layer.attention
+    for i in range(config.num_hidden_layers):
+        group = groups[int(i / (config.num_hidden_layers / config.num_hidden_groups))]
+        parts += [_albert_layer_parts(layer) for layer in group.albert_layers]
+    return parts
+
+
+def _distilbert_layers(base: nn.Module) -> list[LayerParts]:
+    # TransformerBlock: sa_layer_norm(out_lin(attention) + x), no dropout on the attention output;
+    # the extract goes after sa_layer_norm, then output_layer_norm(dropout(lin2(act(lin1(a)))) + a).
+    parts = []
+    for block in base.transformer.layer:
+        attention, ffn = block.attention, block.ffn
         parts.append(
             LayerParts(
-                query=attention.self.query,
-                key=attention.self.key,
-                value=attention.self.value,
-                num_heads=attention.self.num_attention_heads,
-                probs_dropout=attention.self.dropout,
-                attn_out=attention.output.dense,
-                attn_dropout=attention.output.dropout,
-                attn_norm=attention.output.LayerNorm,
-                ffn_in=layer.intermediate.dense,
-                ffn_act=layer.intermediate.intermediate_act_fn,
-                ffn_out=layer.output.dense,
-                ffn_dropout=layer.output.dropout,
-                ffn_norm=layer.output.LayerNorm,
+                query=attention.q_lin,
+                key=attention.k_lin,
+                value=attention.v_lin,
+                num_heads=attention.n_heads,
+                probs_dropout=attention.dropout,
+                attn_out=attention.out_lin,
+                attn_dropout=_NO_DROPOUT,
+                attn_norm=block.sa_layer_norm,
+                ffn_in=ffn.lin1,
+                ffn_act=ffn.activation,
+                ffn_out=ffn.lin2,
+                ffn_dropout=ffn.dropout,
+                ffn_norm=block.output_layer_norm,
             )
         )
     return parts
 
 
+def _albert_enter(encoder: nn.Module, hidden):
+    # AlbertTransformer projects the embeddings (embedding_size -> hidden_size) before layer 1.
+    return encoder.embedding_hidden_mapping_in(hidden)
+
+
+# Heads below map to True only where the classifier reads position 0 of the last layer and
+# nothing else: BERT/ALBERT pool ``sequence_output[:, 0]``, the RoBERTa/ELECTRA classification
+# heads take ``features[:, 0, :]``, DistilBERT's heads ``hidden_state[:, 0]``.
 BERT = Family(
     name="BERT",
     model_types=("bert",),
@@ -98,7 +173,53 @@ BERT = Family(
     layers=_bert_layers,
 )
 
-FAMILIES: tuple[Family, ...] = (BERT,)
+ALBERT = Family(
+    name="ALBERT",
+    model_types=("albert",),
+    base_classes=("AlbertModel",),
+    head_classes={"AlbertForSequenceClassification": True, "AlbertForMultipleChoice": True},
+    base_attr="albert",
+    encoder=lambda base: base.encoder,
+    layers=_albert_layers,
+    enter=_albert_enter,
+)
+
+ROBERTA = Family(
+    name="RoBERTa",
+    model_types=("roberta", "xlm-roberta"),
+    base_classes=("RobertaModel", "XLMRobertaModel"),
+    head_classes={
+        "RobertaForSequenceClassification": True, "RobertaForMultipleChoice": True,
+        "XLMRobertaForSequenceClassification": True, "XLMRobertaForMultipleChoice": True,
+    },
+    base_attr="roberta",
+    encoder=lambda base: base.encoder,
+    layers=_bert_layers,
+)
+
+DISTILBERT = Family(
+    name="DistilBERT",
+    model_types=("distilbert",),
+    base_classes=("DistilBertModel",),
+    head_classes={"DistilBertForSequenceClassification": True, "DistilBertForMultipleChoice": True},
+    base_attr="distilbert",
+    encoder=lambda base: base.transformer,
+    layers=_distilbert_layers,
+)
+
+# ElectraForMultipleChoice is left out: its ElectraSequenceSummary reads position 0 only when
+# config.summary_type == "first" (the default, but "mean"/"last"/"cls_index" read other rows).
+ELECTRA = Family(
+    name="ELECTRA",
+    model_types=("electra",),
+    base_classes=("ElectraModel",),
+    head_classes={"ElectraForSequenceClassification": True},
+    base_attr="electra",
+    encoder=lambda base: base.encoder,
+    layers=_bert_layers,
+)
+
+FAMILIES: tuple[Family, ...] = (BERT, ALBERT, ROBERTA, DISTILBERT, ELECTRA)
 
 
 def supported_models() -> list[str]:

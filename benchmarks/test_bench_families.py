@@ -1,0 +1,154 @@
+"""End-to-end per model family: stock (sdpa) vs patched, base-size shapes, batch 8, N = 128.
+
+Run: ``pytest benchmarks/test_bench_families.py --benchmark-only -s``. For each family the
+bare encoder model is timed stock and then patched (the same model object, same inputs, same
+run); the patched test prints the speedup next to both ideals of ALGORITHM.md §6 (vector ratio
+L·N/Σk and the FLOPs ideal) and stores every row in ``results/families_e2e_<device>.json``.
+
+Shapes are the families' base sizes (L 12, D 768, H 12, I 3072; DistilBERT L 6; ALBERT-base
+runs its one shared layer 12 times, with embedding size 128). DistilBERT's 6 layers use every
+other entry of the 12-layer configuration. On CUDA the same tests run in fp16.
+
+Three speedups are printed: ratio of the medians, ratio of the minima, and the median of
+per-pair ratios from stock/patched rounds interleaved in the patched test. On a CPU shared
+with other jobs the separate medians drift (minutes apart); the paired ratio is the steadier.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AlbertConfig, AlbertModel, BertConfig, BertModel, DistilBertConfig, DistilBertModel
+from transformers import ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
+
+import powerbert
+
+RETENTION_12 = (77, 63, 56, 53, 43, 40, 36, 24, 18, 14, 11, 3)
+BATCH, LENGTH = 8, 128
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+ROUNDS = 3 if DEVICE == "cpu" else 30
+RESULTS = Path(__file__).parent / "results"
+
+# family -> (model class, config factory, retention)
+FAMILIES = {
+    "bert": (BertModel, BertConfig, RETENTION_12),
+    "albert": (AlbertModel, lambda: AlbertConfig(  # albert-base-v2 shape
+        embedding_size=128, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+        num_hidden_layers=12), RETENTION_12),
+    "roberta": (RobertaModel, RobertaConfig, RETENTION_12),  # also the XLM-RoBERTa layer stack
+    "distilbert": (DistilBertModel, DistilBertConfig, RETENTION_12[1::2]),
+    "electra": (ElectraModel, lambda: ElectraConfig(  # electra-base-discriminator shape
+        embedding_size=768, hidden_size=768, num_attention_heads=12, intermediate_size=3072), RETENTION_12),
+}
+_models: dict[str, torch.nn.Module] = {}
+# Median and min of the rounds: on a shared CPU the min (least disturbed round) is the steadier one.
+_times: dict[tuple[str, str], tuple[float, float]] = {}
+_paired: dict[str, float] = {}
+_rows: list[dict] = []
+
+
+def _model(family: str) -> torch.nn.Module:
+    if family not in _models:
+        _models.clear()  # one base-size model alive at a time
+        cls, config, _ = FAMILIES[family]
+        torch.manual_seed(0)
+        model = cls(config())
+        model.set_attn_implementation("sdpa")
+        _models[family] = model.to(DEVICE, DTYPE).eval()
+    return _models[family]
+
+
+def _widths(config) -> tuple[int, int]:
+    if isinstance(config, DistilBertConfig):
+        return config.dim, config.hidden_dim
+    return config.hidden_size, config.intermediate_size
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 29000, (BATCH, LENGTH), generator=g)
+    # Every position real: the paper's setting, inputs padded (here: filled) to N.
+    return dict(input_ids=ids.to(DEVICE), attention_mask=torch.ones_like(ids).to(DEVICE))
+
+
+CASES = [(family, variant) for family in FAMILIES for variant in ("stock", "patched")]
+
+
+@pytest.mark.parametrize("family, variant", CASES, ids=[f"{f}-{v}" for f, v in CASES])
+def test_family(benchmark, inputs, family, variant):
+    model = _model(family)
+    retention = FAMILIES[family][2]
+    if variant == "patched":
+        powerbert.patch(model, retention)
+
+    def step():
+        with torch.inference_mode():
+            out = model(**inputs)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    def paired_speedup() -> float:
+        """Stock and patched rounds interleaved (ratio per pair, then the median): other load
+        on a shared machine then hits both sides of each ratio alike."""
+        ratios = []
+        for _ in range(ROUNDS):
+            powerbert.unpatch(model)
+            start = time.perf_counter()
+            step()
+            stock = time.perf_counter() - start
+            powerbert.patch(model, retention)
+            start = time.perf_counter()
+            step()
+            ratios.append(stock / (time.perf_counter() - start))
+        return statistics.median(ratios)
+
+    try:
+        benchmark.group = f"families e2e B{BATCH} N{LENGTH} {DEVICE} {str(DTYPE)[6:]}"
+        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+        if variant == "patched":
+            _paired[family] = paired_speedup()
+    finally:
+        if variant == "patched":
+            powerbert.unpatch(model)
+    _times[family, variant] = benchmark.stats.stats.median, benchmark.stats.stats.min
+    benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), batch=BATCH, length=LENGTH,
+                                family=family, retention=list(retention))
+    if variant == "patched" and (family, "stock") in _times:
+        _report(benchmark, family, model.config, retention)
+
+
+def _report(benchmark, family, config, retention):
+    hidden, intermediate = _widths(config)
+    (stock, stock_min), (patched, patched_min) = _times[family, "stock"], _times[family, "patched"]
+    row = dict(
+        family=family, layers=len(retention), retention=list(retention), stock_ms=1e3 * stock,
+        patched_ms=1e3 * patched, speedup=stock / patched, speedup_of_min=stock_min / patched_min,
+        speedup_paired=_paired[family],
+        ideal_vector_ratio=powerbert.vector_ratio(retention, LENGTH),
+        ideal_flops=powerbert.flops_ideal(retention, LENGTH, hidden, intermediate),
+    )
+    _rows.append(row)
+    benchmark.extra_info["speedup"] = row
+    print(f"\n{'family':<12}{'L':>3}{'stock ms':>10}{'patched ms':>11}{'speedup':>9}{'(of min)':>9}{'(paired)':>9}"
+          f"{'vec ideal':>10}{'FLOP ideal':>11}   (medians of {ROUNDS} rounds)")
+    for r in _rows:
+        print(f"{r['family']:<12}{r['layers']:>3}{r['stock_ms']:>10.1f}{r['patched_ms']:>11.1f}"
+              f"{r['speedup']:>8.2f}x{r['speedup_of_min']:>8.2f}x{r['speedup_paired']:>8.2f}x"
+              f"{r['ideal_vector_ratio']:>9.2f}x{r['ideal_flops']:>10.2f}x")
+    record = dict(
+        device=DEVICE if DEVICE == "cpu" else torch.cuda.get_device_name(),
+        cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+        dtype=str(DTYPE), torch=torch.__version__, transformers=transformers.__version__,
+        batch=BATCH, length=LENGTH, attn="sdpa", rows=_rows,
+    )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"families_e2e_{DEVICE}.json").write_text(json.dumps(record, indent=2) + "\n")
