@@ -4,7 +4,7 @@
     powerbert.patch(model, retention=[77, 63, 56, 53, 43, 40, 36, 24, 18, 14, 11, 3])
 """
 from powerbert.families import supported_models
-from powerbert.patch import is_patched, patch, patched_retention, unpatch
+from powerbert.patch import is_patched, patch, patch_state, patched_retention, unpatch
 from powerbert.retention import flops_ideal, validate_retention, vector_ratio
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __all__ = [
     "unpatch",
     "is_patched",
     "patched_retention",
+    "patch_state",
     "supported_models",
     "validate_retention",
     "vector_ratio",

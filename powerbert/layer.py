@@ -46,6 +46,26 @@ def _sdpa(parts: LayerParts, q, k, v, mask: torch.Tensor | None) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
 
 
+SELECTIONS = ("attention", "first", "random")
+
+
+def baseline_scores(selection: str, mask: torch.Tensor) -> torch.Tensor:
+    """Scores ``[B, n]`` fp32 that make the top-k pick of the ablation strategies.
+
+    ``"first"``: decreasing with position, so the first k survive (Head-WS).
+    ``"random"``: uniform noise, so k random positions survive (Rand-WS).
+    Padding gets -inf and [CLS] is forced by the selection itself.
+    """
+    batch, n = mask.shape
+    if selection == "first":
+        scores = -torch.arange(n, device=mask.device, dtype=torch.float32).expand(batch, n)
+    elif selection == "random":
+        scores = torch.rand(batch, n, device=mask.device)
+    else:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    return scores.masked_fill(~mask, float("-inf"))
+
+
 def eliminating_layer(
     parts: LayerParts,
     hidden: torch.Tensor,
@@ -54,6 +74,7 @@ def eliminating_layer(
     *,
     padded: bool,
     cls_only: bool = False,
+    selection: str = "attention",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one encoder layer with word-vector elimination.
 
@@ -65,6 +86,10 @@ def eliminating_layer(
         padded: False when the batch is known to hold no padding (lets attention skip the mask).
         cls_only: compute only the [CLS] output (lossless when the caller reads only [CLS],
             e.g. the last layer under a sequence-classification head).
+        selection: ``"attention"`` (PoWER-BERT significance), or the paper's ablations
+            ``"first"`` (Head-WS: the first k positions) and ``"random"`` (Rand-WS: k random
+            real positions, torch's global RNG). [CLS] is kept and padding is never
+            preferred under every strategy.
 
     Returns:
         ``(hidden [B, k', D], mask [B, k'])`` with ``k' = min(keep, n)`` (1 if ``cls_only``).
@@ -85,6 +110,14 @@ def eliminating_layer(
         # Nothing to eliminate: no scores needed, so use fused SDPA like the stock model.
         context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
         return _feed_forward(parts, _attention_output(parts, context, hidden)), mask
+
+    if selection != "attention":
+        # Ablations: the choice ignores attention, so attention itself can stay fused.
+        context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
+        scores = baseline_scores(selection, mask)
+        attention, mask, _ = ops.extract_from_scores(
+            scores, _attention_output(parts, context, hidden), mask, keep)
+        return _feed_forward(parts, attention), mask
 
     if ops.fused_attention_available(hidden, q_proj.shape[-1]):
         # GPU path: scores come out of the attention kernel; no [B, H, n, n] in memory.

@@ -16,10 +16,11 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from powerbert.families import Family, LayerParts, resolve
-from powerbert.layer import eliminating_layer
+from powerbert.layer import SELECTIONS, eliminating_layer
 from powerbert.retention import validate_retention
 
 CONFIG_KEY = "powerbert_retention"
+SELECTION_KEY = "powerbert_selection"  # stored only for the ablation strategies
 _STATE_ATTR = "_powerbert_patch_state"
 _MISSING = object()
 
@@ -29,8 +30,10 @@ class _PatchState:
     encoder: nn.Module
     encoder_forward: Any  # the encoder's own instance attribute ``forward``, or _MISSING
     config_retention: Any  # config.powerbert_retention before patching, or _MISSING
+    config_selection: Any  # config.powerbert_selection before patching, or _MISSING
     retention: tuple[int, ...]
     cls_only_last_layer: bool
+    selection: str
 
 
 def key_mask(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -76,7 +79,7 @@ def _encoder_forward(family: Family, encoder: nn.Module, layers: list[LayerParts
         for index, (parts, keep) in enumerate(zip(layers, state.retention)):
             hidden, mask = eliminating_layer(
                 parts, hidden, mask, keep, padded=padded,
-                cls_only=state.cls_only_last_layer and index == last,
+                cls_only=state.cls_only_last_layer and index == last, selection=state.selection,
             )
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden)
 
@@ -88,7 +91,8 @@ def is_patched(model: nn.Module) -> bool:
     return hasattr(model, _STATE_ATTR)
 
 
-def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True) -> nn.Module:
+def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
+          selection: str | None = None) -> nn.Module:
     """Make ``model`` eliminate word vectors (PoWER-BERT), in place.
 
     Args:
@@ -100,6 +104,11 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True)
         cls_only_last_layer: for heads that read only [CLS] (sequence classification, multiple
             choice), compute the last layer for [CLS] alone. Lossless; ignored for bare models,
             whose ``last_hidden_state`` returns the k_L survivors.
+        selection: ``"attention"`` (PoWER-BERT, the default) or the paper's ablations
+            ``"first"`` (Head-WS) and ``"random"`` (Rand-WS). None reads
+            ``model.config.powerbert_selection`` if present, else ``"attention"``. An ablation
+            strategy is stored in the config (``powerbert_selection``) so it survives
+            ``save_pretrained``.
 
     Returns:
         The same ``model``. ``model.config.powerbert_retention`` holds the configuration, so
@@ -125,17 +134,27 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True)
                 f"k_{len(layers)}] or load a model saved after powerbert.patch"
             )
     retention = validate_retention(retention, len(layers), getattr(config, "max_position_embeddings", None))
+    if selection is None:
+        selection = getattr(config, SELECTION_KEY, "attention")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
 
     encoder = family.encoder(base)
     state = _PatchState(
         encoder=encoder,
         encoder_forward=encoder.__dict__.get("forward", _MISSING),
         config_retention=config.__dict__.get(CONFIG_KEY, _MISSING),
+        config_selection=config.__dict__.get(SELECTION_KEY, _MISSING),
         retention=retention,
         cls_only_last_layer=cls_only_last_layer and cls_only_head,
+        selection=selection,
     )
     encoder.forward = _encoder_forward(family, encoder, layers, state)
     setattr(config, CONFIG_KEY, list(retention))
+    if selection != "attention":
+        setattr(config, SELECTION_KEY, selection)
+    elif SELECTION_KEY in config.__dict__:
+        delattr(config, SELECTION_KEY)
     object.__setattr__(model, _STATE_ATTR, state)
     return model
 
@@ -154,16 +173,22 @@ def unpatch(model: nn.Module) -> nn.Module:
     else:
         state.encoder.forward = state.encoder_forward
     config = resolve(model)[1].config
-    if state.config_retention is _MISSING:
-        delattr(config, CONFIG_KEY)
-    else:
-        setattr(config, CONFIG_KEY, state.config_retention)
+    for key, before in ((CONFIG_KEY, state.config_retention), (SELECTION_KEY, state.config_selection)):
+        if before is not _MISSING:
+            setattr(config, key, before)
+        elif key in config.__dict__:
+            delattr(config, key)
     object.__delattr__(model, _STATE_ATTR)
     return model
 
 
-def patched_retention(model: nn.Module) -> tuple[int, ...]:
-    """The retention configuration a patched model runs with."""
+def patch_state(model: nn.Module) -> _PatchState:
+    """What a patched model runs with (``.retention``, ``.selection``, ``.cls_only_last_layer``)."""
     if not is_patched(model):
         raise RuntimeError("model is not patched by powerbert")
-    return getattr(model, _STATE_ATTR).retention
+    return getattr(model, _STATE_ATTR)
+
+
+def patched_retention(model: nn.Module) -> tuple[int, ...]:
+    """The retention configuration a patched model runs with."""
+    return patch_state(model).retention

@@ -43,12 +43,26 @@ def bert_layer_modules(layer):
     )
 
 
+def spec_choose(probs: torch.Tensor, mask: torch.Tensor, k: int) -> list[int]:
+    """PoWER-BERT's choice: the top-k by significance (§1-§2)."""
+    return spec_keep(spec_scores(probs, mask), k)
+
+
+def head_ws_choose(probs: torch.Tensor, mask: torch.Tensor, k: int) -> list[int]:
+    """Head-WS ablation: the first k real positions, then padding, lowest index first."""
+    n = mask.numel()
+    real = [j for j in range(n) if mask[j] or j == 0]
+    pads = [j for j in range(n) if j not in real]
+    return sorted((real + pads)[:k])
+
+
 @torch.no_grad()
-def spec_encoder(hidden: torch.Tensor, mask: torch.Tensor, layers, retention):
+def spec_encoder(hidden: torch.Tensor, mask: torch.Tensor, layers, retention, choose=spec_choose):
     """Run encoder layers with hard extraction. hidden [B, N, D], mask [B, N] 0/1.
 
-    ``layers``: list of dicts as built by ``bert_layer_modules``. Returns the list of
-    per-sequence outputs [k_L, D] and the kept original positions of each sequence.
+    ``layers``: list of dicts as built by ``bert_layer_modules``; ``choose(probs [H, n, n],
+    mask [n], k) -> kept positions``. Returns the list of per-sequence outputs [k_L, D] and
+    the kept original positions of each sequence.
     """
     outputs, kept_positions = [], []
     for b in range(hidden.shape[0]):
@@ -68,7 +82,7 @@ def spec_encoder(hidden: torch.Tensor, mask: torch.Tensor, layers, retention):
             context = (probs @ v).transpose(0, 1).reshape(n, width)
             a = mods["ln1"](mods["o"](context) + h)
             if k < n:
-                keep = spec_keep(spec_scores(probs, m), k)
+                keep = choose(probs, m, k)
                 a, m = a[keep], m[keep]
                 positions = [positions[i] for i in keep]
             h = mods["ln2"](mods["ffn_out"](mods["act"](mods["ffn_in"](a))) + a)

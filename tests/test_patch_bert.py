@@ -13,8 +13,10 @@ from transformers import (
     BertModel,
 )
 
+import kernels
 import powerbert
-from spec_reference import bert_layer_modules, spec_encoder
+from powerbert.layer import baseline_scores
+from spec_reference import bert_layer_modules, head_ws_choose, spec_encoder
 
 LAYERS = 3
 ATTN = ["eager", "sdpa"]
@@ -48,10 +50,10 @@ def batch(sizes=(13, 9, 4, 1), length=13, vocab=101, seed=1):
     return dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
 
 
-def spec_outputs(bert: BertModel, inputs, retention):
+def spec_outputs(bert: BertModel, inputs, retention, **kwargs):
     hidden = bert.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"])
     layers = [bert_layer_modules(layer) for layer in bert.encoder.layer]
-    return spec_encoder(hidden, inputs["attention_mask"], layers, retention)
+    return spec_encoder(hidden, inputs["attention_mask"], layers, retention, **kwargs)
 
 
 # ---------------------------------------------------------------- equivalence
@@ -254,3 +256,55 @@ def test_decoders_are_refused():
 def test_non_models_are_refused():
     with pytest.raises(TypeError, match="does not support Linear"):
         powerbert.patch(torch.nn.Linear(2, 2), (1,))
+
+
+# ---------------------------------------------------------------- ablation strategies
+
+
+def test_head_ws_keeps_the_first_real_positions():
+    retention = (9, 6, 3)
+    model = build(BertModel)
+    inputs = batch()
+    expected, positions = spec_outputs(model, inputs, retention, choose=head_ws_choose)
+    powerbert.patch(model, retention, selection="first")
+    with torch.no_grad():
+        out = model(**inputs).last_hidden_state
+    assert positions[0] == [0, 1, 2] and positions[3][0] == 0
+    for row, reference in enumerate(expected):
+        torch.testing.assert_close(out[row], reference, atol=2e-5, rtol=2e-5)
+
+
+def test_rand_ws_is_seeded_keeps_cls_and_prefers_real_tokens():
+    model = build(BertModel)
+    inputs = batch(sizes=(13, 5))
+    powerbert.patch(model, (4, 4, 4), selection="random")
+    with torch.no_grad():
+        torch.manual_seed(3)
+        a = model(**inputs).last_hidden_state
+        torch.manual_seed(3)
+        b = model(**inputs).last_hidden_state
+        torch.manual_seed(4)
+        c = model(**inputs).last_hidden_state
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.allclose(a[0], c[0])
+    # the 5-token row keeps 4 of its real tokens: padding never survives while real tokens remain
+    mask = inputs["attention_mask"].bool()
+    for trial in range(20):
+        scores = baseline_scores("random", mask)
+        _, kept, indices = kernels.extract_from_scores(scores, torch.randn(2, 13, 8), mask, 4)
+        assert kept.all() and (indices[:, 0] == 0).all()
+
+
+def test_selection_is_stored_restored_and_validated(tmp_path):
+    model = build(BertForSequenceClassification)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        powerbert.patch(model, (3, 2, 1), selection="best")
+    assert not powerbert.is_patched(model)
+    powerbert.patch(model, (3, 2, 1), selection="first")
+    model.save_pretrained(tmp_path)
+    powerbert.unpatch(model)
+    assert not hasattr(model.config, "powerbert_selection")
+    loaded = BertForSequenceClassification.from_pretrained(tmp_path)
+    assert loaded.config.powerbert_selection == "first"
+    powerbert.patch(loaded)
+    assert powerbert.patch_state(loaded).selection == "first"
