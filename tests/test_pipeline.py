@@ -1,0 +1,208 @@
+"""The three-step pipeline on a tiny random BERT and a synthetic task; training with elimination."""
+import csv
+import json
+import random
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertTokenizer
+
+import powerbert
+from powerbert import pipeline
+
+N = 16
+LAYERS = 4
+WORDS = [f"w{i}" for i in range(40)]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "marker"] + WORDS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run ~10x faster on one thread than on two on this shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model_folder(path, layers=LAYERS):
+    """A tiny random BERT and its word-level tokenizer, saved like a pretrained model."""
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+def write_marker_csv(path, count, seed=0, header=("text", "label")):
+    """label = 1 iff the token ``marker`` occurs: only one of 6-13 tokens matters."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i in range(count):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(6, 13))]
+            if i % 2:
+                words[rng.randrange(len(words))] = "marker"
+            writer.writerow([" ".join(words), i % 2])
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    model_dir = make_model_folder(root / "model")
+    data = write_marker_csv(root / "train.csv", 480)
+    cfg = pipeline.PipelineConfig(
+        model=str(model_dir), data=str(data), output=str(root / "out"), dev_fraction=0.2, max_length=N,
+        finetune_epochs=4, search_epochs=2, retrain_epochs=1, batch_size=16, lr_bert=2e-3, lr_soft=0.05,
+        lam=1e-2, seed=0, progress=False,
+    )
+    metrics = pipeline.run(cfg)
+    return cfg, metrics
+
+
+def test_search_learns_small_configuration_and_retrain_recovers(pipeline_run):
+    cfg, metrics = pipeline_run
+    steps = metrics["steps"]
+    assert steps["finetune"]["best"]["value"] >= 0.95
+    configuration = metrics["configuration"]
+    assert len(configuration) == LAYERS and list(configuration) == sorted(configuration, reverse=True)
+    assert configuration[-1] <= 2 and configuration[-2] <= 3  # late layers keep far fewer than N = 16
+    assert steps["retrain"]["best"]["value"] >= 0.95
+    assert metrics["vectors_total"] == LAYERS * N and metrics["vectors_kept"] == sum(configuration)
+    assert metrics["vector_ratio"] == pytest.approx(powerbert.vector_ratio(configuration, N))
+    assert metrics["flops_ideal"] > 1
+    assert all(steps[s]["wall_s"] > 0 for s in pipeline.STEPS)
+
+
+def test_saved_result_loads_and_patches_with_learned_configuration(pipeline_run):
+    cfg, metrics = pipeline_run
+    out = cfg.output
+    assert json.loads(open(f"{out}/metrics.json").read())["configuration"] == metrics["configuration"]
+    assert json.loads(open(f"{out}/config.json").read())["powerbert_retention"] == metrics["configuration"]
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    powerbert.patch(model)
+    assert powerbert.patched_retention(model) == tuple(metrics["configuration"])
+    result = pipeline.evaluate(out, cfg.data, max_examples=96)
+    assert result["configuration"] == metrics["configuration"] and result["max_length"] == N
+    assert result["value"] >= 0.9
+
+
+def test_rerun_skips_finished_steps(pipeline_run, caplog):
+    cfg, metrics = pipeline_run
+    with caplog.at_level("INFO", logger="powerbert"):
+        again = pipeline.run(cfg)
+    assert again["configuration"] == metrics["configuration"]
+    assert sum("already done" in r.message for r in caplog.records) == 3
+
+
+def test_missing_previous_step_is_a_clear_error(tmp_path):
+    cfg = pipeline.PipelineConfig(data="x.csv", output=str(tmp_path))
+    with pytest.raises(SystemExit, match="finetune"):
+        pipeline.search(cfg)
+
+
+# ----------------------------------------------------------------------------- training with elimination
+
+
+def test_patched_model_trains_with_hard_extraction():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    model = BertForSequenceClassification(config)
+    powerbert.patch(model, [6, 3, 2])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 101, (4, 12), generator=g)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[2:, 9:] = 0
+    labels = torch.tensor([0, 1, 1, 0])
+
+    model.train()  # dropout on: two passes differ
+    assert not torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
+
+    def eval_loss():
+        model.eval()
+        with torch.no_grad():
+            return nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels).item()
+
+    before = eval_loss()
+    model.train()
+    loss = nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels)
+    loss.backward()
+    for index, layer in enumerate(model.bert.encoder.layer):
+        for name, p in layer.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), f"layer {index} {name}"
+        assert layer.intermediate.dense.weight.grad.abs().sum() > 0
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert eval_loss() != pytest.approx(before, abs=1e-6)
+    assert powerbert.patched_retention(model) == (6, 3, 2)
+
+
+def test_interrupted_step_resumes_from_epoch_checkpoint(tmp_path, monkeypatch, caplog):
+    model_dir = make_model_folder(tmp_path / "model", layers=2)
+    data = write_marker_csv(tmp_path / "train.csv", 96)
+
+    def config(out):
+        return pipeline.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / out),
+                                       max_length=N, epochs=3, batch_size=16, lr_bert=1e-3, progress=False)
+
+    straight = pipeline.finetune(config("straight"))
+
+    real_evaluate, calls = pipeline.evaluate_model, []
+
+    def interrupt_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate_model", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.finetune(config("resumed"))
+    monkeypatch.setattr(pipeline, "evaluate_model", real_evaluate)
+    assert (tmp_path / "resumed" / "finetune" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "resumed" / "finetune" / "done.json").exists()
+    with caplog.at_level("INFO", logger="powerbert"):
+        resumed = pipeline.finetune(config("resumed"))
+    assert any("resuming after epoch 1" in r.message for r in caplog.records)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert not (tmp_path / "resumed" / "finetune" / "checkpoint.pt").exists()
+
+
+def test_regression_labels_finetune_with_mse(tmp_path):
+    model_dir = make_model_folder(tmp_path / "model", layers=2)
+    data = tmp_path / "scores.jsonl"
+    rng = random.Random(0)
+    data.write_text("\n".join(json.dumps({"sentence": " ".join(rng.choice(WORDS) for _ in range(5)),
+                                          "score": rng.random() * 5}) for _ in range(64)))
+    cfg = pipeline.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "out"),
+                                  label_column="score", max_length=N, epochs=1, batch_size=16, progress=False)
+    record = pipeline.finetune(cfg)
+    assert record["best"]["metric"] == "pearson" and "mse" in record["best"]
+    config = json.loads((tmp_path / "out" / "finetune" / "config.json").read_text())
+    assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
+
+
+def test_target_speedup_bisects_lambda(pipeline_run, tmp_path):
+    import dataclasses
+    import math
+    import shutil
+
+    cfg, _ = pipeline_run
+    shutil.copytree(f"{cfg.output}/finetune", tmp_path / "finetune")
+    target = dataclasses.replace(cfg, output=str(tmp_path), lam=None, target_speedup=4.0, target_trials=3,
+                                 target_subset=96, search_epochs=1)
+    record = pipeline.search(target)
+    trials = record["lambda_trials"]
+    assert [t["lambda"] for t in trials[:2]] == pytest.approx([1e-3, 1e-4 if trials[0]["vector_ratio"] >= 4 else 1e-2])
+    closest = min(trials, key=lambda t: abs(math.log(t["vector_ratio"] / 4.0)))
+    assert record["lambda"] == closest["lambda"]
+    assert record["wall_s"] >= record["lambda_search_s"] > 0
+    assert json.loads((tmp_path / "search" / "lambda.json").read_text())["lambda"] == record["lambda"]
