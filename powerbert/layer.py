@@ -18,25 +18,25 @@ from powerbert import ops
 from powerbert.families import LayerParts
 
 
-def _heads(linear: torch.nn.Linear, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+def split_heads(linear: torch.nn.Linear, x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Project ``x [B, n, D]`` and split heads: ``[B, H, n, d]`` (a strided view)."""
     y = linear(x)
     batch, length, width = y.shape
     return y.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
 
 
-def _merge_heads(context: torch.Tensor) -> torch.Tensor:
+def merge_heads(context: torch.Tensor) -> torch.Tensor:
     """``[B, H, n, d]`` -> ``[B, n, H * d]``."""
     batch, heads, length, dim = context.shape
     return context.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
-def _attention_output(parts: LayerParts, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def attention_output(parts: LayerParts, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``context [B, H, m, d]``, ``residual [B, m, D]`` -> attention sub-layer output ``[B, m, D]``."""
-    return parts.attn_norm(parts.attn_dropout(parts.attn_out(_merge_heads(context))) + residual)
+    return parts.attn_norm(parts.attn_dropout(parts.attn_out(merge_heads(context))) + residual)
 
 
-def _feed_forward(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
+def feed_forward(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
     return parts.ffn_norm(parts.ffn_dropout(parts.ffn_out(parts.ffn_act(parts.ffn_in(x)))) + x)
 
 
@@ -47,6 +47,25 @@ def _sdpa(parts: LayerParts, q, k, v, mask: torch.Tensor | None) -> torch.Tensor
 
 
 SELECTIONS = ("attention", "first", "random")
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention probabilities, before dropout (significance is computed from these).
+
+    Args:
+        q, k: ``[B, H, n, d]`` (strided views are fine). mask: ``[B, n]`` bool or None (no padding).
+
+    Returns:
+        ``[B, H, n, n]`` in q's dtype; padded keys get probability 0.
+    """
+    # Contiguous head-major operands: a strided [B, H, n, d] view makes the batched matmul
+    # several times slower on CPU than the two copies cost (measured: 25 ms vs 7 ms at
+    # BERT-base, B 16, n 128, one thread).
+    scale = q.shape[-1] ** -0.5
+    logits = torch.matmul((q * scale).contiguous(), k.transpose(-1, -2).contiguous())
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, None, :], torch.finfo(logits.dtype).min)
+    return logits.softmax(dim=-1)
 
 
 def baseline_scores(selection: str, mask: torch.Tensor) -> torch.Tensor:
@@ -96,48 +115,41 @@ def eliminating_layer(
     """
     n = hidden.shape[1]
     attn_mask = mask if padded else None
-    k_proj = _heads(parts.key, hidden, parts.num_heads)
-    v_proj = _heads(parts.value, hidden, parts.num_heads)
+    k_proj = split_heads(parts.key, hidden, parts.num_heads)
+    v_proj = split_heads(parts.value, hidden, parts.num_heads)
 
     if cls_only:
         residual = hidden[:, :1]
-        q_proj = _heads(parts.query, residual, parts.num_heads)
+        q_proj = split_heads(parts.query, residual, parts.num_heads)
         context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
-        return _feed_forward(parts, _attention_output(parts, context, residual)), mask[:, :1]
+        return feed_forward(parts, attention_output(parts, context, residual)), mask[:, :1]
 
-    q_proj = _heads(parts.query, hidden, parts.num_heads)
+    q_proj = split_heads(parts.query, hidden, parts.num_heads)
     if keep >= n:
         # Nothing to eliminate: no scores needed, so use fused SDPA like the stock model.
         context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
-        return _feed_forward(parts, _attention_output(parts, context, hidden)), mask
+        return feed_forward(parts, attention_output(parts, context, hidden)), mask
 
     if selection != "attention":
         # Ablations: the choice ignores attention, so attention itself can stay fused.
         context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
         scores = baseline_scores(selection, mask)
         attention, mask, _ = ops.extract_from_scores(
-            scores, _attention_output(parts, context, hidden), mask, keep)
-        return _feed_forward(parts, attention), mask
+            scores, attention_output(parts, context, hidden), mask, keep)
+        return feed_forward(parts, attention), mask
 
     if ops.fused_attention_available(hidden, q_proj.shape[-1]):
         # GPU path: scores come out of the attention kernel; no [B, H, n, n] in memory.
         context, scores = ops.attention_with_significance(q_proj, k_proj, v_proj, mask)
-        context, mask, indices = ops.extract_from_scores(scores, _merge_heads(context), mask, keep)
+        context, mask, indices = ops.extract_from_scores(scores, merge_heads(context), mask, keep)
         residual = ops.gather_rows(hidden, indices)
         attention = parts.attn_norm(parts.attn_dropout(parts.attn_out(context)) + residual)
-        return _feed_forward(parts, attention), mask
+        return feed_forward(parts, attention), mask
 
-    # Contiguous head-major operands: a strided [B, H, n, d] view makes the batched matmul
-    # several times slower on CPU than the two copies cost (measured: 25 ms vs 7 ms at
-    # BERT-base, B 16, n 128, one thread).
-    scale = q_proj.shape[-1] ** -0.5
-    logits = torch.matmul((q_proj * scale).contiguous(), k_proj.transpose(-1, -2).contiguous())
-    if padded:
-        logits = logits.masked_fill(~mask[:, None, None, :], torch.finfo(logits.dtype).min)
-    probs = logits.softmax(dim=-1)  # [B, H, n, n], before dropout: significance uses these
+    probs = attention_probs(q_proj, k_proj, mask if padded else None)
 
     residual, mask, indices = ops.extract(probs, hidden, mask, keep)
     batch, heads, _, _ = probs.shape
     rows = torch.gather(probs, 2, indices.view(batch, 1, keep, 1).expand(batch, heads, keep, n))
     context = torch.matmul(parts.probs_dropout(rows), v_proj)  # [B, H, k, d]
-    return _feed_forward(parts, _attention_output(parts, context, residual)), mask
+    return feed_forward(parts, attention_output(parts, context, residual)), mask

@@ -28,7 +28,7 @@ _MISSING = object()
 @dataclass
 class _PatchState:
     encoder: nn.Module
-    encoder_forward: Any  # the encoder's own instance attribute ``forward``, or _MISSING
+    original_forward: Any  # the encoder's own instance attribute ``forward``, or _MISSING
     config_retention: Any  # config.powerbert_retention before patching, or _MISSING
     config_selection: Any  # config.powerbert_selection before patching, or _MISSING
     retention: tuple[int, ...]
@@ -69,18 +69,18 @@ def key_mask(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> tuple
     return mask, True
 
 
-def _encoder_forward(family: Family, encoder: nn.Module, layers: list[LayerParts], state: _PatchState):
-    """Build the replacement ``encoder.forward`` that eliminates word vectors layer by layer."""
+def encoder_forward(family: Family, encoder: nn.Module, layers: list[LayerParts], layer_fn):
+    """Build a replacement ``encoder.forward`` that runs ``layer_fn`` over the family's layers.
+
+    ``layer_fn(index, parts, hidden [B, n, D], mask [B, n] bool, padded) -> (hidden, mask)``;
+    patch (hard extract) and soft extract differ only there.
+    """
 
     def forward(hidden_states, attention_mask=None, *args, **kwargs):
         mask, padded = key_mask(attention_mask, hidden_states)
         hidden = family.enter(encoder, hidden_states) if family.enter is not None else hidden_states
-        last = len(layers) - 1
-        for index, (parts, keep) in enumerate(zip(layers, state.retention)):
-            hidden, mask = eliminating_layer(
-                parts, hidden, mask, keep, padded=padded,
-                cls_only=state.cls_only_last_layer and index == last, selection=state.selection,
-            )
+        for index, parts in enumerate(layers):
+            hidden, mask = layer_fn(index, parts, hidden, mask, padded)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden)
 
     return forward
@@ -142,14 +142,22 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
     encoder = family.encoder(base)
     state = _PatchState(
         encoder=encoder,
-        encoder_forward=encoder.__dict__.get("forward", _MISSING),
+        original_forward=encoder.__dict__.get("forward", _MISSING),
         config_retention=config.__dict__.get(CONFIG_KEY, _MISSING),
         config_selection=config.__dict__.get(SELECTION_KEY, _MISSING),
         retention=retention,
         cls_only_last_layer=cls_only_last_layer and cls_only_head,
         selection=selection,
     )
-    encoder.forward = _encoder_forward(family, encoder, layers, state)
+    last = len(layers) - 1
+
+    def eliminate(index, parts, hidden, mask, padded):
+        return eliminating_layer(
+            parts, hidden, mask, state.retention[index], padded=padded,
+            cls_only=state.cls_only_last_layer and index == last, selection=state.selection,
+        )
+
+    encoder.forward = encoder_forward(family, encoder, layers, eliminate)
     setattr(config, CONFIG_KEY, list(retention))
     if selection != "attention":
         setattr(config, SELECTION_KEY, selection)
@@ -168,10 +176,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not is_patched(model):
         raise RuntimeError("model is not patched by powerbert; nothing to unpatch")
     state: _PatchState = getattr(model, _STATE_ATTR)
-    if state.encoder_forward is _MISSING:
+    if state.original_forward is _MISSING:
         del state.encoder.forward
     else:
-        state.encoder.forward = state.encoder_forward
+        state.encoder.forward = state.original_forward
     config = resolve(model)[1].config
     for key, before in ((CONFIG_KEY, state.config_retention), (SELECTION_KEY, state.config_selection)):
         if before is not _MISSING:

@@ -24,12 +24,11 @@ import math
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 import kernels
 from powerbert.families import LayerParts, resolve
-from powerbert.layer import _attention_output, _feed_forward, _heads
-from powerbert.patch import is_patched, key_mask
+from powerbert.layer import attention_output, attention_probs, feed_forward, split_heads
+from powerbert.patch import encoder_forward, is_patched
 
 _STATE_ATTR = "_powerbert_soft_extract"
 _MISSING = object()
@@ -79,21 +78,17 @@ def soft_extract_layer(
         ``[B, n, D]`` the layer output.
     """
     n = hidden.shape[1]
-    q = _heads(parts.query, hidden, parts.num_heads)
-    k = _heads(parts.key, hidden, parts.num_heads)
-    v = _heads(parts.value, hidden, parts.num_heads)
-    # Explicit probabilities (as layer.py's eliminating branch): significance needs them.
-    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
-    if padded:
-        logits = logits.masked_fill(~mask[:, None, None, :], torch.finfo(logits.dtype).min)
-    probs = logits.softmax(dim=-1)  # before dropout: significance uses these
+    q = split_heads(parts.query, hidden, parts.num_heads)
+    k = split_heads(parts.key, hidden, parts.num_heads)
+    v = split_heads(parts.value, hidden, parts.num_heads)
+    probs = attention_probs(q, k, mask if padded else None)  # explicit: significance needs them
     with torch.no_grad():  # the ranking is not differentiable; r and the vectors are
         scores = kernels.significance(probs.detach(), mask)
     ranks = soft_ranks(scores, cls_first=cls_first)
     context = torch.matmul(parts.probs_dropout(probs), v)
-    attended = _attention_output(parts, context, hidden)
+    attended = attention_output(parts, context, hidden)
     scale = retention[:n][ranks]  # [B, n]: r_l[rank of position j]; gradient flows into r
-    return _feed_forward(parts, attended * scale.unsqueeze(-1).to(attended.dtype))
+    return feed_forward(parts, attended * scale.unsqueeze(-1).to(attended.dtype))
 
 
 def configuration_from_masses(masses) -> tuple[int, ...]:
@@ -193,19 +188,16 @@ def attach_soft_extract(model: nn.Module, max_length: int, *, cls_first: bool = 
     device = next(model.parameters()).device
     soft = SoftExtract(len(layers), max_length, cls_first=cls_first).to(device)
 
-    def forward(hidden_states, attention_mask=None, *args, **kwargs):
-        n = hidden_states.shape[1]
-        if n > soft.max_length:
-            raise ValueError(f"input length {n} exceeds the soft extract's max_length {soft.max_length}")
-        mask, padded = key_mask(attention_mask, hidden_states)
-        hidden = family.enter(encoder, hidden_states) if family.enter is not None else hidden_states
-        for index, parts in enumerate(layers):
-            hidden = soft_extract_layer(parts, hidden, mask, soft.retention[index], padded=padded,
-                                        cls_first=soft.cls_first)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden)
+    def soft_layer(index, parts, hidden, mask, padded):
+        if hidden.shape[1] > soft.max_length:
+            raise ValueError(
+                f"input length {hidden.shape[1]} exceeds the soft extract's max_length {soft.max_length}")
+        hidden = soft_extract_layer(parts, hidden, mask, soft.retention[index], padded=padded,
+                                    cls_first=soft.cls_first)
+        return hidden, mask
 
     object.__setattr__(soft, "_encoder_forward", encoder.__dict__.get("forward", _MISSING))
-    encoder.forward = forward
+    encoder.forward = encoder_forward(family, encoder, layers, soft_layer)
     object.__setattr__(soft, "_model", model)
     object.__setattr__(soft, "_encoder", encoder)
     object.__setattr__(model, _STATE_ATTR, soft)
