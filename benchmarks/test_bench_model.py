@@ -1,9 +1,11 @@
-"""End-to-end: patched vs stock BERT-base-shape model (batch 16, N = 128).
+"""End-to-end: patched vs stock BERT-base-shape model.
 
-Run: ``pytest benchmarks/test_bench_model.py --benchmark-only -s``. Every model is timed in
-the same run on the same inputs; the last test prints and stores the speedups next to both
-ideals of ALGORITHM.md §6 (vector ratio L·N/Σk and the FLOPs ideal). On a CUDA machine the
-same tests run on the GPU in fp16 (see benchmarks/gpu.sh).
+Run: ``pytest benchmarks/test_bench_model.py --benchmark-only -s``. Every model of a case is
+timed in the same run on the same inputs; the last test of each case prints and stores the
+speedups beside both ideals of ALGORITHM.md §6 (vector ratio L·N/Σk and the FLOPs ideal) in
+``benchmarks/results/model_e2e_<device>.json``.
+
+Cases: CPU fp32 batch 16, N 128 (issue 2); CUDA fp16 batch 64, N 128 and N 512 (issue 5).
 """
 from __future__ import annotations
 
@@ -18,30 +20,44 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 import powerbert
 
-RETENTION = (77, 63, 56, 53, 43, 40, 36, 24, 18, 14, 11, 3)
-BATCH, LENGTH = 16, 128
+RETENTION_128 = (77, 63, 56, 53, 43, 40, 36, 24, 18, 14, 11, 3)
+RETENTION_512 = tuple(4 * k for k in RETENTION_128)  # the same fractions of N
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+CASES = [(16, 128, RETENTION_128)] if DEVICE == "cpu" else [(64, 128, RETENTION_128), (64, 512, RETENTION_512)]
+MODELS = [  # name, class, attn_implementation, patched
+    ("stock-sdpa", BertModel, "sdpa", False),
+    ("stock-eager", BertModel, "eager", False),
+    ("patched", BertModel, "sdpa", True),
+    ("stock-cls-head", BertForSequenceClassification, "sdpa", False),
+    ("patched-cls-head", BertForSequenceClassification, "sdpa", True),
+]
+PAIRS = [("patched", "stock-sdpa"), ("patched", "stock-eager"), ("patched-cls-head", "stock-cls-head")]
 RESULTS = Path(__file__).parent / "results"
-_medians: dict[str, float] = {}
+_medians: dict[tuple, float] = {}
 
 
-def _model(cls, attn: str):
-    torch.manual_seed(0)
-    model = cls(BertConfig())  # BERT-base shape: L 12, D 768, H 12, I 3072
-    model.set_attn_implementation(attn)
-    return model.to(DEVICE, DTYPE).eval()
-
-
-@pytest.fixture(scope="module")
-def inputs():
+def _inputs(batch: int, length: int):
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 29000, (BATCH, LENGTH), generator=g)
+    ids = torch.randint(1000, 29000, (batch, length), generator=g)
     # Every position real: the paper's setting, inputs padded (here: filled) to N.
     return dict(input_ids=ids.to(DEVICE), attention_mask=torch.ones_like(ids).to(DEVICE))
 
 
-def _run(benchmark, model, inputs, name):
+def _model(cls, attn: str, patched: bool, retention):
+    torch.manual_seed(0)
+    model = cls(BertConfig())  # BERT-base shape: L 12, D 768, H 12, I 3072
+    model.set_attn_implementation(attn)
+    model = model.to(DEVICE, DTYPE).eval()
+    return powerbert.patch(model, retention) if patched else model
+
+
+@pytest.mark.parametrize("name, cls, attn, patched", MODELS, ids=[m[0] for m in MODELS])
+@pytest.mark.parametrize("batch, length, retention", CASES, ids=[f"B{b}-N{n}" for b, n, _ in CASES])
+def test_e2e(benchmark, batch, length, retention, name, cls, attn, patched):
+    model = _model(cls, attn, patched, retention)
+    inputs = _inputs(batch, length)
+
     def step():
         with torch.inference_mode():
             out = model(**inputs)
@@ -49,52 +65,28 @@ def _run(benchmark, model, inputs, name):
             torch.cuda.synchronize()
         return out
 
-    benchmark.group = f"bert-base e2e B{BATCH} N{LENGTH} {DEVICE} {str(DTYPE)[6:]}"
+    benchmark.group = f"bert-base e2e B{batch} N{length} {DEVICE} {str(DTYPE)[6:]}"
     benchmark.pedantic(step, rounds=7 if DEVICE == "cpu" else 30, warmup_rounds=2)
-    _medians[name] = benchmark.stats.stats.median
-    benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), batch=BATCH, length=LENGTH)
+    benchmark.extra_info.update(device=DEVICE, dtype=str(DTYPE), batch=batch, length=length)
+    _medians[(batch, length, name)] = benchmark.stats.stats.median
+    if name == MODELS[-1][0]:
+        _report(benchmark, batch, length, retention)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_stock(benchmark, inputs, attn):
-    _run(benchmark, _model(BertModel, attn), inputs, f"stock-{attn}")
-
-
-def test_patched_base_model(benchmark, inputs):
-    _run(benchmark, powerbert.patch(_model(BertModel, "sdpa"), RETENTION), inputs, "patched")
-
-
-def test_patched_classifier_cls_only(benchmark, inputs):
-    """Sequence classification head: the last layer runs for [CLS] only."""
-    model = powerbert.patch(_model(BertForSequenceClassification, "sdpa"), RETENTION)
-    _run(benchmark, model, inputs, "patched-cls-head")
-
-
-def test_stock_classifier(benchmark, inputs):
-    _run(benchmark, _model(BertForSequenceClassification, "sdpa"), inputs, "stock-cls-head")
-    _report(benchmark)
-
-
-def _report(benchmark):
+def _report(benchmark, batch, length, retention):
     config = BertConfig()
-    ideal_vectors = powerbert.vector_ratio(RETENTION, LENGTH)
-    ideal_flops = powerbert.flops_ideal(RETENTION, LENGTH, config.hidden_size, config.intermediate_size)
+    ideal_vectors = powerbert.vector_ratio(retention, length)
+    ideal_flops = powerbert.flops_ideal(retention, length, config.hidden_size, config.intermediate_size)
     rows = []
-    pairs = [
-        ("patched", "stock-sdpa"), ("patched", "stock-eager"), ("patched-cls-head", "stock-cls-head"),
-    ]
-    for patched, stock in pairs:
-        if patched in _medians and stock in _medians:
-            speedup = _medians[stock] / _medians[patched]
+    for patched, stock in PAIRS:
+        if (batch, length, patched) in _medians and (batch, length, stock) in _medians:
+            p, s = _medians[(batch, length, patched)], _medians[(batch, length, stock)]
             rows.append(dict(
-                patched=patched, baseline=stock, patched_ms=1e3 * _medians[patched],
-                baseline_ms=1e3 * _medians[stock], speedup=speedup,
-                ideal_vector_ratio=ideal_vectors, ideal_flops=ideal_flops,
-                fraction_of_vector_ideal=speedup / ideal_vectors,
+                patched=patched, baseline=stock, patched_ms=1e3 * p, baseline_ms=1e3 * s,
+                speedup=s / p, ideal_vector_ratio=ideal_vectors, ideal_flops=ideal_flops,
+                fraction_of_vector_ideal=s / p / ideal_vectors,
             ))
-    if not rows:
-        return
-    print(f"\nBERT-base B={BATCH} N={LENGTH} retention={RETENTION} on {DEVICE} {DTYPE}")
+    print(f"\nBERT-base B={batch} N={length} retention={retention} on {DEVICE} {DTYPE}")
     print(f"{'patched':<18}{'baseline':<16}{'patched ms':>11}{'base ms':>10}{'speedup':>9}"
           f"{'vec ideal':>10}{'FLOP ideal':>11}{'of vec':>8}")
     for r in rows:
@@ -102,11 +94,13 @@ def _report(benchmark):
               f"{r['speedup']:>8.2f}x{r['ideal_vector_ratio']:>9.2f}x{r['ideal_flops']:>10.2f}x"
               f"{r['fraction_of_vector_ideal']:>8.2f}")
     benchmark.extra_info["speedups"] = rows
-    record = dict(
+    path = RESULTS / f"model_e2e_{DEVICE}.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record.update(
         device=DEVICE if DEVICE == "cpu" else torch.cuda.get_device_name(),
         cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
         dtype=str(DTYPE), torch=torch.__version__, transformers=transformers.__version__,
-        batch=BATCH, length=LENGTH, retention=RETENTION, rows=rows,
     )
+    record.setdefault("cases", {})[f"B{batch}-N{length}"] = dict(retention=retention, rows=rows)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"model_e2e_{DEVICE}.json").write_text(json.dumps(record, indent=2) + "\n")
+    path.write_text(json.dumps(record, indent=2) + "\n")
