@@ -1,0 +1,89 @@
+"""``python -m benchmarks.reproduce.check RESULTS_DIR``: every expected file and key exists.
+
+Exits 1 naming what is missing (the quick mode's test-like check, run by ``make reproduce-quick``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+TOP = ("command", "python_command", "commit", "machine", "budget", "wall_s", "tasks")
+MACHINE = ("cpu", "cores", "torch_threads", "torch", "transformers")
+TASK = ("title", "spec", "splits", "timing_setup", "baseline", "powerbert", "goal")
+BASELINE = ("test_accuracy", "time_padded_s", "time_dynamic_s", "padded", "dynamic", "dev_best")
+TIMED = ("test_accuracy", "delta_points", "time_s", "speedup_vs_padded", "speedup_vs_dynamic")
+POWER = ("lambda", "configuration", "vectors_kept", "vectors_total", "vector_ratio", "flops_ideal", "test_accuracy",
+         "speedup_vs_padded", "speedup_vs_dynamic", "padded", "dynamic", "ablation")
+
+
+def problems(out: Path) -> list[str]:
+    found = []
+    result_path = out / "reproduce.json"
+    for name in ("reproduce.json", "reproduce.md", "reproduce_splits.json"):
+        if not (out / name).is_file() or (out / name).stat().st_size == 0:
+            found.append(f"missing or empty: {out / name}")
+    if not result_path.is_file():
+        return found
+    result = json.loads(result_path.read_text())
+    found += [f"reproduce.json: no key {k!r}" for k in TOP if k not in result]
+    found += [f"machine: no key {k!r}" for k in MACHINE if k not in result.get("machine", {})]
+    budget = result.get("budget", {})
+    expected_tasks = [t["name"] for t in budget.get("tasks", [])]
+    splits = json.loads((out / "reproduce_splits.json").read_text()) if (out / "reproduce_splits.json").is_file() else {}
+    markdown = (out / "reproduce.md").read_text() if (out / "reproduce.md").is_file() else ""
+    for name in expected_tasks:
+        t = result.get("tasks", {}).get(name)
+        if t is None:
+            found.append(f"tasks: no task {name!r}")
+            continue
+        found += [f"{name}: no key {k!r}" for k in TASK if k not in t]
+        found += [f"{name}.baseline: no key {k!r}" for k in BASELINE if k not in t.get("baseline", {})]
+        for split in ("train", "dev", "test"):
+            if not t.get("splits", {}).get(split, {}).get("size"):
+                found.append(f"{name}.splits.{split}: no size")
+            if not splits.get(name, {}).get(split):
+                found.append(f"reproduce_splits.json: no ids for {name}.{split}")
+        spec = next(s for s in budget["tasks"] if s["name"] == name)
+        points = t.get("powerbert", [])
+        if len(points) != len(spec["targets"]):
+            found.append(f"{name}: {len(points)} PoWER-BERT points, expected {len(spec['targets'])}")
+        for i, p in enumerate(points):
+            found += [f"{name}.powerbert[{i}]: no key {k!r}" for k in POWER if k not in p]
+            for batching in ("padded", "dynamic"):
+                found += [f"{name}.powerbert[{i}].{batching}: no key {k!r}" for k in TIMED if k not in p.get(batching, {})]
+            for selection in budget.get("ablations", []):
+                e = p.get("ablation", {}).get(selection)
+                if e is None:
+                    found.append(f"{name}.powerbert[{i}].ablation: no {selection!r}")
+                    continue
+                found += [f"{name}.powerbert[{i}].ablation.{selection}: no key {k!r}" for k in TIMED if k not in e]
+            for k in ("test_accuracy", "speedup_vs_padded"):
+                v = p.get(k)
+                if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                    found.append(f"{name}.powerbert[{i}].{k} = {v!r} is not a positive number")
+        png = out / f"reproduce_{name}.png"
+        if not png.is_file() or png.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+            found.append(f"missing or not a PNG: {png}")
+        if f"reproduce_{name}.png" not in markdown or t.get("title", "?") not in markdown:
+            found.append(f"reproduce.md: no section or plot for {name}")
+    return found
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    found = problems(out)
+    for problem in found:
+        print(f"FAIL {problem}", file=sys.stderr)
+    if not found:
+        print(f"OK: every expected file and key is in {out}")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

