@@ -13,6 +13,10 @@ unset TRITON_INTERPRET
 
 device=$($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "none")')
 if [ "$device" = none ]; then echo "gpu.sh: no CUDA device visible" >&2; exit 2; fi
+if ! $PY -c 'import pytest, pytest_benchmark' 2>/dev/null; then
+    echo "gpu.sh: pytest and pytest-benchmark must be importable by $PY (nothing is installed from the network here)" >&2
+    exit 2
+fi
 versions=$($PY -c 'import torch, triton, transformers; print(f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}")')
 echo "device: $device ($versions)"
 
