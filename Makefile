@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow bench data reproduce reproduce-quick clean
+.PHONY: demo test bench data reproduce reproduce-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -21,10 +21,7 @@ demo: $(STAMP)
 	$(PY) -m powerbert.demo
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests
-
-test-slow: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m slow tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only -q -s
