@@ -12,12 +12,7 @@ from powerbert.data import parse_movie_reviews
 from test_pipeline import make_model_folder, write_marker_csv
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

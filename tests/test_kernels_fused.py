@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from kernel_inputs import make_mask
+
 import kernels.fused as fused_mod
 import kernels.gather_rows as gather_mod
 from kernels.fused import extract, extract_from_scores, extract_from_scores_ref, extract_ref
@@ -18,19 +20,6 @@ def make_probs(B, H, n, dtype, quantise=True, device="cpu"):
     if quantise:
         p = torch.round(p * 256) / 256
     return p.to(dtype).to(device)
-
-
-def make_mask(B, n, kind, dtype=torch.int64, device="cpu"):
-    """'none': no padding; 'heavy': right padding on row 0, random holes elsewhere; 'cls': only [CLS] real."""
-    if kind == "none":
-        m = torch.ones(B, n, dtype=torch.bool)
-    elif kind == "heavy":
-        m = torch.rand(B, n) < 0.3
-        m[0] = torch.arange(n) < max(1, n // 4)
-    else:
-        m = torch.zeros(B, n, dtype=torch.bool)
-    m[:, 0] = True
-    return m.to(dtype).to(device)
 
 
 def check(out, ref):

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from kernel_inputs import make_mask
+
 from kernels.scores import significance, significance_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -17,19 +19,6 @@ TOL = {
 def make_probs(B, H, n, dtype, device="cpu"):
     """Softmax of fresh random logits (never zeros)."""
     return (torch.randn(B, H, n, n, device=device) * 2).softmax(-1).to(dtype)
-
-
-def make_mask(B, n, kind, dtype=torch.int64, device="cpu"):
-    """'none': no padding; 'heavy': right padding on row 0, random holes elsewhere; 'cls': only [CLS] real."""
-    if kind == "none":
-        m = torch.ones(B, n, dtype=torch.bool)
-    elif kind == "heavy":
-        m = torch.rand(B, n) < 0.3
-        m[0] = torch.arange(n) < max(1, n // 4)
-    else:
-        m = torch.zeros(B, n, dtype=torch.bool)
-    m[:, 0] = True
-    return m.to(dtype).to(device)
 
 
 def check(scores, probs, mask):
