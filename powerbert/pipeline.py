@@ -371,6 +371,14 @@ def _step_dir(cfg: PipelineConfig, step: str) -> Path:
     return Path(cfg.output) / step
 
 
+def _finished(step_dir: Path, step: str) -> dict | None:
+    """The record of a step that already finished in ``step_dir`` (a rerun skips it), or None."""
+    done = _read_done(step_dir)
+    if done is not None:
+        log.info("%s: already done (%s), skipping", step, step_dir / DONE)
+    return done
+
+
 def _need_done(cfg: PipelineConfig, step: str) -> dict:
     record = _read_done(_step_dir(cfg, step))
     if record is None:
@@ -381,9 +389,8 @@ def _need_done(cfg: PipelineConfig, step: str) -> dict:
 def finetune(cfg: PipelineConfig) -> dict:
     """Step 1: fine-tune ``cfg.model`` on the task; keeps the best dev checkpoint."""
     step_dir = _step_dir(cfg, "finetune")
-    done = _read_done(step_dir)
+    done = _finished(step_dir, "finetune")
     if done is not None:
-        log.info("finetune: already done (%s), skipping", step_dir / DONE)
         return done
     cfg.check()
     check_model_dir(cfg.model)
@@ -461,9 +468,8 @@ def find_lambda(cfg: PipelineConfig, task: Task, target: float, finetuned: Path)
 def search(cfg: PipelineConfig) -> dict:
     """Step 2: configuration search with soft extract from the fine-tuned weights."""
     step_dir = _step_dir(cfg, "search")
-    done = _read_done(step_dir)
+    done = _finished(step_dir, "search")
     if done is not None:
-        log.info("search: already done (%s), skipping", step_dir / DONE)
         return done
     cfg.check()
     _need_done(cfg, "finetune")
@@ -506,9 +512,8 @@ def search(cfg: PipelineConfig) -> dict:
 def retrain(cfg: PipelineConfig) -> dict:
     """Step 3: hard extraction with the learned configuration, trained from the search weights."""
     step_dir = _step_dir(cfg, "retrain")
-    done = _read_done(step_dir)
+    done = _finished(step_dir, "retrain")
     if done is not None:
-        log.info("retrain: already done (%s), skipping", step_dir / DONE)
         return done
     cfg.check()
     configuration = _need_done(cfg, "search")["configuration"]
