@@ -71,13 +71,20 @@ def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: in
     Returns:
         ``(hidden_kept [B, k', D], mask_kept [B, k'], indices [B, k'] int64)``, ``k' = min(k, n)``.
     """
+    return _select_and_gather(kernels.extract, probs, hidden, mask, k)
+
+
+def _select_and_gather(fused, first: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: int):
+    """Run ``fused(first, hidden, mask, k)``; under autograd gather with differentiable torch ops.
+
+    The Triton gather has no backward, and selection is not differentiable anyway: the kernels
+    give the indices, and only the gathered vectors carry gradients.
+    """
     if _needs_autograd(hidden):
-        # Selection is not differentiable; only the gathered vectors carry gradients.
         with torch.no_grad():
-            _, mask_kept, indices = kernels.extract(
-                probs.detach(), hidden.detach(), mask, k, backend=_forced_backend)
+            _, mask_kept, indices = fused(first.detach(), hidden.detach(), mask, k, backend=_forced_backend)
         return gather_rows(hidden, indices), mask_kept, indices
-    return kernels.extract(probs, hidden, mask, k, backend=_forced_backend)
+    return fused(first, hidden, mask, k, backend=_forced_backend)
 
 
 def attention_with_significance(q, k, v, mask):
@@ -89,5 +96,8 @@ def attention_with_significance(q, k, v, mask):
 
 
 def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: int):
-    """Select by precomputed ``scores [B, n]`` fp32 and gather ``hidden [B, n, D]`` and ``mask``."""
-    return kernels.extract_from_scores(scores, hidden, mask, k, backend=_forced_backend)
+    """Select by precomputed ``scores [B, n]`` fp32 and gather ``hidden [B, n, D]`` and ``mask``.
+
+    Returns ``(hidden_kept, mask_kept, indices)`` as :func:`extract`.
+    """
+    return _select_and_gather(kernels.extract_from_scores, scores, hidden, mask, k)
