@@ -146,7 +146,7 @@ def eliminating_layer(
         attention = parts.attn_norm(parts.attn_dropout(parts.attn_out(context)) + residual)
         return feed_forward(parts, attention), mask
 
-    probs = attention_probs(q_proj, k_proj, mask if padded else None)
+    probs = attention_probs(q_proj, k_proj, attn_mask)
 
     residual, mask, indices = ops.extract(probs, hidden, mask, keep)
     batch, heads, _, _ = probs.shape
