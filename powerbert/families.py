@@ -36,6 +36,9 @@ class LayerParts:
     ffn_out: nn.Linear
     ffn_dropout: nn.Module
     ffn_norm: nn.Module
+    # The stock layer module these parts belong to: its ``gradient_checkpointing`` flag and
+    # ``_gradient_checkpointing_func`` (set by ``model.gradient_checkpointing_enable()``) apply.
+    module: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,9 @@ class Family:
             only the first ([CLS]) vector of the last layer.
         base_attr: attribute of a head that holds the base model.
         encoder: base model -> the module whose ``forward(hidden, mask, ...)`` runs the layers.
-        layers: base model -> one ``LayerParts`` per layer application (L entries).
+        layers: that encoder module -> one ``LayerParts`` per layer application (L entries).
+            Called at every forward, so modules swapped after patching (quantisation,
+            adapters) are the ones that run.
         enter: optional ``(encoder, hidden) -> hidden`` run before the first layer.
     """
 
@@ -86,11 +91,12 @@ def _bert_layer_parts(layer: nn.Module) -> LayerParts:
         ffn_out=layer.output.dense,
         ffn_dropout=layer.output.dropout,
         ffn_norm=layer.output.LayerNorm,
+        module=layer,
     )
 
 
-def _bert_layers(base: nn.Module) -> list[LayerParts]:
-    return [_bert_layer_parts(layer) for layer in base.encoder.layer]
+def _bert_layers(encoder: nn.Module) -> list[LayerParts]:
+    return [_bert_layer_parts(layer) for layer in encoder.layer]
 
 
 def _albert_layer_parts(layer: nn.Module) -> LayerParts:
@@ -110,18 +116,19 @@ def _albert_layer_parts(layer: nn.Module) -> LayerParts:
         ffn_out=layer.ffn_output,
         ffn_dropout=_NO_DROPOUT,
         ffn_norm=layer.full_layer_layer_norm,
+        module=layer,
     )
 
 
-def _albert_layers(base: nn.Module) -> list[LayerParts]:
+def _albert_layers(encoder: nn.Module) -> list[LayerParts]:
     """One entry per layer *application*: ``num_hidden_layers * inner_group_num``.
 
     ALBERT shares weights: application ``i`` of ``num_hidden_layers`` runs every inner layer of
     group ``int(i / (num_hidden_layers / num_hidden_groups))`` (the index AlbertTransformer
     computes). The same modules recur, but each application gets its own retention entry.
     """
-    config = base.config
-    groups = base.encoder.albert_layer_groups
+    config = encoder.config
+    groups = encoder.albert_layer_groups
     parts = []
     for i in range(config.num_hidden_layers):
         group = groups[int(i / (config.num_hidden_layers / config.num_hidden_groups))]
@@ -129,11 +136,11 @@ def _albert_layers(base: nn.Module) -> list[LayerParts]:
     return parts
 
 
-def _distilbert_layers(base: nn.Module) -> list[LayerParts]:
+def _distilbert_layers(encoder: nn.Module) -> list[LayerParts]:
     # TransformerBlock: sa_layer_norm(out_lin(attention) + x), no dropout on the attention output;
     # the extract goes after sa_layer_norm, then output_layer_norm(dropout(lin2(act(lin1(a)))) + a).
     parts = []
-    for block in base.transformer.layer:
+    for block in encoder.layer:
         attention, ffn = block.attention, block.ffn
         parts.append(
             LayerParts(
@@ -150,6 +157,7 @@ def _distilbert_layers(base: nn.Module) -> list[LayerParts]:
                 ffn_out=ffn.lin2,
                 ffn_dropout=ffn.dropout,
                 ffn_norm=block.output_layer_norm,
+                module=block,
             )
         )
     return parts
@@ -230,8 +238,36 @@ def supported_models() -> list[str]:
     return names
 
 
+def family_named(name: str) -> Family:
+    """The family called ``name`` (``Family.name``); patched models store the name, not the
+    description, so that they pickle."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise KeyError(f"no model family named {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+# Wrappers that hold a model without being one: the attribute that holds the model, and the
+# call that reaches it, for the error message.
+_WRAPPERS = (("module", "model.module"), ("_orig_mod", "model._orig_mod"))
+
+
+def _supported_class(model: nn.Module) -> tuple[Family, type, bool] | None:
+    """The first supported class in ``type(model).__mro__``: (family, class, is_head)."""
+    for klass in type(model).__mro__:
+        for family in FAMILIES:
+            if klass.__name__ in family.base_classes and klass.__module__.startswith("transformers."):
+                return family, klass, False
+            if klass.__name__ in family.head_classes and klass.__module__.startswith("transformers."):
+                return family, klass, True
+    return None
+
+
 def resolve(model: nn.Module) -> tuple[Family, nn.Module, bool]:
     """Find the family of ``model`` and its base encoder model.
+
+    Subclasses of supported classes are accepted. A subclass of a head that overrides
+    ``forward`` may read more than [CLS], so it is not treated as a [CLS]-only head.
 
     Returns:
         (family, base_model, cls_only_head): ``cls_only_head`` is True for heads that read only
@@ -239,24 +275,34 @@ def resolve(model: nn.Module) -> tuple[Family, nn.Module, bool]:
         ``last_hidden_state`` exposes every survivor).
 
     Raises:
-        TypeError: the model's class or head is not supported, or it is configured as a decoder.
+        TypeError: the model's class or head is not supported (a wrapper such as
+            ``DataParallel`` is named, with the attribute that holds the model), or it is
+            configured as a decoder.
     """
     cls_name = type(model).__name__
-    for family in FAMILIES:
-        if cls_name in family.base_classes:
-            base, cls_only = model, False
-        elif cls_name in family.head_classes:
-            base, cls_only = getattr(model, family.base_attr), family.head_classes[cls_name]
-        else:
-            continue
-        config = base.config
-        if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-            raise TypeError(
-                f"{cls_name} is configured as a decoder (is_decoder/add_cross_attention); PoWER-BERT "
-                f"elimination applies to bidirectional encoders only"
-            )
-        return family, base, cls_only
-    raise TypeError(
-        f"powerbert does not support {cls_name}: elimination needs a sequence-level output. "
-        f"Supported models: {', '.join(supported_models())}"
-    )
+    found = _supported_class(model)
+    if found is None:
+        for attr, access in _WRAPPERS:
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module) and _supported_class(inner) is not None:
+                raise TypeError(
+                    f"{cls_name} wraps the model: patch the model itself, powerbert.patch({access}, ...) "
+                    f"(or patch before wrapping)"
+                )
+        raise TypeError(
+            f"powerbert does not support {cls_name}: elimination needs a sequence-level output. "
+            f"Supported models: {', '.join(supported_models())}"
+        )
+    family, klass, is_head = found
+    if is_head:
+        base = getattr(model, family.base_attr)
+        cls_only = family.head_classes[klass.__name__] and type(model).forward is klass.forward
+    else:
+        base, cls_only = model, False
+    config = base.config
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise TypeError(
+            f"{cls_name} is configured as a decoder (is_decoder/add_cross_attention); PoWER-BERT "
+            f"elimination applies to bidirectional encoders only"
+        )
+    return family, base, cls_only

@@ -11,6 +11,8 @@ rows of P·V and of the output projection that elimination would discard anyway.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -85,6 +87,27 @@ def baseline_scores(selection: str, mask: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~mask, float("-inf"))
 
 
+class LayerOutput(NamedTuple):
+    """What one eliminating layer returns.
+
+    hidden: ``[B, k', D]`` the survivors after the layer's FFN.
+    mask: ``[B, k']`` bool, True where a real token survived.
+    indices: ``[B, k']`` int64 positions (in this layer's input) of the survivors, or None when
+        the layer kept everything in order.
+    probs: ``[B, H, n, n]`` the attention probabilities over the n vectors that entered (before
+        dropout), only when asked for (``need_probs``), else None.
+    """
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    indices: torch.Tensor | None
+    probs: torch.Tensor | None
+
+
+def _context_from_probs(parts: LayerParts, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(parts.probs_dropout(probs), v)
+
+
 def eliminating_layer(
     parts: LayerParts,
     hidden: torch.Tensor,
@@ -94,7 +117,8 @@ def eliminating_layer(
     padded: bool,
     cls_only: bool = False,
     selection: str = "attention",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_probs: bool = False,
+) -> LayerOutput:
     """Run one encoder layer with word-vector elimination.
 
     Args:
@@ -104,52 +128,68 @@ def eliminating_layer(
         keep: k_l, vectors kept after this layer's attention; ``keep >= n`` keeps all.
         padded: False when the batch is known to hold no padding (lets attention skip the mask).
         cls_only: compute only the [CLS] output (lossless when the caller reads only [CLS],
-            e.g. the last layer under a sequence-classification head).
+            e.g. the last layer under a sequence-classification head). Ignored with
+            ``need_probs``.
         selection: ``"attention"`` (PoWER-BERT significance), or the paper's ablations
             ``"first"`` (Head-WS: the first k positions) and ``"random"`` (Rand-WS: k random
             real positions, torch's global RNG). [CLS] is kept and padding is never
             preferred under every strategy.
+        need_probs: also return the ``[B, H, n, n]`` attention probabilities (``output_attentions``);
+            the layer then takes the explicit-probabilities path even where SDPA would do.
 
     Returns:
-        ``(hidden [B, k', D], mask [B, k'])`` with ``k' = min(keep, n)`` (1 if ``cls_only``).
+        ``LayerOutput(hidden [B, k', D], mask [B, k'], indices, probs)`` with ``k' = min(keep, n)``
+        (1 if ``cls_only``).
     """
     n = hidden.shape[1]
     attn_mask = mask if padded else None
     k_proj = split_heads(parts.key, hidden, parts.num_heads)
     v_proj = split_heads(parts.value, hidden, parts.num_heads)
 
-    if cls_only:
+    if cls_only and not need_probs:
         residual = hidden[:, :1]
         q_proj = split_heads(parts.query, residual, parts.num_heads)
         context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
-        return feed_forward(parts, attention_output(parts, context, residual)), mask[:, :1]
+        first = torch.zeros(hidden.shape[0], 1, dtype=torch.int64, device=hidden.device)
+        return LayerOutput(feed_forward(parts, attention_output(parts, context, residual)), mask[:, :1], first, None)
 
     q_proj = split_heads(parts.query, hidden, parts.num_heads)
+    probs = attention_probs(q_proj, k_proj, attn_mask) if need_probs else None
     if keep >= n:
         # Nothing to eliminate: no scores needed, so use fused SDPA like the stock model.
-        context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
-        return feed_forward(parts, attention_output(parts, context, hidden)), mask
+        if probs is None:
+            context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
+        else:
+            context = _context_from_probs(parts, probs, v_proj)
+        return LayerOutput(feed_forward(parts, attention_output(parts, context, hidden)), mask, None, probs)
 
     if selection != "attention":
         # Ablations: the choice ignores attention, so attention itself can stay fused.
-        context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
+        if probs is None:
+            context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
+        else:
+            context = _context_from_probs(parts, probs, v_proj)
         scores = baseline_scores(selection, mask)
-        attention, mask, _ = ops.extract_from_scores(
+        attention, mask, indices = ops.extract_from_scores(
             scores, attention_output(parts, context, hidden), mask, keep)
-        return feed_forward(parts, attention), mask
+        return LayerOutput(feed_forward(parts, attention), mask, indices, probs)
 
-    if ops.fused_attention_available(hidden, q_proj.shape[-1]):
+    if probs is None and ops.fused_attention_available(hidden, q_proj.shape[-1]):
         # GPU path: scores come out of the attention kernel; no [B, H, n, n] in memory.
         context, scores = ops.attention_with_significance(q_proj, k_proj, v_proj, mask)
         context, mask, indices = ops.extract_from_scores(scores, merge_heads(context), mask, keep)
         residual = ops.gather_rows(hidden, indices)
         attention = parts.attn_norm(parts.attn_dropout(parts.attn_out(context)) + residual)
-        return feed_forward(parts, attention), mask
+        return LayerOutput(feed_forward(parts, attention), mask, indices, None)
 
-    probs = attention_probs(q_proj, k_proj, attn_mask)
+    if probs is None:
+        probs = attention_probs(q_proj, k_proj, attn_mask)
+        returned = None
+    else:
+        returned = probs
 
     residual, mask, indices = ops.extract(probs, hidden, mask, keep)
     batch, heads, _, _ = probs.shape
     rows = torch.gather(probs, 2, indices.view(batch, 1, keep, 1).expand(batch, heads, keep, n))
-    context = torch.matmul(parts.probs_dropout(rows), v_proj)  # [B, H, k, d]
-    return feed_forward(parts, attention_output(parts, context, residual)), mask
+    context = _context_from_probs(parts, rows, v_proj)  # [B, H, k, d]
+    return LayerOutput(feed_forward(parts, attention_output(parts, context, residual)), mask, indices, returned)

@@ -42,11 +42,11 @@ def fused_attention_available(hidden: torch.Tensor, head_dim: int) -> bool:
     """True if the Triton attention + significance kernel serves this layer.
 
     It does on CUDA (or when forced) for head dims it supports, and never under autograd
-    (the kernel has no backward; training takes the eager path).
+    (the kernel has no backward; training takes the eager path), nor for float64 models.
     """
     from kernels.attention import HEAD_DIMS
 
-    if _needs_autograd(hidden) or head_dim not in HEAD_DIMS:
+    if _needs_autograd(hidden) or head_dim not in HEAD_DIMS or hidden.dtype == torch.float64:
         return False
     if _forced_backend is not None:
         return _forced_backend == "triton"

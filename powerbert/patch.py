@@ -1,10 +1,11 @@
 """``patch`` / ``unpatch``: swap word-vector elimination into a Hugging Face model in place.
 
-Patching replaces one thing: the ``forward`` of the model's encoder (the module that runs
-the layer stack), by an instance attribute that runs ``layer.eliminating_layer`` over the
-family's layers. Weights, modules and the class are untouched, so ``state_dict``,
-``save_pretrained`` and ``unpatch`` (which deletes that attribute, or restores whatever
-instance attribute was there) are exact.
+Patching replaces two things, both instance attributes (see ``encoder.py``): the ``forward`` of
+the model's encoder (it runs ``layer.eliminating_layer`` over the family's layers, looked up at
+every call) and the ``forward`` of its base model (it adds ``hidden_states``, ``attentions``,
+``kept_mask`` and ``kept_positions`` to the output). Weights, modules and classes are untouched,
+so ``state_dict``, ``save_pretrained``, ``copy.deepcopy``, ``torch.save`` and quantisation work as
+on the stock model, and ``unpatch`` (which restores both attributes and the config) is exact.
 """
 from __future__ import annotations
 
@@ -13,82 +14,57 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-from powerbert.families import Family, LayerParts, resolve
-from powerbert.layer import SELECTIONS, eliminating_layer
+from powerbert.encoder import check_model_dtype, install, installed, refuse_installed, uninstall
+from powerbert.families import LayerParts, resolve
+from powerbert.layer import SELECTIONS, LayerOutput, eliminating_layer
 from powerbert.retention import validate_retention
 
 CONFIG_KEY = "powerbert_retention"
 SELECTION_KEY = "powerbert_selection"  # stored only for the ablation strategies
-_STATE_ATTR = "_powerbert_patch_state"
-_MISSING = object()
 
 
 @dataclass
-class _PatchState:
-    encoder: nn.Module
-    original_forward: Any  # the encoder's own instance attribute ``forward``, or _MISSING
-    config_retention: Any  # config.powerbert_retention before patching, or _MISSING
-    config_selection: Any  # config.powerbert_selection before patching, or _MISSING
+class HardExtract:
+    """The layer runner of a patched model (ALGORITHM.md §2), and what ``unpatch`` restores.
+
+    Attributes:
+        retention: (k_1, ..., k_L).
+        cls_only_last_layer: run the last layer for [CLS] alone (sequence-level heads).
+        selection: ``"attention"``, ``"first"`` or ``"random"``.
+        config_saved: ``{key: (had_it, value)}`` of the config keys patch wrote.
+    """
+
     retention: tuple[int, ...]
     cls_only_last_layer: bool
     selection: str
+    config_saved: dict[str, tuple[bool, Any]]
 
+    installed_message = (
+        "model is already patched by powerbert (its encoder, possibly through the model that holds it); "
+        "call powerbert.unpatch(model) first"
+    )
 
-def key_mask(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Recover the ``[B, n]`` key padding mask from the mask transformers hands the encoder.
+    def check(self, count: int) -> None:
+        if count != len(self.retention):
+            raise RuntimeError(
+                f"the model now has {count} encoder layers but was patched with a retention of "
+                f"{len(self.retention)}; unpatch and patch again"
+            )
 
-    Args:
-        attention_mask: None (no padding), ``[B, n]`` 0/1, or ``[B, 1, n|1, n]`` as built by
-            ``create_bidirectional_mask``: bool (True = attend, sdpa) or float (0 = attend,
-            dtype min = masked, eager).
-        hidden: ``[B, n, D]`` embeddings (for shape and device).
-
-    Returns:
-        ``(mask [B, n] bool, padded)``; ``padded`` is False only when no mask was given.
-    """
-    batch, length = hidden.shape[:2]
-    if attention_mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=hidden.device), False
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(
-            f"powerbert needs a tensor attention mask, got {type(attention_mask).__name__}; "
-            f"load the model with attn_implementation='sdpa' or 'eager'"
+    def layer(self, index: int, count: int, parts: LayerParts, hidden: torch.Tensor, mask: torch.Tensor, *,
+              padded: bool, need_probs: bool, full_last: bool) -> LayerOutput:
+        return eliminating_layer(
+            parts, hidden, mask, self.retention[index], padded=padded,
+            cls_only=self.cls_only_last_layer and index == count - 1 and not full_last,
+            selection=self.selection, need_probs=need_probs,
         )
-    if attention_mask.dim() == 4:
-        # Every query row of a bidirectional mask is the same key mask; row 0 is [CLS].
-        row = attention_mask[:, 0, 0, :]
-        mask = row if row.dtype == torch.bool else row == 0
-    elif attention_mask.dim() == 2:
-        mask = attention_mask != 0
-    else:
-        raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)} is neither [B, n] nor [B, 1, n, n]")
-    if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"attention mask covers shape {tuple(mask.shape)}, the input is {(batch, length)}")
-    return mask, True
-
-
-def encoder_forward(family: Family, encoder: nn.Module, layers: list[LayerParts], layer_fn):
-    """Build a replacement ``encoder.forward`` that runs ``layer_fn`` over the family's layers.
-
-    ``layer_fn(index, parts, hidden [B, n, D], mask [B, n] bool, padded) -> (hidden, mask)``;
-    patch (hard extract) and soft extract differ only there.
-    """
-
-    def forward(hidden_states, attention_mask=None, *args, **kwargs):
-        mask, padded = key_mask(attention_mask, hidden_states)
-        hidden = family.enter(encoder, hidden_states) if family.enter is not None else hidden_states
-        for index, parts in enumerate(layers):
-            hidden, mask = layer_fn(index, parts, hidden, mask, padded)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden)
-
-    return forward
 
 
 def is_patched(model: nn.Module) -> bool:
-    """True if ``powerbert.patch`` has been applied to ``model`` and not undone."""
-    return hasattr(model, _STATE_ATTR)
+    """True if ``powerbert.patch`` has been applied to ``model`` (or the model holding it) and not undone."""
+    forward = installed(model)
+    return forward is not None and isinstance(forward.runner, HardExtract)
 
 
 def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
@@ -121,10 +97,10 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a transformers model, got {type(model).__name__}")
-    if is_patched(model):
-        raise RuntimeError("model is already patched by powerbert; call powerbert.unpatch(model) first")
     family, base, cls_only_head = resolve(model)
-    layers = family.layers(base)
+    refuse_installed(model)
+    check_model_dtype(model)
+    layers = family.layers(family.encoder(base))
     config = base.config
     if retention is None:
         retention = getattr(config, CONFIG_KEY, None)
@@ -139,62 +115,46 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
 
-    encoder = family.encoder(base)
-    state = _PatchState(
-        encoder=encoder,
-        original_forward=encoder.__dict__.get("forward", _MISSING),
-        config_retention=config.__dict__.get(CONFIG_KEY, _MISSING),
-        config_selection=config.__dict__.get(SELECTION_KEY, _MISSING),
+    runner = HardExtract(
         retention=retention,
-        cls_only_last_layer=cls_only_last_layer and cls_only_head,
+        cls_only_last_layer=bool(cls_only_last_layer and cls_only_head),
         selection=selection,
+        config_saved={key: (key in config.__dict__, config.__dict__.get(key)) for key in (CONFIG_KEY, SELECTION_KEY)},
     )
-    last = len(layers) - 1
-
-    def eliminate(index, parts, hidden, mask, padded):
-        return eliminating_layer(
-            parts, hidden, mask, state.retention[index], padded=padded,
-            cls_only=state.cls_only_last_layer and index == last, selection=state.selection,
-        )
-
-    encoder.forward = encoder_forward(family, encoder, layers, eliminate)
+    install(model, family, base, runner)
     setattr(config, CONFIG_KEY, list(retention))
     if selection != "attention":
         setattr(config, SELECTION_KEY, selection)
     elif SELECTION_KEY in config.__dict__:
         delattr(config, SELECTION_KEY)
-    object.__setattr__(model, _STATE_ATTR, state)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo ``patch`` exactly: the encoder's forward and ``config.powerbert_retention`` as before.
+    """Undo ``patch`` exactly: the encoder's and base model's forwards and the config as before.
+
+    ``model`` may be the patched model or the base model inside it.
 
     Raises:
         RuntimeError: the model is not patched.
     """
     if not is_patched(model):
         raise RuntimeError("model is not patched by powerbert; nothing to unpatch")
-    state: _PatchState = getattr(model, _STATE_ATTR)
-    if state.original_forward is _MISSING:
-        del state.encoder.forward
-    else:
-        state.encoder.forward = state.original_forward
+    runner: HardExtract = uninstall(model).runner
     config = resolve(model)[1].config
-    for key, before in ((CONFIG_KEY, state.config_retention), (SELECTION_KEY, state.config_selection)):
-        if before is not _MISSING:
+    for key, (had_it, before) in runner.config_saved.items():
+        if had_it:
             setattr(config, key, before)
         elif key in config.__dict__:
             delattr(config, key)
-    object.__delattr__(model, _STATE_ATTR)
     return model
 
 
-def patch_state(model: nn.Module) -> _PatchState:
+def patch_state(model: nn.Module) -> HardExtract:
     """What a patched model runs with (``.retention``, ``.selection``, ``.cls_only_last_layer``)."""
     if not is_patched(model):
         raise RuntimeError("model is not patched by powerbert")
-    return getattr(model, _STATE_ATTR)
+    return installed(model).runner
 
 
 def patched_retention(model: nn.Module) -> tuple[int, ...]:

@@ -12,8 +12,9 @@ and the mask is unchanged, so the model stays differentiable in r and in every w
 which always keeps [CLS] and fills the other k_l - 1 slots by score, so the vectors a learned
 configuration keeps are exactly the ranks whose r the search left high.
 
-Like ``powerbert.patch``, attaching replaces only the ``forward`` of the model's encoder by an
-instance attribute driven by ``families.LayerParts``; ``SoftExtract.detach`` restores it exactly.
+Like ``powerbert.patch``, attaching replaces only the ``forward`` of the model's encoder and base
+model by instance attributes (``encoder.py``) whose layer runner is the ``SoftExtract``;
+``SoftExtract.detach`` restores them exactly.
 The retention vectors live in the returned ``SoftExtract`` module, not in the model, so the
 model's ``state_dict`` and ``save_pretrained`` are unchanged; give ``soft.parameters()`` to the
 optimiser (with its own learning rate) and call ``soft.project_()`` after every step.
@@ -26,12 +27,9 @@ import torch
 from torch import nn
 
 import kernels
+from powerbert.encoder import check_model_dtype, install, refuse_installed, uninstall
 from powerbert.families import LayerParts, resolve
-from powerbert.layer import attention_output, attention_probs, feed_forward, split_heads
-from powerbert.patch import encoder_forward, is_patched
-
-_STATE_ATTR = "_powerbert_soft_extract"
-_MISSING = object()
+from powerbert.layer import LayerOutput, attention_output, attention_probs, feed_forward, split_heads
 
 
 def soft_ranks(scores: torch.Tensor, *, cls_first: bool = True) -> torch.Tensor:
@@ -63,7 +61,8 @@ def soft_extract_layer(
     *,
     padded: bool,
     cls_first: bool = True,
-) -> torch.Tensor:
+    return_probs: bool = False,
+):
     """One encoder layer with soft extraction after its attention sub-layer.
 
     Args:
@@ -73,9 +72,10 @@ def soft_extract_layer(
         retention: ``[N]`` (N >= n) this layer's retention vector r_l; rank p is scaled by r_l[p].
         padded: False when the batch holds no padding (the mask is then all True).
         cls_first: [CLS] takes rank 0 (see the module docstring).
+        return_probs: also return the ``[B, H, n, n]`` attention probabilities.
 
     Returns:
-        ``[B, n, D]`` the layer output.
+        ``[B, n, D]`` the layer output (and the probabilities with ``return_probs``).
     """
     n = hidden.shape[1]
     q = split_heads(parts.query, hidden, parts.num_heads)
@@ -88,7 +88,8 @@ def soft_extract_layer(
     context = torch.matmul(parts.probs_dropout(probs), v)
     attended = attention_output(parts, context, hidden)
     scale = retention[:n][ranks]  # [B, n]: r_l[rank of position j]; gradient flows into r
-    return feed_forward(parts, attended * scale.unsqueeze(-1).to(attended.dtype))
+    out = feed_forward(parts, attended * scale.unsqueeze(-1).to(attended.dtype))
+    return (out, probs) if return_probs else out
 
 
 def configuration_from_masses(masses) -> tuple[int, ...]:
@@ -120,8 +121,21 @@ class SoftExtract(nn.Module):
         # object.__setattr__: the model must not become a registered submodule of this one
         # (soft.parameters() is the retention vectors only).
         object.__setattr__(self, "_model", None)
-        object.__setattr__(self, "_encoder", None)
-        object.__setattr__(self, "_encoder_forward", _MISSING)
+
+    # The layer runner interface of ``encoder.EncoderForward``.
+    installed_message = "model already has a soft extract attached; call soft.detach() first"
+
+    def check(self, count: int) -> None:
+        if count != self.retention.shape[0]:
+            raise RuntimeError(f"the model now has {count} encoder layers, the soft extract {self.retention.shape[0]}")
+
+    def layer(self, index: int, count: int, parts: LayerParts, hidden: torch.Tensor, mask: torch.Tensor, *,
+              padded: bool, need_probs: bool, full_last: bool) -> LayerOutput:
+        if hidden.shape[1] > self.max_length:
+            raise ValueError(f"input length {hidden.shape[1]} exceeds the soft extract's max_length {self.max_length}")
+        hidden, probs = soft_extract_layer(parts, hidden, mask, self.retention[index], padded=padded,
+                                           cls_first=self.cls_first, return_probs=True)
+        return LayerOutput(hidden, mask, None, probs if need_probs else None)
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -147,17 +161,12 @@ class SoftExtract(nn.Module):
         return self._model is not None
 
     def detach(self) -> nn.Module:
-        """Restore the model's encoder forward exactly; returns the model."""
+        """Restore the model's encoder and base forwards exactly; returns the model."""
         if self._model is None:
             raise RuntimeError("soft extract is not attached to a model")
-        if self._encoder_forward is _MISSING:
-            del self._encoder.forward
-        else:
-            self._encoder.forward = self._encoder_forward
         model = self._model
-        object.__delattr__(model, _STATE_ATTR)
-        for name, value in (("_model", None), ("_encoder", None), ("_encoder_forward", _MISSING)):
-            object.__setattr__(self, name, value)
+        uninstall(model)
+        object.__setattr__(self, "_model", None)
         return model
 
 
@@ -178,27 +187,12 @@ def attach_soft_extract(model: nn.Module, max_length: int, *, cls_first: bool = 
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
-    if is_patched(model):
-        raise RuntimeError("model is patched by powerbert (hard extract); call powerbert.unpatch(model) first")
-    if hasattr(model, _STATE_ATTR):
-        raise RuntimeError("model already has a soft extract attached; call soft.detach() first")
     family, base, _ = resolve(model)
-    layers = family.layers(base)
-    encoder = family.encoder(base)
+    refuse_installed(model)
+    check_model_dtype(model)
+    layers = family.layers(family.encoder(base))
     device = next(model.parameters()).device
     soft = SoftExtract(len(layers), max_length, cls_first=cls_first).to(device)
-
-    def soft_layer(index, parts, hidden, mask, padded):
-        if hidden.shape[1] > soft.max_length:
-            raise ValueError(
-                f"input length {hidden.shape[1]} exceeds the soft extract's max_length {soft.max_length}")
-        hidden = soft_extract_layer(parts, hidden, mask, soft.retention[index], padded=padded,
-                                    cls_first=soft.cls_first)
-        return hidden, mask
-
-    object.__setattr__(soft, "_encoder_forward", encoder.__dict__.get("forward", _MISSING))
-    encoder.forward = encoder_forward(family, encoder, layers, soft_layer)
+    install(model, family, base, soft)
     object.__setattr__(soft, "_model", model)
-    object.__setattr__(soft, "_encoder", encoder)
-    object.__setattr__(model, _STATE_ATTR, soft)
     return soft

@@ -1,0 +1,252 @@
+"""The forwards powerbert installs in a model: one for its encoder, one for its base model.
+
+Both are instance attributes (``module.forward``) holding small picklable objects, never
+closures: a patched model deep-copies, pickles (``torch.save(model)``) and compiles like any
+other. They hold the module they belong to and nothing below it: the layers are looked up
+from the encoder at every call (``Family.layers``), so modules replaced after patching
+(``torch.ao.quantization.quantize_dynamic``, adapters, a swapped ``Linear``) are the ones that
+run, and a deep copy runs its own weights.
+
+* ``EncoderForward`` runs a *layer runner* over the family's layers: ``patch`` passes the hard
+  extract, ``attach_soft_extract`` the soft one. It honours ``gradient_checkpointing_enable()``
+  (each layer is checkpointed like the stock layer module would be).
+* ``BaseForward`` wraps the base model's own forward so that its output carries what the stock
+  output capture (forward hooks on the stock layer modules, which no longer run) cannot give:
+  ``hidden_states`` (L + 1 entries: the vectors entering the first layer, then each layer's
+  survivors), ``attentions`` (each layer's probabilities over the vectors alive in it), and
+  ``kept_mask`` / ``kept_positions`` for the survivors of the last layer.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+from powerbert.families import Family, family_named, resolve
+
+# The keyword through which BaseForward hands the encoder a record to fill (every supported
+# base model passes its **kwargs on to the encoder).
+RECORD_KWARG = "powerbert_record"
+
+
+def key_mask(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Recover the ``[B, n]`` key padding mask from the mask transformers hands the encoder.
+
+    Args:
+        attention_mask: None (no padding), ``[B, n]`` 0/1, or ``[B, 1, n|1, n]`` as built by
+            ``create_bidirectional_mask``: bool (True = attend, sdpa) or float (0 = attend,
+            dtype min = masked, eager).
+        hidden: ``[B, n, D]`` embeddings (for shape and device).
+
+    Returns:
+        ``(mask [B, n] bool, padded)``; ``padded`` is False only when no mask was given.
+    """
+    batch, length = hidden.shape[:2]
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=hidden.device), False
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"powerbert needs a tensor attention mask, got {type(attention_mask).__name__}; "
+            f"load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    if attention_mask.dim() == 4:
+        # Every query row of a bidirectional mask is the same key mask; row 0 is [CLS].
+        row = attention_mask[:, 0, 0, :]
+        mask = row if row.dtype == torch.bool else row == 0
+    elif attention_mask.dim() == 2:
+        mask = attention_mask != 0
+    else:
+        raise ValueError(f"attention mask of shape {tuple(attention_mask.shape)} is neither [B, n] nor [B, 1, n, n]")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"attention mask covers shape {tuple(mask.shape)}, the input is {(batch, length)}")
+    return mask, True
+
+
+def _run_layer(module: nn.Module | None, step, hidden: torch.Tensor, mask: torch.Tensor):
+    """``step(hidden, mask)``, under activation checkpointing where the stock layer would be.
+
+    transformers' ``GradientCheckpointingLayer`` checkpoints when its ``gradient_checkpointing``
+    flag is set and it is training; ``gradient_checkpointing_enable`` stores the function to use
+    (``use_reentrant`` and the rest of the user's kwargs) as ``_gradient_checkpointing_func``.
+    """
+    if (module is not None and getattr(module, "gradient_checkpointing", False) and module.training
+            and torch.is_grad_enabled()):
+        func = getattr(module, "_gradient_checkpointing_func", None) or functools.partial(
+            checkpoint, use_reentrant=False)
+        return func(step, hidden, mask)
+    return step(hidden, mask)
+
+
+class EncoderForward:
+    """``encoder.forward`` while powerbert is installed: ``runner.layer`` over every layer.
+
+    Attributes:
+        encoder: the module whose forward this replaces.
+        family: ``Family.name`` (a name, so that the object pickles).
+        runner: the layer runner: ``runner.layer(index, count, parts, hidden, mask, *, padded,
+            need_probs, full_last) -> layer.LayerOutput``, and ``runner.check(count)``.
+        saved_forward: ``(had_one, value)``: the encoder's own instance ``forward`` before, if any.
+    """
+
+    def __init__(self, encoder: nn.Module, family: str, runner, saved_forward: tuple[bool, Any]):
+        self.encoder = encoder
+        self.family = family
+        self.runner = runner
+        self.saved_forward = saved_forward
+
+    def __call__(self, hidden_states, attention_mask=None, *args, **kwargs):
+        record = kwargs.pop(RECORD_KWARG, None)
+        family: Family = family_named(self.family)
+        mask, padded = key_mask(attention_mask, hidden_states)
+        hidden = family.enter(self.encoder, hidden_states) if family.enter is not None else hidden_states
+        layers = family.layers(self.encoder)
+        self.runner.check(len(layers))
+        hidden_states_out = record.get("hidden_states") if record is not None else None
+        attentions_out = record.get("attentions") if record is not None else None
+        need_probs = attentions_out is not None
+        # Asked for every layer's vectors or probabilities: the last layer runs in full.
+        full_last = hidden_states_out is not None or need_probs
+        positions = None
+        if record is not None:
+            positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        if hidden_states_out is not None:
+            hidden_states_out.append(hidden)
+        for index, parts in enumerate(layers):
+            step = functools.partial(self.runner.layer, index, len(layers), parts, padded=padded,
+                                     need_probs=need_probs, full_last=full_last)
+            out = _run_layer(parts.module, step, hidden, mask)
+            hidden, mask, indices, probs = out
+            if positions is not None and indices is not None:
+                positions = torch.gather(positions, 1, indices)
+            if hidden_states_out is not None:
+                hidden_states_out.append(hidden)
+            if need_probs:
+                attentions_out.append(probs)
+        if record is not None:
+            record["kept_mask"] = mask
+            record["kept_positions"] = positions
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden)
+
+
+class BaseForward:
+    """``base_model.forward`` while powerbert is installed: the stock forward, then the outputs
+    the stock capture cannot see (see the module docstring).
+
+    Attributes:
+        base: the base model (``BertModel``, ...).
+        saved_forward: ``(had_one, value)``: the base model's own instance ``forward`` before, if any.
+    """
+
+    def __init__(self, base: nn.Module, saved_forward: tuple[bool, Any]):
+        self.base = base
+        self.saved_forward = saved_forward
+
+    def _flag(self, kwargs: dict, name: str) -> bool:
+        value = kwargs.pop(name, None)
+        if value is None:
+            value = getattr(self.base.config, name, False)
+        if isinstance(value, (list, tuple, set)):
+            raise ValueError(f"{name} as a list of layers is not supported by a powerbert-patched model; pass True")
+        return bool(value)
+
+    def __call__(self, *args, **kwargs):
+        want_hidden = self._flag(kwargs, "output_hidden_states")
+        want_attentions = self._flag(kwargs, "output_attentions")
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.base.config, "return_dict", True)
+        record = {
+            "hidden_states": [] if want_hidden else None,
+            "attentions": [] if want_attentions else None,
+            "kept_mask": None,
+            "kept_positions": None,
+        }
+        had_own, own = self.saved_forward
+        forward = own if had_own else type(self.base).forward.__get__(self.base)
+        # The stock capture is switched off: its hooks sit on layer modules that no longer run.
+        out = forward(*args, return_dict=True, output_hidden_states=False, output_attentions=False,
+                      **{RECORD_KWARG: record}, **kwargs)
+        if want_hidden:
+            out["hidden_states"] = tuple(record["hidden_states"])
+        if want_attentions:
+            out["attentions"] = tuple(record["attentions"])
+        if record["kept_mask"] is not None:
+            out["kept_mask"] = record["kept_mask"]
+            out["kept_positions"] = record["kept_positions"]
+        return out if return_dict else out.to_tuple()
+
+
+def installed(model: nn.Module) -> EncoderForward | None:
+    """The ``EncoderForward`` powerbert installed in ``model``'s encoder, or None.
+
+    ``model`` may be a head or its base model; unsupported models have none.
+    """
+    try:
+        family, base, _ = resolve(model)
+    except TypeError:
+        return None
+    forward = family.encoder(base).__dict__.get("forward")
+    return forward if isinstance(forward, EncoderForward) else None
+
+
+# Model dtypes elimination runs in (fp64 takes the torch path; the Triton kernels the others).
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_model_dtype(model: nn.Module) -> None:
+    """Refuse, before anything is installed, a model whose float parameters elimination cannot run."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.dtype not in MODEL_DTYPES:
+            raise TypeError(
+                f"powerbert runs float16, bfloat16, float32 and float64 models; parameter {name} is {param.dtype}"
+            )
+
+
+def refuse_installed(model: nn.Module) -> None:
+    """Raise RuntimeError (the runner's ``installed_message``) if powerbert is installed in ``model``
+    or in the model that holds it: patches never stack."""
+    forward = installed(model)
+    if forward is not None:
+        raise RuntimeError(forward.runner.installed_message)
+
+
+def install(model: nn.Module, family: Family, base: nn.Module, runner) -> EncoderForward:
+    """Install ``EncoderForward(runner)`` and ``BaseForward`` in ``model`` (resolved to ``family``,
+    ``base``). The caller has checked that nothing is installed yet."""
+    encoder = family.encoder(base)
+    if isinstance(base.__dict__.get("forward"), BaseForward):
+        raise RuntimeError("model's base forward is already replaced by powerbert")
+    forward = EncoderForward(encoder, family.name, runner, _saved(encoder))
+    base_forward = BaseForward(base, _saved(base))
+    encoder.forward = forward
+    base.forward = base_forward
+    return forward
+
+
+def uninstall(model: nn.Module) -> EncoderForward:
+    """Restore the encoder's and the base model's forwards exactly; returns what was installed."""
+    forward = installed(model)
+    if forward is None:
+        raise RuntimeError("powerbert is not installed in this model")
+    _, base, _ = resolve(model)
+    _restore(forward.encoder, forward.saved_forward)
+    base_forward = base.__dict__.get("forward")
+    if isinstance(base_forward, BaseForward):
+        _restore(base, base_forward.saved_forward)
+    return forward
+
+
+def _saved(module: nn.Module) -> tuple[bool, Any]:
+    return ("forward" in module.__dict__, module.__dict__.get("forward"))
+
+
+def _restore(module: nn.Module, saved: tuple[bool, Any]) -> None:
+    had_own, own = saved
+    if had_own:
+        module.forward = own
+    else:
+        del module.forward
