@@ -440,3 +440,36 @@ def test_soft_extract_one_optimiser_step(name):
 
     soft.detach()
     assert "forward" not in vars(encoder_of(base_of(name, model)))
+
+
+# ---------------------------------------------------------------- outputs every family gives
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hidden_states_attentions_and_kept_vectors(name):
+    """Keep-all: hidden states and attentions equal the stock (eager) ones; with elimination,
+    hidden states follow the survivors and ``kept_positions`` equals the spec's."""
+    case = CASES[name]
+    inputs = batch()
+    model = build(name, case.base, "eager")
+    with torch.no_grad():
+        stock = model(**inputs, output_hidden_states=True, output_attentions=True)
+        powerbert.patch(model, [LENGTH] * case.applications)
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == len(stock.hidden_states) == case.applications + 1
+    for ours, theirs in zip(out.hidden_states, stock.hidden_states):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert len(out.attentions) == len(stock.attentions)
+    for ours, theirs in zip(out.attentions, stock.attentions):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+    powerbert.unpatch(model)
+    retention = (9, 6, 5) if case.applications == 3 else (9,) * (case.applications - 1) + (5,)
+    expected, positions = spec_outputs(name, model, inputs, retention)
+    powerbert.patch(model, retention)
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    assert [h.shape[1] for h in out.hidden_states] == [LENGTH, *retention]
+    torch.testing.assert_close(out.hidden_states[-1], torch.stack(expected), atol=2e-5, rtol=2e-5)
+    assert out.kept_positions.tolist() == positions
+    assert torch.equal(out.kept_mask, torch.gather(inputs["attention_mask"], 1, out.kept_positions).bool())
