@@ -36,7 +36,7 @@ def soft_ranks(scores: torch.Tensor, *, cls_first: bool = True) -> torch.Tensor:
     """Rank of every position by significance.
 
     Args:
-        scores: ``[B, n]`` float significance scores (-inf for padding).
+        scores: ``[B, n]`` float significance scores (-inf for padding; NaN ranks as -inf).
         cls_first: force position 0 ([CLS]) to rank 0.
 
     Returns:
@@ -44,8 +44,9 @@ def soft_ranks(scores: torch.Tensor, *, cls_first: bool = True) -> torch.Tensor:
         score, ties broken by the lower index (a stable sort), [CLS] first when ``cls_first``.
     """
     scores = scores.detach().float()
+    # NaN counts as -inf, the rule of every selection path (kernels.select): never ahead of a number.
+    scores = torch.where(torch.isnan(scores), float("-inf"), scores)
     if cls_first:
-        scores = scores.clone()
         scores[:, 0] = float("inf")
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # rank -> position
     ranks = torch.empty_like(order)

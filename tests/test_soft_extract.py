@@ -48,6 +48,15 @@ def test_ranks_cls_first_ties_by_lower_index_padding_last():
     assert soft_ranks(scores, cls_first=False).tolist() == [[3, 0, 2, 1, 4]]
 
 
+def test_ranks_nan_counts_as_minus_inf_like_every_selection_path():
+    nan = float("nan")
+    negative_nan = torch.tensor([-0x400000], dtype=torch.int32).view(torch.float32).item()  # sign bit set
+    scores = torch.tensor([[nan, nan, 1.0, negative_nan, 2.0, -INF]])
+    # NaN ranks like -inf: after every number, ties (with padding too) to the lower index.
+    assert soft_ranks(scores).tolist() == [[0, 3, 2, 4, 1, 5]]
+    assert soft_ranks(scores, cls_first=False).tolist() == [[2, 3, 1, 4, 0, 5]]
+
+
 def _hand_layer() -> LayerParts:
     """D = 2, one head. Every query row gets the same probabilities softmax_j(x[j, 1] / sqrt 2),
     so the significance order of the real keys is the order of x[:, 1]. Value, attention output
