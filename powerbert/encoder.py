@@ -15,6 +15,10 @@ run, and a deep copy runs its own weights.
   ``hidden_states`` (L + 1 entries: the vectors entering the first layer, then each layer's
   survivors), ``attentions`` (each layer's probabilities over the vectors alive in it), and
   ``kept_mask`` / ``kept_positions`` for the survivors of the last layer.
+* ``HeadForward`` (only on heads that read [CLS] alone, e.g. sequence classification) tells the
+  encoder, through the base model's keyword arguments, that this call may run its last layer
+  for [CLS] only. Calling the base model inside such a head directly still returns every
+  survivor.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from powerbert.families import Family, family_named, resolve
 # The keyword through which BaseForward hands the encoder a record to fill (every supported
 # base model passes its **kwargs on to the encoder).
 RECORD_KWARG = "powerbert_record"
+# The keyword through which HeadForward tells BaseForward that only [CLS] is read.
+CLS_ONLY_KWARG = "powerbert_cls_only"
 
 
 def key_mask(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -88,15 +94,18 @@ class EncoderForward:
         encoder: the module whose forward this replaces.
         family: ``Family.name`` (a name, so that the object pickles).
         runner: the layer runner: ``runner.layer(index, count, parts, hidden, mask, *, padded,
-            need_probs, full_last) -> layer.LayerOutput``, and ``runner.check(count)``.
+            need_probs, cls_only_last) -> layer.LayerOutput``, and ``runner.check(count)``.
         saved_forward: ``(had_one, value)``: the encoder's own instance ``forward`` before, if any.
+        head: class name of the head that got a ``HeadForward``, or None.
     """
 
-    def __init__(self, encoder: nn.Module, family: str, runner, saved_forward: tuple[bool, Any]):
+    def __init__(self, encoder: nn.Module, family: str, runner, saved_forward: tuple[bool, Any],
+                 head: str | None = None):
         self.encoder = encoder
         self.family = family
         self.runner = runner
         self.saved_forward = saved_forward
+        self.head = head
 
     def __call__(self, hidden_states, attention_mask=None, *args, **kwargs):
         record = kwargs.pop(RECORD_KWARG, None)
@@ -108,8 +117,10 @@ class EncoderForward:
         hidden_states_out = record.get("hidden_states") if record is not None else None
         attentions_out = record.get("attentions") if record is not None else None
         need_probs = attentions_out is not None
-        # Asked for every layer's vectors or probabilities: the last layer runs in full.
-        full_last = hidden_states_out is not None or need_probs
+        # Only a head that reads [CLS] alone lets the last layer shrink to [CLS]; asked for every
+        # layer's vectors or probabilities, it runs in full.
+        cls_only_last = (record is not None and record.get("cls_only", False)
+                         and hidden_states_out is None and not need_probs)
         positions = None
         if record is not None:
             positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
@@ -117,7 +128,7 @@ class EncoderForward:
             hidden_states_out.append(hidden)
         for index, parts in enumerate(layers):
             step = functools.partial(self.runner.layer, index, len(layers), parts, padded=padded,
-                                     need_probs=need_probs, full_last=full_last)
+                                     need_probs=need_probs, cls_only_last=cls_only_last)
             out = _run_layer(parts.module, step, hidden, mask)
             hidden, mask, indices, probs = out
             if positions is not None and indices is not None:
@@ -160,6 +171,7 @@ class BaseForward:
         if return_dict is None:
             return_dict = getattr(self.base.config, "return_dict", True)
         record = {
+            "cls_only": bool(kwargs.pop(CLS_ONLY_KWARG, False)),
             "hidden_states": [] if want_hidden else None,
             "attentions": [] if want_attentions else None,
             "kept_mask": None,
@@ -178,6 +190,25 @@ class BaseForward:
             out["kept_mask"] = record["kept_mask"]
             out["kept_positions"] = record["kept_positions"]
         return out if return_dict else out.to_tuple()
+
+
+class HeadForward:
+    """``head.forward`` while patched, for heads that read only [CLS] of the last layer: the
+    head's own forward, telling the base model (every supported head passes its ``**kwargs`` on
+    to it) that this call reads [CLS] alone.
+
+    Attributes:
+        head: the head model. saved_forward: ``(had_one, value)`` as in ``EncoderForward``.
+    """
+
+    def __init__(self, head: nn.Module, saved_forward: tuple[bool, Any]):
+        self.head = head
+        self.saved_forward = saved_forward
+
+    def __call__(self, *args, **kwargs):
+        had_own, own = self.saved_forward
+        forward = own if had_own else type(self.head).forward.__get__(self.head)
+        return forward(*args, **{CLS_ONLY_KWARG: True}, **kwargs)
 
 
 def installed(model: nn.Module) -> EncoderForward | None:
@@ -214,29 +245,46 @@ def refuse_installed(model: nn.Module) -> None:
         raise RuntimeError(forward.runner.installed_message)
 
 
-def install(model: nn.Module, family: Family, base: nn.Module, runner) -> EncoderForward:
+def install(model: nn.Module, family: Family, base: nn.Module, runner, *, cls_only_head: bool = False
+            ) -> EncoderForward:
     """Install ``EncoderForward(runner)`` and ``BaseForward`` in ``model`` (resolved to ``family``,
-    ``base``). The caller has checked that nothing is installed yet."""
+    ``base``), and ``HeadForward`` on ``model`` when ``cls_only_head``. The caller has checked that
+    nothing is installed yet."""
     encoder = family.encoder(base)
-    if isinstance(base.__dict__.get("forward"), BaseForward):
-        raise RuntimeError("model's base forward is already replaced by powerbert")
-    forward = EncoderForward(encoder, family.name, runner, _saved(encoder))
+    head = model if cls_only_head and model is not base else None
+    forward = EncoderForward(encoder, family.name, runner, _saved(encoder),
+                             head=type(head).__name__ if head is not None else None)
     base_forward = BaseForward(base, _saved(base))
+    if head is not None:
+        head.forward = HeadForward(head, _saved(head))
     encoder.forward = forward
     base.forward = base_forward
     return forward
 
 
 def uninstall(model: nn.Module) -> EncoderForward:
-    """Restore the encoder's and the base model's forwards exactly; returns what was installed."""
+    """Restore the forwards ``install`` replaced exactly; returns the ``EncoderForward``.
+
+    Raises:
+        RuntimeError: nothing is installed, or ``model`` is the base model of a head that was
+            patched (unpatch the head: it holds a forward too).
+    """
     forward = installed(model)
     if forward is None:
         raise RuntimeError("powerbert is not installed in this model")
     _, base, _ = resolve(model)
+    head_forward = model.__dict__.get("forward")
+    if forward.head is not None and not isinstance(head_forward, HeadForward):
+        raise RuntimeError(
+            f"this {type(model).__name__} was patched through the {forward.head} that holds it; "
+            f"call unpatch on that model"
+        )
     _restore(forward.encoder, forward.saved_forward)
     base_forward = base.__dict__.get("forward")
     if isinstance(base_forward, BaseForward):
         _restore(base, base_forward.saved_forward)
+    if isinstance(head_forward, HeadForward):
+        _restore(model, head_forward.saved_forward)
     return forward
 
 

@@ -53,10 +53,10 @@ class HardExtract:
             )
 
     def layer(self, index: int, count: int, parts: LayerParts, hidden: torch.Tensor, mask: torch.Tensor, *,
-              padded: bool, need_probs: bool, full_last: bool) -> LayerOutput:
+              padded: bool, need_probs: bool, cls_only_last: bool) -> LayerOutput:
         return eliminating_layer(
             parts, hidden, mask, self.retention[index], padded=padded,
-            cls_only=self.cls_only_last_layer and index == count - 1 and not full_last,
+            cls_only=self.cls_only_last_layer and cls_only_last and index == count - 1,
             selection=self.selection, need_probs=need_probs,
         )
 
@@ -121,7 +121,7 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
         selection=selection,
         config_saved={key: (key in config.__dict__, config.__dict__.get(key)) for key in (CONFIG_KEY, SELECTION_KEY)},
     )
-    install(model, family, base, runner)
+    install(model, family, base, runner, cls_only_head=runner.cls_only_last_layer)
     setattr(config, CONFIG_KEY, list(retention))
     if selection != "attention":
         setattr(config, SELECTION_KEY, selection)

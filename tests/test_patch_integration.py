@@ -136,10 +136,14 @@ def test_stacked_patches_are_refused():
         powerbert.patch(model.bert, (5, 4, 3))
     with pytest.raises(RuntimeError, match="already patched"):
         powerbert.attach_soft_extract(model, 16)
-    powerbert.unpatch(model.bert)  # the base model inside undoes it too
+    with pytest.raises(RuntimeError, match="patched through the BertForSequenceClassification"):
+        powerbert.unpatch(model.bert)
+    powerbert.unpatch(model)
     assert not powerbert.is_patched(model) and _own_forward(model.bert.encoder) is None
+    assert _own_forward(model) is None and _own_forward(model.bert) is None
 
-    inner = powerbert.patch(build(BertForSequenceClassification).bert, RETENTION)
+    inner = powerbert.patch(build(BertForSequenceClassification).bert, RETENTION)  # a bare model
+    assert powerbert.is_patched(inner)
     holder = build(BertForSequenceClassification)
     holder.bert = inner
     with pytest.raises(RuntimeError, match="already patched"):
