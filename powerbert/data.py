@@ -81,6 +81,7 @@ class LabelSpace:
 
     regression: bool
     names: tuple[str, ...] = ()
+    reason: str = field(default="", compare=False)  # why infer_label_space chose this, for the log
 
     @property
     def num_labels(self) -> int:
@@ -206,7 +207,7 @@ def infer_label_space(labels, task: str = "auto") -> LabelSpace:
         if first_text is not None:
             raise ValueError(f"{first_text[1]()}: label {first_text[0]!r} is not a number, and regression "
                              f"needs numeric labels")
-        return LabelSpace(regression=True)
+        return LabelSpace(regression=True, reason="task regression")
     if task == "auto" and first_text is not None and first_number is not None:
         raise ValueError(
             f"the label column mixes numbers ({first_number[0]!r} at {first_number[1]()}) and text "
@@ -214,7 +215,8 @@ def infer_label_space(labels, task: str = "auto") -> LabelSpace:
             f"if both are class names"
         )
     if task == "auto" and first_fraction is not None:
-        return LabelSpace(regression=True)
+        return LabelSpace(regression=True, reason=f"task auto: label {first_fraction[0]!r} at {first_fraction[1]()} "
+                                                  f"is not an integer; pass --task classification to override")
     keys = {_label_key(value) for value, _ in pairs}
     if len(keys) < 2:
         raise ValueError(
@@ -224,11 +226,15 @@ def infer_label_space(labels, task: str = "auto") -> LabelSpace:
         names = tuple(sorted(keys, key=float))
     else:
         names = tuple(sorted(keys))
-    return LabelSpace(regression=False, names=names)
+    reason = f"task {task}" if task != "auto" else (
+        "task auto: every label is an integer" if first_text is None else "task auto: the labels are text")
+    return LabelSpace(regression=False, names=names, reason=reason)
 
 
 def describe(labels: LabelSpace) -> str:
-    return "regression" if labels.regression else f"{labels.num_labels} classes"
+    """``regression`` or ``K classes``, and why (when inferred)."""
+    what = "regression" if labels.regression else f"{labels.num_labels} classes"
+    return f"{what} ({labels.reason})" if labels.reason else what
 
 
 # ----------------------------------------------------------------------------- reading files

@@ -813,8 +813,8 @@ def _finetune(cfg: PipelineConfig, key: dict) -> dict:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     task = prepare_task(cfg, tokenizer)
-    log.info("finetune: %d train / %d dev examples, %s (task %s), N = %d", len(task.train), len(task.dev),
-             D.describe(task.labels), cfg.task, cfg.max_length)
+    log.info("finetune: %d train / %d dev examples, %s, N = %d", len(task.train), len(task.dev),
+             D.describe(task.labels), cfg.max_length)
     model = load_model(cfg.model, task.labels, cfg.max_length)
     result = train_model(model, task, cfg, step="finetune", step_dir=step_dir, epochs=cfg.epochs_for("finetune"),
                          tokenizer=tokenizer, initial_eval=cfg.epochs_for("finetune") == 0)
