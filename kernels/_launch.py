@@ -10,11 +10,14 @@ import os
 
 import torch
 
-# Float dtypes the attention probabilities / scores may come in. The kernels load them,
-# upcast to fp32 right away and accumulate in fp32.
+# Float dtypes the Triton kernels take probabilities / scores in. They load them, upcast to
+# fp32 right away and accumulate in fp32.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The hidden states are only moved, never computed on, so fp64 is fine there too.
-HIDDEN_DTYPES = FLOAT_DTYPES + (torch.float64,)
+# Dtypes the torch path and the references take as well: float64 (an fp64 model) is scored
+# and selected in float64 there, so no two distinct fp64 scores are merged by rounding.
+TORCH_DTYPES = FLOAT_DTYPES + (torch.float64,)
+# The hidden states are only moved, never computed on, so fp64 is fine there on both paths.
+HIDDEN_DTYPES = TORCH_DTYPES
 # The one-program-per-row kernels hold a whole row (scores, sort keys) in registers.
 MAX_TRITON_N = 512
 
@@ -78,7 +81,10 @@ def check_dtype(x: torch.Tensor, name: str, allowed) -> None:
 
 
 def check_probs(probs) -> tuple[int, int, int]:
-    """probs must be [B, H, n, n] float16/bfloat16/float32 with n >= 1; returns (B, H, n)."""
+    """probs must be [B, H, n, n] float16/bfloat16/float32/float64 with n >= 1; returns (B, H, n).
+
+    float64 is for the torch path only: :func:`resolve_backend` refuses it for Triton.
+    """
     check_tensor(probs, "probs")
     if probs.dim() != 4:
         raise ValueError(f"probs must be 4-D [B, H, n, n], got shape {tuple(probs.shape)}")
@@ -87,7 +93,7 @@ def check_probs(probs) -> tuple[int, int, int]:
         raise ValueError(f"probs must be square in its last two dims [B, H, n, n], got {tuple(probs.shape)}")
     if B < 1 or H < 1 or n < 1:
         raise ValueError(f"probs needs B, H, n >= 1, got shape {tuple(probs.shape)}")
-    check_dtype(probs, "probs", FLOAT_DTYPES)
+    check_dtype(probs, "probs", TORCH_DTYPES)
     return B, H, n
 
 
@@ -101,14 +107,15 @@ def check_mask(mask, B: int, n: int) -> None:
 
 
 def check_scores(scores) -> tuple[int, int]:
-    """scores must be [B, n] float32 (float16/bfloat16 are upcast exactly); returns (B, n)."""
+    """scores must be [B, n] float32 (float16/bfloat16 are upcast exactly) or float64 (torch
+    path only, see :func:`resolve_backend`); returns (B, n)."""
     check_tensor(scores, "scores")
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [B, n], got shape {tuple(scores.shape)}")
     B, n = scores.shape
     if B < 1 or n < 1:
         raise ValueError(f"scores needs B, n >= 1, got shape {tuple(scores.shape)}")
-    check_dtype(scores, "scores", FLOAT_DTYPES)
+    check_dtype(scores, "scores", TORCH_DTYPES)
     return B, n
 
 
@@ -155,19 +162,29 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     return first
 
 
-def resolve_backend(backend, device: torch.device, n: int | None = None, max_n: int | None = None) -> str:
+def resolve_backend(backend, device: torch.device, n: int | None = None, max_n: int | None = None,
+                    dtype: tuple[str, torch.dtype] | None = None) -> str:
     """Pick ``"triton"`` or ``"torch"``.
 
-    ``None`` (auto): Triton for CUDA tensors whose row length fits the kernel (n <= max_n),
-    the vectorised torch path otherwise. ``"triton"`` forces the kernels: it needs CUDA tensors,
-    or CPU tensors with TRITON_INTERPRET=1, and n <= max_n. ``"torch"`` forces the torch path.
+    ``None`` (auto): Triton for CUDA tensors whose row length fits the kernel (n <= max_n) and
+    whose dtype the kernels take, the vectorised torch path otherwise. ``"triton"`` forces the
+    kernels: it needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1, n <= max_n and a
+    dtype in FLOAT_DTYPES. ``"torch"`` forces the torch path.
+    ``dtype``: (argument name, dtype) of the input whose dtype decides, e.g. ("probs", torch.float64).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of None, 'triton', 'torch'; got {backend!r}")
     fits = max_n is None or n is None or n <= max_n
+    kernel_dtype = dtype is None or dtype[1] in FLOAT_DTYPES
     if backend is None:
-        return "triton" if device.type == "cuda" and fits else "torch"
+        return "triton" if device.type == "cuda" and fits and kernel_dtype else "torch"
     if backend == "triton":
+        if not kernel_dtype:
+            names = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
+            raise TypeError(
+                f"backend='triton' does not support {dtype[0]} of dtype {dtype_name(dtype[1])}; "
+                f"accepted: {names} (use backend='torch' or None for {dtype_name(dtype[1])})"
+            )
         if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "

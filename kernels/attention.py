@@ -32,7 +32,9 @@ import triton.language as tl
 
 __all__ = ["attention_with_significance", "attention_with_significance_ref", "aot_specs"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the Triton kernels
+# The reference (backend "torch", and None for float64 inputs) takes float64 too.
+_REF_DTYPES = _DTYPES + (torch.float64,)
 HEAD_DIMS = (32, 64, 128)
 _BACKENDS = (None, "triton", "torch")
 _LOG2E = 1.4426950408889634
@@ -223,6 +225,10 @@ def _interpreting() -> bool:
     return isinstance(_attn_fwd_kernel, InterpretedFunction)
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _check_inputs(q, k, v, mask, scale, need_scores, backend):
     for name, t in (("q", q), ("k", k), ("v", v), ("mask", mask)):
         if not isinstance(t, torch.Tensor):
@@ -232,11 +238,11 @@ def _check_inputs(q, k, v, mask, scale, need_scores, backend):
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if q.dtype not in _REF_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {_name(q.dtype)}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            raise TypeError(f"{name} must have q's dtype {_name(q.dtype)}, got {_name(t.dtype)}")
     for name, t in (("k", k), ("v", v), ("mask", mask)):
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
@@ -335,26 +341,32 @@ def attention_with_significance(q, k, v, mask, scale=None, *, need_scores=True, 
     """Bidirectional attention with a key-padding mask, plus PoWER-BERT significance scores.
 
     Args:
-        q, k, v: ``[B, H, n, d]`` float16 / bfloat16 / float32, same shape, dtype and device,
-            any strides (e.g. ``x.view(B, n, H, d).transpose(1, 2)``); d in {32, 64, 128}.
+        q, k, v: ``[B, H, n, d]`` float16 / bfloat16 / float32 (float64: the torch reference
+            only), same shape, dtype and device, any strides (e.g.
+            ``x.view(B, n, H, d).transpose(1, 2)``); d in {32, 64, 128}.
         mask: ``[B, n]`` bool / integer / floating, nonzero = real token, 0 = padding.
         scale: logit scale, default ``d ** -0.5``.
         need_scores: when False, skip the significance pass and return ``None`` for scores.
-        backend: ``None`` (CUDA -> Triton, otherwise the torch reference), ``"triton"`` (CPU
-            tensors only under ``TRITON_INTERPRET=1``) or ``"torch"``.
+        backend: ``None`` (CUDA -> Triton, otherwise, and for float64 inputs, the torch
+            reference), ``"triton"`` (not float64; CPU tensors only under ``TRITON_INTERPRET=1``)
+            or ``"torch"``.
 
     Returns:
         ``(context, scores)``: context ``[B, H, n, d]`` contiguous in q's dtype; scores
-        ``[B, n]`` float32, ``sum_h sum_{i real, i != j} P[b, h, i, j]``, ``-inf`` at padding
-        (``None`` when ``need_scores`` is False). Inputs are never modified.
+        ``[B, n]`` float32 (float64 for float64 inputs, computed in float64),
+        ``sum_h sum_{i real, i != j} P[b, h, i, j]``, ``-inf`` at padding (``None`` when
+        ``need_scores`` is False). Inputs are never modified.
     """
     _check_inputs(q, k, v, mask, scale, need_scores, backend)
     d = q.shape[-1]
     if scale is None:
         scale = d ** -0.5
     if backend is None:
-        backend = "triton" if q.is_cuda else "torch"
+        backend = "triton" if q.is_cuda and q.dtype in _DTYPES else "torch"
     if backend == "triton":
+        if q.dtype not in _DTYPES:
+            raise TypeError(f"backend='triton' does not support q of dtype {_name(q.dtype)}; accepted: "
+                            f"float16, bfloat16, float32 (use backend='torch' or None for float64)")
         if q.device.type == "cpu" and not _interpreting():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                              "kernels.attention is imported; use backend='torch' or CUDA tensors")
@@ -363,7 +375,9 @@ def attention_with_significance(q, k, v, mask, scale=None, *, need_scores=True, 
         if q.numel() > 0:
             return _attention_triton(q, k, v, mask, scale, need_scores)
     context, scores = attention_with_significance_ref(q, k, v, mask, scale)
-    return context.contiguous(), (scores.float() if need_scores else None)
+    if q.dtype != torch.float64:
+        scores = scores.float()
+    return context.contiguous(), (scores if need_scores else None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ def extract_ref(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k
     """Eager reference of the extract layer: significance_ref -> select_ref -> gather_ref.
 
     Args:
-        probs: [B, H, n, n] float softmax attention probabilities. hidden: [B, n, D] float.
-        mask: [B, n] bool/int/float (1 real, 0 padding). k: int >= 1.
+        probs: [B, H, n, n] float softmax attention probabilities (float64 scored in float64).
+        hidden: [B, n, D] float. mask: [B, n] bool/int/float (1 real, 0 padding). k: int >= 1.
+        A column whose sum meets a NaN gets a NaN score, which selection counts as -inf.
     Returns:
         (hidden_kept [B, k, D] hidden.dtype, mask_kept [B, k] mask.dtype, indices [B, k] int64);
         k >= n returns (hidden, mask, arange(n) per row) with hidden and mask unchanged.
@@ -85,13 +86,17 @@ def _score_select_triton(probs: torch.Tensor, mask: torch.Tensor, k: int) -> tor
 
 
 def _check_extract(first_name, first, hidden, mask, k, backend):
-    """Shared checks of extract / extract_from_scores; returns (k, resolved backend)."""
+    """Shared checks of extract / extract_from_scores; returns (k, resolved backend).
+
+    The backend follows probs' / scores' dtype (float64: torch path); the gather moves hidden
+    in any accepted dtype, float64 included, on either path.
+    """
     B, n = first.shape[0], first.shape[-1]
     L.check_mask(mask, B, n)
     L.check_hidden(hidden, B, n)
     k = L.check_k(k)
     device = L.check_same_device(**{first_name: first}, hidden=hidden, mask=mask)
-    return k, L.resolve_backend(backend, device, n, L.MAX_TRITON_N)
+    return k, L.resolve_backend(backend, device, n, L.MAX_TRITON_N, (first_name, first.dtype))
 
 
 def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: int, *, backend: str | None = None):
@@ -99,12 +104,15 @@ def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: in
 
     Args:
         probs: [B, H, n, n] float16/bfloat16/float32 attention probabilities of this layer
-            (query i, key j), may be non-contiguous.
+            (query i, key j), may be non-contiguous; float64 on the torch path only (scored and
+            selected in float64). A NaN reaching a column's sum makes its score NaN, and a NaN
+            score counts as -inf: never preferred to a real token with a number.
         hidden: [B, n, D] float16/bfloat16/float32/float64 hidden states, may be non-contiguous.
         mask: [B, n] bool, or int/float with 1 = real token, 0 = padding.
         k: int >= 1, vectors to keep.
-        backend: None (auto: Triton for CUDA tensors with n <= 512, else the vectorised torch
-            path), "triton" (two launches, n <= 512) or "torch".
+        backend: None (auto: Triton for CUDA tensors with n <= 512 and fp16/bf16/fp32 probs,
+            else the vectorised torch path), "triton" (two launches, n <= 512, not float64)
+            or "torch".
     Returns:
         (hidden_kept [B, k, D] hidden.dtype, mask_kept [B, k] mask.dtype, indices [B, k] int64
         ascending, [CLS] included). k >= n: (hidden, mask, arange(n) per row), the same
@@ -128,8 +136,9 @@ def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.
     """Extract layer from precomputed significance scores (e.g. from the attention kernel).
 
     Args:
-        scores: [B, n] float32 (float16/bfloat16 upcast exactly) significance scores; positions
-            with mask == 0 are treated as -inf whatever their score.
+        scores: [B, n] float32 (float16/bfloat16 upcast exactly; float64 on the torch path
+            only, compared in float64) significance scores; positions with mask == 0 are
+            treated as -inf whatever their score, and a NaN score counts as -inf.
         hidden, mask, k, backend: as in :func:`extract`.
     Returns:
         As :func:`extract`.
@@ -142,7 +151,7 @@ def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.
         indices = _select_triton(scores, k, mask=mask)
         hidden_kept, mask_kept = _gather_triton(hidden, mask, indices)
     else:
-        indices = _select_torch(scores.float().masked_fill(mask == 0, float("-inf")), k)
+        indices = _select_torch(scores.masked_fill(mask == 0, float("-inf")), k)
         hidden_kept, mask_kept = _gather_torch(hidden, mask, indices)
     return hidden_kept, mask_kept, indices
 
@@ -152,7 +161,7 @@ def extract_from_scores_ref(scores: torch.Tensor, hidden: torch.Tensor, mask: to
     B, n = scores.shape
     if k >= n:
         return hidden, mask, _keep_all(B, n, hidden.device)
-    indices = select_ref(scores.float().masked_fill(mask == 0, float("-inf")), k)
+    indices = select_ref(scores.masked_fill(mask == 0, float("-inf")), k)
     hidden_kept, mask_kept = gather_ref(hidden, mask, indices)
     return hidden_kept, mask_kept, indices
 

@@ -21,12 +21,13 @@ def significance_ref(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Eager reference for spec §1, written for clarity, not speed.
 
     Args:
-        probs: [B, H, n, n] float16/bfloat16/float32 (float64 accepted, for fp64 test references):
-            softmax attention probabilities probs[b, h, query i, key j].
+        probs: [B, H, n, n] float16/bfloat16/float32/float64: softmax attention probabilities
+            probs[b, h, query i, key j].
         mask: [B, n] bool/int/float, nonzero = real token, 0 = padding.
     Returns:
         [B, n] float32 (float64 if probs is float64): the attention each key j receives from the
-        real query rows i != j, summed over heads; -inf where mask[b, j] == 0.
+        real query rows i != j, summed over heads; -inf where mask[b, j] == 0. A NaN among the
+        summed values makes that score NaN (selection then counts it as -inf).
     """
     acc_dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
     p = probs.to(acc_dtype)
@@ -40,13 +41,15 @@ def significance_ref(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _significance_torch(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Vectorised torch path: sum over heads first (one fp32-accumulating read of probs, no
-    fp32 copy of it), then drop padded query rows and the diagonal from the [B, n, n] head sum
-    and sum over query rows. Selecting with where (not multiplying by the mask) keeps a NaN in
-    a padded query row out of the scores, as in the kernel and the reference.
+    fp32 copy of it; float64 probs accumulate in float64), then drop padded query rows and the
+    diagonal from the [B, n, n] head sum and sum over query rows. Selecting with where (not
+    multiplying by the mask) keeps a NaN in a padded query row out of the scores, as in the
+    kernel and the reference.
     """
     n = probs.shape[-1]
     real = mask != 0
-    head_sum = probs.sum(dim=1, dtype=torch.float32)                     # [B, i, j], own buffer
+    acc_dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    head_sum = probs.sum(dim=1, dtype=acc_dtype)                         # [B, i, j], own buffer
     not_self = ~torch.eye(n, dtype=torch.bool, device=probs.device)
     head_sum.masked_fill_(~(real[:, :, None] & not_self), 0.0)
     return head_sum.sum(dim=1).masked_fill_(~real, float("-inf"))
@@ -137,17 +140,19 @@ def significance(probs: torch.Tensor, mask: torch.Tensor, *, backend: str | None
     Args:
         probs: [B, H, n, n] float16/bfloat16/float32 softmax attention probabilities
             (query i, key j); may be non-contiguous (strides are passed to the kernel).
+            float64 runs on the torch path only.
         mask: [B, n] bool, or int/float with 1 = real token, 0 = padding.
-        backend: None (auto: Triton for CUDA tensors, the vectorised torch path on CPU),
-            "triton" or "torch".
+        backend: None (auto: Triton for CUDA tensors, the vectorised torch path on CPU and for
+            float64), "triton" (not float64) or "torch".
     Returns:
         [B, n] float32: sum over heads and real query rows i != j of probs[b, h, i, j],
-        accumulated in fp32; -inf where mask[b, j] == 0.
+        accumulated in fp32 (float64 probs: float64 scores, accumulated in float64); -inf where
+        mask[b, j] == 0. A NaN among the summed values makes that score NaN.
     """
     B, H, n = L.check_probs(probs)
     L.check_mask(mask, B, n)
     device = L.check_same_device(probs=probs, mask=mask)
-    if L.resolve_backend(backend, device) == "triton":
+    if L.resolve_backend(backend, device, dtype=("probs", probs.dtype)) == "triton":
         return _significance_triton(probs, mask)
     return _significance_torch(probs, mask)
 

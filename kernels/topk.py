@@ -25,7 +25,8 @@ def select_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Eager reference for the selection.
 
     Args:
-        scores: [B, n] float (fp32; -inf marks padding).
+        scores: [B, n] float16/bfloat16/float32/float64; -inf marks padding. A NaN score counts
+            as -inf, whatever its sign bit: never preferred to a real token with a number.
         k: number of positions to keep, int >= 1.
     Returns:
         [B, min(k, n)] int64: per row the top-k positions with position 0 forced in, ties to the
@@ -34,10 +35,16 @@ def select_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
     B, n = scores.shape
     if k >= n:
         return _keep_all(B, n, scores.device)
-    s = scores.clone()
+    s = scores.double()  # exact for every accepted dtype: one rule, one comparison
+    s = torch.where(torch.isnan(s), float("-inf"), s)  # NaN counts as -inf (torch.sort puts NaN first)
     s[:, 0] = float("inf")  # [CLS] is always kept
     order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
     return order.sort(dim=1).values
+
+
+def _nan_to_neginf(s: torch.Tensor) -> torch.Tensor:
+    """NaN (either sign bit) -> -inf; everything else, +-inf included, unchanged."""
+    return torch.where(torch.isnan(s), torch.full((), float("-inf"), dtype=s.dtype, device=s.device), s)
 
 
 def _packed_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -47,9 +54,11 @@ def _packed_keys(scores: torch.Tensor) -> torch.Tensor:
     floats get every bit but the sign flipped). Low 32 bits: n - 1 - j, so among equal scores
     the lower index has the larger key: a descending order of keys breaks ties to the lower
     index by construction, and every key is distinct (top-k of them is well defined).
+    NaN becomes -inf first: left as is, its key would depend on its sign bit (a negative NaN
+    maps below -inf, a positive one above +inf).
     """
     B, n = scores.shape
-    s = scores.float().clone()
+    s = _nan_to_neginf(scores.float())           # a fresh fp32 tensor: safe to write into
     s[:, 0] = float("inf")                       # [CLS] always kept
     s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 ties with +0.0, as in torch.sort
     bits = s.view(torch.int32)
@@ -58,8 +67,32 @@ def _packed_keys(scores: torch.Tensor) -> torch.Tensor:
     return (key32 << 32) | inv
 
 
+def _select_torch_fp64(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 scores: 64 score bits leave no room for an index in an int64 key, so select by
+    threshold instead. The k-th largest value t is well defined whatever topk does with ties;
+    every position above t is kept, and of those equal to t the lowest-indexed ones fill the
+    remaining slots (ties to the lower index). == and > treat -0.0 as +0.0, as torch.sort does.
+    No host synchronisation: the ascending slots come from a prefix count and a scatter.
+    """
+    B, n = scores.shape
+    s = _nan_to_neginf(scores)
+    s[:, 0] = float("inf")                                   # [CLS] always kept
+    kth = torch.topk(s, k, dim=1, sorted=True).values[:, k - 1:k]
+    above = s > kth
+    tied = s == kth
+    room = k - above.sum(dim=1, keepdim=True)                # slots left for the ties (>= 1)
+    keep = above | (tied & (torch.cumsum(tied, dim=1) <= room))  # exactly k per row
+    slot = torch.where(keep, torch.cumsum(keep, dim=1) - 1, k)   # dropped lanes go to slot k
+    pos = torch.arange(n, dtype=torch.int64, device=scores.device).expand(B, n)
+    out = torch.empty(B, k + 1, dtype=torch.int64, device=scores.device)
+    return out.scatter_(1, slot, pos)[:, :k]
+
+
 def _select_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Vectorised torch path: top-k of the packed keys (exact, no ties), then ascending order."""
+    """Vectorised torch path: top-k of the packed keys (exact, no ties), then ascending order;
+    float64 scores go through the threshold selection (:func:`_select_torch_fp64`)."""
+    if scores.dtype == torch.float64:
+        return _select_torch_fp64(scores, k)
     n = scores.shape[1]
     top = torch.topk(_packed_keys(scores), k, dim=1, sorted=False).values
     idx = (n - 1) - (top & 0xFFFFFFFF)
@@ -73,9 +106,13 @@ def _select_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
 def _select_row(score, offs, n, k, out_ptr, stride_on, BLOCK_N: tl.constexpr):
     """Store the top-k lanes of ``score`` ([BLOCK_N] fp32, lanes offs >= n ignored) ascending.
 
-    Writes k int64 positions to out_ptr + slot * stride_on, slot = 0..k-1.
+    Writes k int64 positions to out_ptr + slot * stride_on, slot = 0..k-1. A NaN score counts
+    as -inf (the rule of every selection path).
     """
     in_row = offs < n
+    # NaN counts as -inf; left as is, its packed key would depend on its sign bit (a negative
+    # NaN below -inf, a positive one above +inf). != is unordered: true for NaN only.
+    score = tl.where(score != score, float("-inf"), score)
     score = tl.where(offs == 0, float("inf"), score)  # [CLS] is always kept
     score = tl.where(score == 0.0, 0.0, score)        # -0.0 ties with +0.0, as in torch.sort
     # Packed sortable key: the fp32 bits mapped to an order-preserving signed int (flip every
@@ -117,7 +154,8 @@ def _select_kernel(
 
 
 def _select_triton(scores: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the selection kernel (k < n, n <= MAX_TRITON_N); padding forced to -inf if mask given."""
+    """Launch the selection kernel (k < n, n <= MAX_TRITON_N, fp16/bf16/fp32 scores); padding
+    forced to -inf if mask given."""
     B, n = scores.shape
     out = L.new_output((B, k), torch.int64, scores.device)
     block_n = L.next_power_of_2(n)
@@ -137,18 +175,20 @@ def select(scores: torch.Tensor, k: int, *, backend: str | None = None) -> torch
     """Positions to keep: top-k by score, [CLS] always kept, ties to the lower index, ascending.
 
     Args:
-        scores: [B, n] float32 (float16/bfloat16 are upcast exactly); -inf marks padding, which
-            then fills leftover slots lowest index first. Scores are expected to be non-NaN.
+        scores: [B, n] float32 (float16/bfloat16 are upcast exactly), or float64 (torch path
+            only: compared in float64). -inf marks padding, which then fills leftover slots
+            lowest index first. A NaN score counts as -inf, whatever its sign bit: it is never
+            preferred to a real token with a number, and ties with padding (lower index first).
         k: int >= 1.
-        backend: None (auto: Triton for CUDA tensors with n <= 512, else the torch path),
-            "triton" (n <= 512) or "torch".
+        backend: None (auto: Triton for CUDA tensors with n <= 512 and a float16/bfloat16/
+            float32 dtype, else the torch path), "triton" (n <= 512, not float64) or "torch".
     Returns:
         [B, k] int64 (``[B, n]`` = arange(n) per row when k >= n, without a launch); equal to
         :func:`select_ref` exactly.
     """
     B, n = L.check_scores(scores)
     k = L.check_k(k)
-    resolved = L.resolve_backend(backend, scores.device, n, L.MAX_TRITON_N)
+    resolved = L.resolve_backend(backend, scores.device, n, L.MAX_TRITON_N, ("scores", scores.dtype))
     if k >= n:
         return _keep_all(B, n, scores.device)
     if resolved == "triton":

@@ -27,9 +27,14 @@ def spec_scores(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def spec_keep(scores: torch.Tensor, k: int) -> list[int]:
-    """§2 for one sequence: [CLS] first, then by score descending, ties to the lower index."""
+    """§2 for one sequence: [CLS] first, then by score descending, ties to the lower index.
+
+    A NaN score counts as -inf, as padding does (Python's sort has no order for NaN).
+    """
     n = scores.numel()
-    order = sorted(range(n), key=lambda j: (0 if j == 0 else 1, -float(scores[j]), j))
+    values = [float(v) for v in scores.reshape(-1).tolist()]
+    values = [-math.inf if math.isnan(v) else v for v in values]
+    order = sorted(range(n), key=lambda j: (0 if j == 0 else 1, -values[j], j))
     return sorted(order[:k])
 
 

@@ -275,10 +275,12 @@ BAD = [
     (lambda a: a.update(q=a["q"][0]), ValueError, r"q must be 4-D"),
     (lambda a: a.update(k=a["k"][:, :, :4]), ValueError, r"k must have q's shape"),
     (lambda a: a.update(v=a["v"][:1]), ValueError, r"v must have q's shape"),
-    (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), TypeError,
-     r"q must be float16, bfloat16 or float32"),
-    (lambda a: a.update(q=a["q"].to(torch.int32)), TypeError, r"q must be float16"),
-    (lambda a: a.update(k=a["k"].half()), TypeError, r"k must have q's dtype"),
+    (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double(), backend="triton"),
+     TypeError, r"^backend='triton' does not support q of dtype float64; accepted: float16, bfloat16, "
+                r"float32 \(use backend='torch' or None for float64\)$"),
+    (lambda a: a.update(q=a["q"].to(torch.int32)), TypeError,
+     r"^q must be float16, bfloat16, float32 or float64, got int32$"),
+    (lambda a: a.update(k=a["k"].half()), TypeError, r"^k must have q's dtype float32, got float16$"),
     (lambda a: a.update(v=a["v"].to("meta")), ValueError, r"v must be on q's device"),
     (lambda a: a.update(mask=a["mask"].to("meta")), ValueError, r"mask must be on q's device"),
     (lambda a: a.update(**{t: a[t][..., :16] for t in "qkv"}), ValueError,
@@ -301,6 +303,31 @@ def test_bad_inputs(edit, exc, match):
     edit(args)
     with pytest.raises(exc, match=match):
         attention_with_significance(**args)
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_float64_runs_the_reference(backend, mask_kind):
+    """float64 inputs: backend None and "torch" run the reference in float64 and return float64
+    scores (rounding them to fp32 could merge two distinct fp64 scores before selection)."""
+    B, H, n, d = 2, 2, 9, 32
+    q, k, v = make_qkv(B, H, n, d, torch.float64, "cpu")
+    mask = make_mask(mask_kind, B, n, "cpu")
+    ctx, scores = attention_with_significance(q, k, v, mask, backend=backend)
+    want_ctx, want_scores = attention_with_significance_ref(q, k, v, mask)
+    assert ctx.dtype == torch.float64 and scores.dtype == torch.float64 and ctx.is_contiguous()
+    assert torch.equal(ctx, want_ctx) and torch.equal(scores, want_scores)
+    _, none = attention_with_significance(q, k, v, mask, backend=backend, need_scores=False)
+    assert none is None
+
+
+def test_float64_triton_refused_before_device_check(monkeypatch):
+    """The dtype error comes first and in one line, whatever the device or interpreter state."""
+    monkeypatch.setattr(attention, "_interpreting", lambda: False)
+    args = {name: t.double() if t.is_floating_point() else t for name, t in _good().items()}
+    with pytest.raises(TypeError, match="^backend='triton' does not support q of dtype float64") as err:
+        attention_with_significance(**args, backend="triton")
+    assert "\n" not in str(err.value)
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):

@@ -2,12 +2,13 @@
 import pytest
 import torch
 
-from kernel_inputs import make_mask
+from kernel_inputs import make_mask, nan_as_neginf, nan_of, with_nans
 
 import kernels.fused as fused_mod
 import kernels.gather_rows as gather_mod
 from kernels.fused import extract, extract_from_scores, extract_from_scores_ref, extract_ref
 from kernels.scores import significance_ref
+from kernels.topk import select_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -195,3 +196,130 @@ def test_extract_errors(monkeypatch, device):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         extract(probs, hidden, mask, 2, backend="triton")
+
+
+# ----------------------------------------------------------------------------- NaN
+
+
+def nan_probs(B, H, n, dtype, sign, device="cpu"):
+    """Quantised probabilities with NaNs of the given sign bit(s) sprinkled in (the significance
+    of every column that sums one becomes NaN), and one whole key column NaN in row 0."""
+    probs = make_probs(B, H, n, dtype)
+    where = torch.rand(B, H, n, n) < 0.02
+    where[0, :, :, min(2, n - 1)] = True
+    return with_nans(probs, where, sign).to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sign", ["pos", "neg", "mixed"])
+@pytest.mark.parametrize("mask_kind", ["none", "heavy", "cls"])
+def test_extract_nan_probs(dtype, sign, mask_kind, device):
+    """A column whose sum meets a NaN gets a NaN score, which counts as -inf: Triton and torch
+    select exactly what extract_ref selects."""
+    B, H, n, D = 2, 2, 19, 8
+    probs = nan_probs(B, H, n, dtype, sign, device)
+    hidden = torch.randn(B, n, D, device=device).to(dtype)
+    mask = make_mask(B, n, mask_kind, device=device)
+    scores = significance_ref(probs.double(), mask)
+    if mask_kind != "cls":
+        assert torch.isnan(scores).any()   # the test really exercises NaN scores
+    for k in (1, 3, 10, 18):
+        ref = fp64_ref(probs, hidden, mask, k)
+        # the rule, spelled out: the same as selecting on NaN -> -inf scores
+        assert torch.equal(ref[2], select_ref(nan_as_neginf(scores), k))
+        check(extract(probs, hidden, mask, k, backend="triton"), ref)
+        check(extract(probs, hidden, mask, k, backend="torch"), ref)
+
+
+def test_extract_nan_column_loses_to_numbers(device):
+    """Row with every non-[CLS] column NaN but one: that one is kept first, then NaN columns
+    by index, as padding would be."""
+    B, H, n, D = 1, 2, 8, 4
+    probs = make_probs(B, H, n, torch.float32)
+    probs[..., 1:5] = nan_of(torch.float32, False)
+    probs[..., 6:] = nan_of(torch.float32, True)
+    probs = probs.to(device)
+    hidden = torch.randn(B, n, D, device=device)
+    mask = make_mask(B, n, "none", device=device)
+    for backend in ("triton", "torch"):
+        assert extract(probs, hidden, mask, 2, backend=backend)[2].tolist() == [[0, 5]]
+        assert extract(probs, hidden, mask, 4, backend=backend)[2].tolist() == [[0, 1, 2, 5]]
+    assert extract_ref(probs, hidden, mask, 4)[2].tolist() == [[0, 1, 2, 5]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sign", ["pos", "neg", "mixed"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_extract_from_scores_nan(dtype, sign, backend, device):
+    """NaN scores (either sign, at [CLS] too, all-NaN row, at padding) through extract_from_scores."""
+    B, n, D = 3, 21, 6
+    scores = (torch.randint(0, 4, (B, n)).float() * 0.5).to(dtype)
+    where = torch.rand(B, n) < 0.3
+    where[:, 0] = True
+    where[2] = True                                    # an all-NaN row
+    scores = with_nans(scores, where, sign).to(device)
+    hidden = torch.randn(B, n, D, device=device).to(dtype)
+    mask = make_mask(B, n, "heavy", device=device)
+    for k in (1, 4, 13, 20):
+        ref = extract_from_scores_ref(scores, hidden, mask, k)
+        want = select_ref(nan_as_neginf(scores).masked_fill(mask == 0, float("-inf")), k)
+        assert torch.equal(ref[2], want)
+        check(extract_from_scores(scores, hidden, mask, k, backend=backend), ref)
+
+
+# ----------------------------------------------------------------------------- float64
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("quantise", [True, False])
+def test_extract_float64_torch_path(hidden_dtype, quantise):
+    """float64 probabilities are scored and selected in float64 on the torch path."""
+    B, H, n, D = 4, 3, 65, 16
+    probs = make_probs(B, H, n, torch.float64, quantise=quantise)
+    probs[0, ..., 7] = probs[0, ..., 3]              # repeated columns: near-ties
+    hidden = torch.randn(B, n, D).to(hidden_dtype)
+    mask = make_mask(B, n, "heavy")
+    for k in (1, 2, 20, 64):
+        ref = extract_ref(probs, hidden, mask, k)
+        check(extract(probs, hidden, mask, k, backend="torch"), ref)
+        check(extract(probs, hidden, mask, k), ref)  # auto: torch path for float64
+        scores = significance_ref(probs, mask)
+        assert scores.dtype == torch.float64
+        check(extract_from_scores(scores, hidden, mask, k, backend="torch"), ref)
+        check(extract_from_scores(scores, hidden, mask, k), ref)
+
+
+def test_extract_float64_distinct_in_fp64_only():
+    """Two columns whose fp64 significance differs below fp32 resolution: the higher wins."""
+    n = 4
+    probs = torch.full((1, 1, n, n), 0.25, dtype=torch.float64)
+    probs[0, 0, 1, 3] += 2.0 ** -40                 # column 3 gets a hair more than column 2
+    probs[0, 0, 1, 1] -= 2.0 ** -40                 # (the row still sums to 1; self term ignored)
+    hidden = torch.randn(1, n, 2, dtype=torch.float64)
+    mask = torch.ones(1, n, dtype=torch.bool)
+    s = significance_ref(probs, mask)
+    assert s[0, 3] > s[0, 2] and s.float()[0, 3] == s.float()[0, 2]
+    assert extract(probs, hidden, mask, 2, backend="torch")[2].tolist() == [[0, 3]]
+    assert extract_from_scores(s, hidden, mask, 2, backend="torch")[2].tolist() == [[0, 3]]
+
+
+def test_extract_float64_nan():
+    probs = nan_probs(2, 2, 15, torch.float64, "mixed")
+    hidden = torch.randn(2, 15, 4, dtype=torch.float64)
+    mask = make_mask(2, 15, "heavy")
+    for k in (1, 5, 14):
+        check(extract(probs, hidden, mask, k, backend="torch"), extract_ref(probs, hidden, mask, k))
+
+
+def test_extract_float64_triton_refused(device):
+    probs = make_probs(2, 2, 6, torch.float64, device=device)
+    hidden = torch.randn(2, 6, 4, dtype=torch.float64, device=device)
+    mask = make_mask(2, 6, "none", device=device)
+    with pytest.raises(TypeError, match=r"^backend='triton' does not support probs of dtype float64; "
+                                        r"accepted: float16, bfloat16, float32 \(use backend='torch'"):
+        extract(probs, hidden, mask, 2, backend="triton")
+    with pytest.raises(TypeError, match=r"^backend='triton' does not support scores of dtype float64"):
+        extract_from_scores(significance_ref(probs, mask), hidden, mask, 2, backend="triton")
+    # fp32 probs with fp64 hidden stay on Triton: the gather moves fp64 bit-exactly
+    p32 = make_probs(2, 2, 6, torch.float32, device=device)
+    check(extract(p32, hidden, mask, 2, backend="triton"), fp64_ref(p32, hidden, mask, 2))

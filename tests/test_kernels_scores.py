@@ -101,8 +101,12 @@ def test_significance_errors(monkeypatch):
         significance(p[0], m)
     with pytest.raises(ValueError, match="square"):
         significance(p[..., :4], m)
-    with pytest.raises(TypeError, match="probs has unsupported dtype float64"):
-        significance(p.double(), m)
+    with pytest.raises(TypeError, match=r"^backend='triton' does not support probs of dtype float64; "
+                                        r"accepted: float16, bfloat16, float32"):
+        significance(p.double(), m, backend="triton")
+    with pytest.raises(TypeError, match="probs has unsupported dtype int64; accepted: float16, bfloat16, "
+                                        "float32, float64"):
+        significance(p.long(), m, backend="triton")
     with pytest.raises(TypeError, match="probs has unsupported dtype int64"):
         significance(p.long(), m)
     with pytest.raises(TypeError, match="probs must be a torch.Tensor"):
@@ -116,3 +120,30 @@ def test_significance_errors(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         significance(p, m, backend="triton")
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "heavy", "cls"])
+def test_significance_float64(mask_kind):
+    """float64 probabilities: float64 scores, accumulated in float64 (torch path, also auto)."""
+    probs = make_probs(3, 4, 33, torch.float64)
+    mask = make_mask(3, 33, mask_kind)
+    ref = significance_ref(probs, mask)
+    for backend in ("torch", None):
+        got = significance(probs, mask, backend=backend)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+        assert torch.equal(torch.isneginf(got), mask == 0)
+
+
+def test_significance_nan_column(device):
+    """A NaN summed into a column makes that score NaN, on every path (selection then counts it
+    as -inf); a NaN on the diagonal or in a padded query row does not count."""
+    probs = make_probs(2, 2, 9, torch.float32, device)
+    mask = make_mask(2, 9, "none", device=device)
+    probs[0, 1, 4, 2] = float("nan")      # column 2 of row 0
+    probs[1, 0, 3, 3] = float("nan")      # diagonal: the self term is left out
+    want = torch.zeros(2, 9, dtype=torch.bool)
+    want[0, 2] = True
+    for backend in ("triton", "torch"):
+        assert torch.equal(torch.isnan(significance(probs, mask, backend=backend)).cpu(), want)
+    assert torch.equal(torch.isnan(significance_ref(probs, mask)).cpu(), want)

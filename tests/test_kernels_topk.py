@@ -2,7 +2,12 @@
 import pytest
 import torch
 
+from kernel_inputs import nan_as_neginf, nan_of, nan_sign_bits, with_nans
+from spec_reference import spec_keep
+
 from kernels.topk import select, select_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def make_scores(B, n, kind, device="cpu"):
@@ -115,3 +120,122 @@ def test_select_errors(monkeypatch, device):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         select(s, 2, backend="triton")
+
+
+# ----------------------------------------------------------------------------- NaN: counts as -inf
+
+
+def nan_scores(B, n, kind, dtype, sign, device="cpu"):
+    """Quantised scores (ties) with NaNs of the given sign bit(s). 'sprinkled': NaN at random
+    places; 'cls': NaN at position 0 too; 'all': every score NaN; 'padding': NaN among -inf
+    padding and a few numbers (NaN and -inf must tie, lower index first)."""
+    s = (torch.randint(0, 4, (B, n)).float() * 0.5).to(dtype)
+    where = torch.rand(B, n) < 0.3
+    if kind == "cls":
+        where[:, 0] = True
+    elif kind == "all":
+        where[:] = True
+    elif kind == "padding":
+        s[torch.rand(B, n) < 0.5] = float("-inf")
+        where = where | (torch.rand(B, n) < 0.2)
+    s = with_nans(s, where, sign)
+    if sign != "mixed" and where.any():  # the bits really are what the test claims
+        assert nan_sign_bits(s) == {sign == "neg"}
+    return s.to(device)
+
+
+def check_nan_rule(idx, scores, k):
+    """Equal to the reference, and to the rule spelled out (NaN replaced by -inf first), and
+    to the independent spec reference, row by row."""
+    check(idx, scores, k)
+    assert torch.equal(idx, select_ref(nan_as_neginf(scores), k))
+    for b in range(scores.shape[0]):
+        assert idx[b].tolist() == spec_keep(scores[b].cpu(), k)[: idx.shape[1]]
+
+
+def test_select_nan_semantics():
+    """The rule on one row, spelled out: NaN of either sign bit counts as -inf."""
+    for dtype in DTYPES + [torch.float64]:
+        pos, neg = nan_of(dtype, False), nan_of(dtype, True)
+        s = torch.tensor([[0.0, 1.0, 0.0, float("-inf"), 2.0, 0.0]], dtype=dtype)
+        s[0, 0], s[0, 2], s[0, 5] = pos, neg, pos      # NaN at [CLS], and among the others
+        want = {1: [0], 2: [0, 4], 3: [0, 1, 4], 4: [0, 1, 2, 4], 5: [0, 1, 2, 3, 4]}
+        for k, keep in want.items():
+            assert select_ref(s, k).tolist() == [keep], (dtype, k)
+            assert select(s, k, backend="torch").tolist() == [keep], (dtype, k)
+            assert spec_keep(s[0], k) == keep, (dtype, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sign", ["pos", "neg", "mixed"])
+@pytest.mark.parametrize("kind", ["sprinkled", "cls", "all", "padding"])
+def test_select_nan_counts_as_neginf(dtype, sign, kind, device):
+    """Both NaN sign bits, NaN at [CLS], all-NaN rows, NaN among -inf padding: every path
+    (torch, Triton) equals the reference exactly."""
+    B, n = 3, 13
+    scores = nan_scores(B, n, kind, dtype, sign, device)
+    for k in (1, 2, 5, 9, 12):
+        check_nan_rule(select(scores, k, backend="triton"), scores, k)
+        check_nan_rule(select(scores, k, backend="torch"), scores, k)
+
+
+@pytest.mark.parametrize("sign", ["pos", "neg", "mixed"])
+def test_select_nan_torch_path_large(sign):
+    scores = nan_scores(16, 300, "padding", torch.float32, sign)
+    for k in (1, 77, 150, 299):
+        check_nan_rule(select(scores, k, backend="torch"), scores, k)
+
+
+def test_select_nan_does_not_mutate(device):
+    scores = nan_scores(2, 9, "cls", torch.float32, "mixed", device)
+    bits = scores.view(torch.int32).clone()
+    select(scores, 3, backend="triton")
+    select(scores, 3, backend="torch")
+    select_ref(scores, 3)
+    assert torch.equal(scores.view(torch.int32), bits)
+
+
+# ----------------------------------------------------------------------------- float64
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "heavy", "cls", "cls_low"])
+@pytest.mark.parametrize("n,k", [(1, 1), (2, 1), (7, 3), (128, 77), (129, 128), (300, 150)])
+def test_select_float64_torch_path(n, k, kind):
+    """float64 scores are compared in float64 on the torch path (threshold selection)."""
+    scores = make_scores(8, n, kind).double()
+    check(select(scores, k, backend="torch"), scores, k)
+    check(select(scores, k), scores, k)  # auto on CPU = torch path
+
+
+def test_select_float64_distinct_in_fp64_only():
+    """Scores equal after rounding to fp32 but distinct in fp64: the higher one wins, not the
+    lower index (a path that rounded to fp32 would pick position 1)."""
+    s = torch.tensor([[0.0, 1.0, 1.0 + 2.0 ** -40, -0.0, 0.0, float("-inf")]], dtype=torch.float64)
+    assert s.float()[0, 1] == s.float()[0, 2]
+    for k in range(1, 6):
+        check(select(s, k, backend="torch"), s, k)
+    assert select(s, 2, backend="torch").tolist() == [[0, 2]]
+    assert select(s, 4, backend="torch").tolist() == [[0, 1, 2, 3]]  # -0.0 ties with +0.0
+
+
+@pytest.mark.parametrize("sign", ["pos", "neg", "mixed"])
+@pytest.mark.parametrize("kind", ["sprinkled", "cls", "all", "padding"])
+def test_select_float64_nan(sign, kind):
+    scores = nan_scores(4, 23, kind, torch.float64, sign)
+    for k in (1, 2, 7, 22):
+        check_nan_rule(select(scores, k, backend="torch"), scores, k)
+
+
+def test_select_float64_triton_refused(device):
+    s = make_scores(2, 6, "random", device).double()
+    with pytest.raises(TypeError, match=r"^backend='triton' does not support scores of dtype float64; "
+                                        r"accepted: float16, bfloat16, float32"):
+        select(s, 2, backend="triton")
+
+
+def test_select_float64_auto_picks_torch_on_cuda():
+    """backend=None: float64 takes the torch path even on CUDA (the kernels are fp16/bf16/fp32)."""
+    import kernels._launch as L
+    assert L.resolve_backend(None, torch.device("cuda"), 8, 512, ("scores", torch.float64)) == "torch"
+    assert L.resolve_backend(None, torch.device("cuda"), 8, 512, ("scores", torch.float32)) == "triton"
+    assert L.resolve_backend(None, torch.device("cpu"), 8, 512, ("scores", torch.float32)) == "torch"
