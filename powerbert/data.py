@@ -305,8 +305,7 @@ def _read_jsonl(path: Path, text: str) -> Table:
             raise ValueError(f"{path}:{number}: not a JSON object per line ({error})") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        if len(columns) < 1000:
-            columns.update(dict.fromkeys(row))
+        columns.update(dict.fromkeys(row))
         rows.append(row)
         lines.append(number)
     return Table(list(columns), rows, lines)

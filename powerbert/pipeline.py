@@ -40,10 +40,11 @@ rate, so r can travel about 1.5) bounded to [1e-3, 0.05]; see that function for 
 
 ``target_speedup`` (instead of ``lam``): ``find_lambda`` bisects log10(lambda) over
 [1e-5, 1e-1] (``target_trials`` trials). Each trial runs a one-epoch search on a seeded subset
-of ``target_subset`` training examples from the fine-tuned weights, reads the configuration and
-its vector ratio (``powerbert.vector_ratio``); a ratio below the target raises lambda, above it
-lowers lambda. The lambda whose trial ratio came closest (in log ratio) is used for the full
-search, so the final ratio is only about the target: the full search trains longer on more data.
+of ``target_subset`` training examples from the fine-tuned weights (at ``trial_lr_soft``: the
+full search's travel of r in the trial's fewer steps), reads the configuration and its vector
+ratio (``powerbert.vector_ratio``); a ratio below the target raises lambda, above it lowers
+lambda. The lambda whose trial ratio came closest (in log ratio) is used for the full search,
+so the final ratio is only about the target: the full search trains longer on more data.
 """
 from __future__ import annotations
 
@@ -95,6 +96,10 @@ LR_SOFT_MIN = 1e-3
 LR_SOFT_MAX = 0.05
 # A user-given lr_soft above this saturates r at 0 or 1 in a few steps (a warning says so).
 LR_SOFT_SATURATES = 0.1
+# The lambda trials of target_speedup compress the full search's travel of r into a few steps
+# (find_lambda); 0.5 is the most the reproduce study's trials used, and their ratios still
+# followed lambda monotonically there.
+LR_SOFT_TRIAL_MAX = 0.5
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
@@ -339,7 +344,7 @@ def step_settings(cfg: PipelineConfig, step: str) -> dict:
         f"{step}_epochs": cfg.epochs_for(step),
     }
     if step == "finetune":
-        settings["model"] = _model_fingerprint(cfg.model)
+        settings["model_fingerprint"] = _model_fingerprint(cfg.model)
     if step == "search":
         target = cfg.target_speedup is not None
         settings.update({
@@ -392,7 +397,7 @@ def _changes(old: dict, new: dict) -> str:
         a, b = old["settings"].get(name, "unset"), new["settings"].get(name, "unset")
         if a != b:
             label = {"data_sha256": "data content", "dev_sha256": "dev data content"}.get(name, name)
-            if name == "model":
+            if name == "model_fingerprint":
                 parts.append("model weights or config" + ("" if old["files"].get("model") == new["files"].get("model")
                                                           else f" ({old['files'].get('model')} -> {new['files'].get('model')})"))
             else:
@@ -829,6 +834,14 @@ def _search_lr_soft(cfg: PipelineConfig, train_size: int, epochs: int) -> float:
     return default_lr_soft(math.ceil(train_size / cfg.batch_size) * epochs)
 
 
+def trial_lr_soft(cfg: PipelineConfig, train_size: int, subset_size: int) -> float:
+    """lr_soft of a one-epoch lambda trial on ``subset_size`` examples (see ``find_lambda``)."""
+    epochs = max(1, cfg.epochs_for("search"))
+    full_steps = math.ceil(train_size / cfg.batch_size) * epochs
+    trial_steps = math.ceil(subset_size / cfg.batch_size)
+    return min(LR_SOFT_TRIAL_MAX, _search_lr_soft(cfg, train_size, epochs) * full_steps / trial_steps)
+
+
 def _lr_soft_warnings(cfg: PipelineConfig, train_size: int, epochs: int) -> list[str]:
     """Warnings about the retention vectors' learning rate, before the search runs."""
     steps = math.ceil(train_size / cfg.batch_size) * epochs
@@ -866,11 +879,18 @@ def find_lambda(cfg: PipelineConfig, task: Task, target: float, finetuned: Path)
     """Bisect log10(lambda) in [-5, -1] so that a short search reaches about ``target``x vector ratio.
 
     See the module docstring for the method. Returns ``(lambda, trials)``.
+
+    A trial is a proxy of the full search in fewer steps, so it runs at
+    ``trial_lr_soft``: the full search's lr_soft times its steps over the trial's (the same
+    total travel of r), at most ``LR_SOFT_TRIAL_MAX``. With the default lr_soft this is
+    3 / trial steps, as before the default was bounded.
     """
     subset_size = min(cfg.target_subset, len(task.train))
     g = torch.Generator().manual_seed(cfg.seed + 7)
     subset = TensorDataset(*task.train[torch.randperm(len(task.train), generator=g)[:subset_size]])
     trial_task = Task(task.labels, task.tokenizer, subset, task.dev)
+    trial_cfg = dataclasses.replace(cfg, progress=False,
+                                    lr_soft=trial_lr_soft(cfg, len(task.train), subset_size))
     lo, hi = -5.0, -1.0
     trials, best = [], None
     for trial in range(cfg.target_trials):
@@ -878,10 +898,10 @@ def find_lambda(cfg: PipelineConfig, task: Task, target: float, finetuned: Path)
         lam = 10.0 ** exponent
         seed_everything(cfg.seed + trial)
         model = load_model(finetuned)
-        trial_cfg = dataclasses.replace(cfg, progress=False)
         configuration, _, _, _ = _soft_search(model, trial_task, trial_cfg, lam, 1, None, None)
         ratio = powerbert.vector_ratio(configuration, cfg.max_length)
-        trials.append({"lambda": lam, "configuration": list(configuration), "vector_ratio": ratio})
+        trials.append({"lambda": lam, "configuration": list(configuration), "vector_ratio": ratio,
+                       "lr_soft": trial_cfg.lr_soft})
         log.info("target speedup %.2fx: trial %d lambda %.3g -> %s, vector ratio %.2fx", target, trial + 1, lam,
                  list(configuration), ratio)
         distance = abs(math.log(ratio / target))
@@ -1011,7 +1031,7 @@ def export(cfg: PipelineConfig, records: dict | None = None) -> dict:
         for key in keys.values():
             settings.update(key["settings"])
         for key in keys.values():
-            settings.update({k: v for k, v in key["files"].items() if v is not None or k not in settings})
+            settings.update(key["files"])  # data, dev and model paths
     else:  # step folders from before keys were recorded: the settings of this call, unverified
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "overwrite")}
         settings["unverified"] = [step for step, key in keys.items() if key is None]

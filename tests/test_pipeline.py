@@ -1,5 +1,6 @@
 """The three-step pipeline on a tiny random BERT and a synthetic task; training with elimination."""
 import csv
+import dataclasses
 import json
 import random
 
@@ -200,3 +201,16 @@ def test_target_speedup_bisects_lambda(pipeline_run, tmp_path):
     assert record["lambda"] == closest["lambda"]
     assert record["wall_s"] >= record["lambda_search_s"] > 0
     assert json.loads((tmp_path / "search" / "lambda.json").read_text())["lambda"] == record["lambda"]
+
+
+def test_lambda_trials_travel_as_far_as_the_full_search():
+    cfg = pipeline.PipelineConfig(data="d.csv", output="o", batch_size=32, search_epochs=1)
+    # the default lr_soft: 3 / trial steps, as the reproduce study's trials ran (4000 examples, subset 256)
+    assert pipeline.default_lr_soft(125) == pytest.approx(0.024)
+    assert pipeline.trial_lr_soft(cfg, 4000, 256) == pytest.approx(3 / 8)
+    # a small data set: the full search is capped at 0.05, and so is a trial over the same examples
+    assert pipeline.trial_lr_soft(cfg, 43, 43) == pytest.approx(0.05)
+    # a given lr_soft: the trial covers the full search's travel in fewer steps, at most 0.5
+    given = dataclasses.replace(cfg, lr_soft=1e-3)
+    assert pipeline.trial_lr_soft(given, 3200, 320) == pytest.approx(1e-2)
+    assert pipeline.trial_lr_soft(dataclasses.replace(cfg, lr_soft=3e-3), 96_000, 32) == pipeline.LR_SOFT_TRIAL_MAX
