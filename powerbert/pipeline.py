@@ -54,6 +54,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import random
 import shutil
@@ -92,6 +93,8 @@ MAX_LENGTH_KEY = "powerbert_max_length"
 # least 20 peak-rate steps between r = 1 and r = 0; it is 15x the paper's largest LR_SOFT
 # (2e-4 .. 3e-3 over thousands of steps, ALGORITHM.md §4) and above the 0.024 / 0.034 that the
 # reproduce study's 88-125 search steps gave. The floor 1e-3 is within the paper's range.
+# On a small data set the cap leaves r near 1, and a warning says that the search had too few
+# steps to learn a configuration (rather than hiding it behind a saturated one).
 LR_SOFT_MIN = 1e-3
 LR_SOFT_MAX = 0.05
 # A user-given lr_soft above this saturates r at 0 or 1 in a few steps (a warning says so).
@@ -160,7 +163,7 @@ class PipelineConfig:
         def number(name, value, low, *, low_open=False, high=None, high_open=False, optional=False):
             if value is None and optional:
                 return
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             if value < low or (low_open and value == low) or (high is not None and (
                     value > high or (high_open and value == high))):
@@ -171,7 +174,8 @@ class PipelineConfig:
         def integer(name, value, low, optional=False, high=None):
             if value is None and optional:
                 return
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+                    high and value > high):
                 raise ValueError(f"{name} must be an int >= {low}{f' and <= {high}' if high else ''}, got {value!r}")
 
         integer("max_length", self.max_length, 2)
@@ -261,6 +265,9 @@ def check_model_dir(path, *, max_length: int | None = None, weights: bool = True
     if model_type not in supported_model_types():
         raise ValueError(f"powerbert does not support model_type {model_type!r} ({path / 'config.json'}); "
                          f"supported: {', '.join(supported_model_types())}")
+    if config.get("is_decoder") or config.get("add_cross_attention"):
+        raise ValueError(f"{path / 'config.json'} configures a decoder (is_decoder/add_cross_attention); "
+                         f"PoWER-BERT elimination applies to bidirectional encoders only")
     if weights and not any((path / name).is_file() for name in WEIGHT_FILES):
         raise ValueError(f"{path} holds no model weights (none of {', '.join(WEIGHT_FILES)})")
     if tokenizer and not (any((path / name).is_file() for name in VOCABULARY_FILES) or any(path.glob("*.model"))):
@@ -1027,11 +1034,14 @@ def export(cfg: PipelineConfig, records: dict | None = None) -> dict:
 
     keys = {step: _read_key(_step_dir(cfg, step)) for step in STEPS}
     if all(key is not None for key in keys.values()):
-        settings = {}
-        for key in keys.values():
-            settings.update(key["settings"])
-        for key in keys.values():
-            settings.update(key["files"])  # data, dev and model paths
+        # one value per setting; {step: value} where the steps were run with different ones
+        per_step: dict[str, dict] = {}
+        for step, key in keys.items():
+            for name, value in {**key["settings"], **key["files"]}.items():
+                per_step.setdefault(name, {})[step] = value
+        settings = {name: next(iter(values.values())) if len({json.dumps(v, sort_keys=True)
+                                                              for v in values.values()}) == 1 else values
+                    for name, values in per_step.items()}
     else:  # step folders from before keys were recorded: the settings of this call, unverified
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "overwrite")}
         settings["unverified"] = [step for step, key in keys.items() if key is None]

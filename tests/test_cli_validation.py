@@ -433,3 +433,14 @@ def test_search_ending_with_every_layer_at_its_minimum_warns(trained, tmp_path, 
     record = json.loads((tmp_path / "search" / "done.json").read_text())
     assert record["configuration"] == [1, 1]
     assert any("every layer at its minimum" in w for w in record["warnings"])
+
+
+def test_step_commands_record_their_own_settings_in_metrics(tmp_path, model_dir, data):
+    out = tmp_path / "out"
+    common = ("--data", data, "--output", out, "--max-length", 16, "--epochs", 1, "--lr-bert", "1e-3", "--no-progress")
+    assert run_cli("finetune", "--model", model_dir, *common, "--batch-size", 16) == 0
+    assert run_cli("search", *common, "--batch-size", 8, "--lambda", "1e-2") == 0
+    assert run_cli("retrain", *common, "--batch-size", 8) == 0
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert settings["batch_size"] == {"finetune": 16, "search": 8, "retrain": 8}
+    assert settings["lambda"] == 1e-2 and settings["max_length"] == 16 and settings["model"] == str(model_dir)
