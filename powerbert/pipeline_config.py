@@ -1,0 +1,111 @@
+"""The settings of a pipeline run: ``PipelineConfig`` and the names of its three steps.
+
+Only settings live here (and ``PipelineConfig.check``, which validates them one by one), so that
+the pre-flight checks, the step cache and the pipeline itself can all read a configuration
+without importing each other. See ``powerbert.pipeline`` for what the settings do.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from powerbert import data as D
+
+# The pipeline's steps, in the order they run; each writes ``<output>/<step>/``.
+STEPS = ("finetune", "search", "retrain")
+
+
+@dataclass
+class PipelineConfig:
+    """Every setting of a pipeline run (the CLI flags map one to one).
+
+    ``task``: ``"auto"`` (the whole label column decides, ``data.infer_label_space``),
+    ``"classification"`` or ``"regression"``. ``overwrite``: recompute steps whose cached
+    settings differ instead of stopping (see the module docstring).
+    """
+
+    data: str
+    output: str
+    model: str | None = None  # pretrained HF folder (needed by finetune)
+    dev: str | None = None
+    dev_fraction: float = 0.1
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    task: str = "auto"
+    max_length: int = 64
+    epochs: int = 3
+    finetune_epochs: int | None = None
+    search_epochs: int | None = None
+    retrain_epochs: int | None = None
+    batch_size: int = 32
+    lr_bert: float = 3e-5
+    lr_soft: float | None = None
+    lam: float | None = 1e-3
+    target_speedup: float | None = None
+    target_trials: int = 5
+    target_subset: int = 512
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_train_examples: int | None = None
+    max_dev_examples: int | None = None
+    seed: int = 0
+    progress: bool = True
+    overwrite: bool = False
+
+    def epochs_for(self, step: str) -> int:
+        """Epochs of ``step`` (one of ``STEPS``): its own ``<step>_epochs`` if set, else ``epochs``."""
+        value = getattr(self, f"{step}_epochs")
+        return self.epochs if value is None else value
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad setting and its accepted range."""
+
+        def number(name, value, low, *, low_open=False, high=None, high_open=False, optional=False):
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if value < low or (low_open and value == low) or (high is not None and (
+                    value > high or (high_open and value == high))):
+                bounds = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}" \
+                         f"{')' if high_open or high is None else ']'}"
+                raise ValueError(f"{name} must be in {bounds}, got {value!r}")
+
+        def integer(name, value, low, optional=False, high=None):
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+                    high and value > high):
+                raise ValueError(f"{name} must be an int >= {low}{f' and <= {high}' if high else ''}, got {value!r}")
+
+        integer("max_length", self.max_length, 2)
+        integer("epochs", self.epochs, 1)
+        integer("batch_size", self.batch_size, 1)
+        for step in STEPS:
+            integer(f"{step}_epochs", getattr(self, f"{step}_epochs"), 0, optional=True)
+        integer("target_trials", self.target_trials, 1)
+        integer("target_subset", self.target_subset, 1)
+        integer("max_train_examples", self.max_train_examples, 1, optional=True)
+        integer("max_dev_examples", self.max_dev_examples, 1, optional=True)
+        integer("seed", self.seed, 0, high=2**32 - 1)  # numpy's seed range
+        if self.dev is None:
+            number("dev_fraction", self.dev_fraction, 0, low_open=True, high=1, high_open=True)
+        number("lr_bert", self.lr_bert, 0, low_open=True)
+        number("lr_soft", self.lr_soft, 0, low_open=True, optional=True)
+        number("target_speedup", self.target_speedup, 1, optional=True)
+        if self.target_speedup is None:
+            if self.lam is None:
+                raise ValueError("give lambda (lam) or target_speedup")
+            number("lambda", self.lam, 0)
+        number("warmup", self.warmup, 0, high=1, high_open=True)
+        number("weight_decay", self.weight_decay, 0)
+        number("max_grad_norm", self.max_grad_norm, 0)
+        if self.task not in D.TASKS:
+            raise ValueError(f"task must be one of {', '.join(D.TASKS)}, got {self.task!r}")
+        if not self.data:
+            raise ValueError("no data file given")
+        if not self.output:
+            raise ValueError("no output folder given")
