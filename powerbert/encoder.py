@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
 from powerbert.families import Family, family_named, resolve
+from powerbert.layout import real_tokens_first, static_shapes_now
 
 # The keyword through which BaseForward hands the encoder a record to fill (every supported
 # base model passes its **kwargs on to the encoder).
@@ -121,8 +122,11 @@ class EncoderForward:
         # layer's vectors or probabilities, it runs in full.
         cls_only_last = (record is not None and record.get("cls_only", False)
                          and hidden_states_out is None and not need_probs)
-        positions = None
-        if record is not None:
+        if padded:
+            # Real tokens first (any padding side), all-padding columns dropped unless static.
+            trim = not static_shapes_now(getattr(self.runner, "static_shapes", None))
+            hidden, mask, positions, padded = real_tokens_first(hidden, mask, trim=trim)
+        else:
             positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         if hidden_states_out is not None:
             hidden_states_out.append(hidden)
@@ -131,7 +135,7 @@ class EncoderForward:
                                      need_probs=need_probs, cls_only_last=cls_only_last)
             out = _run_layer(parts.module, step, hidden, mask)
             hidden, mask, indices, probs = out
-            if positions is not None and indices is not None:
+            if indices is not None:
                 positions = torch.gather(positions, 1, indices)
             if hidden_states_out is not None:
                 hidden_states_out.append(hidden)

@@ -33,12 +33,14 @@ class HardExtract:
         cls_only_last_layer: run the last layer for [CLS] alone (sequence-level heads).
         selection: ``"attention"``, ``"first"`` or ``"random"``.
         config_saved: ``{key: (had_it, value)}`` of the config keys patch wrote.
+        static_shapes: None (auto), True or False; see ``layout.static_shapes_now``.
     """
 
     retention: tuple[int, ...]
     cls_only_last_layer: bool
     selection: str
     config_saved: dict[str, tuple[bool, Any]]
+    static_shapes: bool | None = None
 
     installed_message = (
         "model is already patched by powerbert (its encoder, possibly through the model that holds it); "
@@ -68,7 +70,7 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
-          selection: str | None = None) -> nn.Module:
+          selection: str | None = None, static_shapes: bool | None = None) -> nn.Module:
     """Make ``model`` eliminate word vectors (PoWER-BERT), in place.
 
     Args:
@@ -85,6 +87,14 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
             ``model.config.powerbert_selection`` if present, else ``"attention"``. An ablation
             strategy is stored in the config (``powerbert_selection``) so it survives
             ``save_pretrained``.
+        static_shapes: the token layout (``powerbert/layout.py``). Every layout moves each row's
+            real tokens to the front (left padding works like right padding). Dynamic
+            (``False``) also drops the columns that are padding in every row, so inputs padded
+            to ``max_length`` cost what dynamically padded ones cost, at one host
+            synchronisation per forward and output lengths that follow the batch. Static
+            (``True``) keeps the input's shape: no synchronisation, for CUDA graphs and
+            ``torch.compile``. None (default, CPU and CUDA): dynamic, static while
+            ``torch.compile`` traces or a CUDA graph is captured.
 
     Returns:
         The same ``model``. ``model.config.powerbert_retention`` holds the configuration, so
@@ -114,12 +124,15 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
         selection = getattr(config, SELECTION_KEY, "attention")
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if static_shapes not in (None, True, False):
+        raise TypeError(f"static_shapes must be None, True or False, got {static_shapes!r}")
 
     runner = HardExtract(
         retention=retention,
         cls_only_last_layer=bool(cls_only_last_layer and cls_only_head),
         selection=selection,
         config_saved={key: (key in config.__dict__, config.__dict__.get(key)) for key in (CONFIG_KEY, SELECTION_KEY)},
+        static_shapes=static_shapes,
     )
     install(model, family, base, runner, cls_only_head=runner.cls_only_last_layer)
     setattr(config, CONFIG_KEY, list(retention))

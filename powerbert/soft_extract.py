@@ -123,7 +123,9 @@ class SoftExtract(nn.Module):
         # (soft.parameters() is the retention vectors only).
         object.__setattr__(self, "_model", None)
 
-    # The layer runner interface of ``encoder.EncoderForward``.
+    # The layer runner interface of ``encoder.EncoderForward``. Training keeps the input's
+    # shape (the retention vectors are indexed by rank up to N): reorder, never trim.
+    static_shapes = True
     installed_message = "model already has a soft extract attached; call soft.detach() first"
 
     def check(self, count: int) -> None:
