@@ -8,6 +8,8 @@ Triton path, at most two launches and no host synchronisation:
   2. ``_gather_kernel`` (kernels.gather_rows): the kept hidden rows and mask entries.
 ``extract_from_scores`` starts from scores computed elsewhere (e.g. inside the attention
 kernel): launch 1 is then the plain selection kernel.
+float64 probabilities / scores take the torch path (scored and selected in float64); a NaN
+score counts as -inf on both paths (kernels.topk).
 """
 from __future__ import annotations
 

@@ -1,9 +1,13 @@
 """Top-k selection of the word vectors to keep (spec §2, steps 1-3).
 
 Keep the k highest-scoring positions, [CLS] (position 0) always kept, ties broken by the lower
-index, and return them sorted ascending. Top to bottom: the eager reference, the vectorised
-torch path, the Triton kernel (and the per-row helper the fused extract kernel shares), the
-launcher, the public function.
+index, and return them sorted ascending. A NaN score counts as -inf, whatever its sign bit (the
+same as padding: never preferred to a real token with a number), on every path: the reference,
+the torch path, the Triton kernel and the fused extract kernel that shares its row helper.
+float64 scores are compared in float64 (torch path and reference only).
+
+Top to bottom: the eager reference, the vectorised torch path, the Triton kernel (and the
+per-row helper the fused extract kernel shares), the launcher, the public function.
 """
 from __future__ import annotations
 
