@@ -80,17 +80,20 @@ def _select_and_gather(fused, first: torch.Tensor, hidden: torch.Tensor, mask: t
     The Triton gather has no backward, and selection is not differentiable anyway: the kernels
     give the indices, and only the gathered vectors carry gradients.
     """
+    # The Triton kernels take fp16/bf16/fp32; float64 stays on the torch path even when forced.
+    backend = None if first.dtype == torch.float64 else _forced_backend
     if _needs_autograd(hidden):
         with torch.no_grad():
-            _, mask_kept, indices = fused(first.detach(), hidden.detach(), mask, k, backend=_forced_backend)
+            _, mask_kept, indices = fused(first.detach(), hidden.detach(), mask, k, backend=backend)
         return gather_rows(hidden, indices), mask_kept, indices
-    return fused(first, hidden, mask, k, backend=_forced_backend)
+    return fused(first, hidden, mask, k, backend=backend)
 
 
 def attention_with_significance(q, k, v, mask):
     """Triton attention that also returns significance scores (no n x n probabilities stored).
 
-    q, k, v ``[B, H, n, d]``, mask ``[B, n]`` bool -> ``(context [B, H, n, d], scores [B, n] fp32)``.
+    q, k, v ``[B, H, n, d]``, mask ``[B, n]`` bool -> ``(context [B, H, n, d], scores [B, n] fp32,
+    float64 for float64 inputs)``.
     """
     return kernels.attention_with_significance(q, k, v, mask, backend=_forced_backend)
 

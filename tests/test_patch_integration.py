@@ -344,3 +344,14 @@ def test_bare_model_traces_in_one_graph_with_its_extra_outputs():
     assert torch.equal(out.kept_positions, expected.kept_positions)
     assert torch.equal(out.kept_mask, expected.kept_mask)
     assert len(out.hidden_states) == LAYERS + 1
+
+
+def test_float64_model_runs_when_the_triton_backend_is_forced():
+    from powerbert import ops
+
+    model = powerbert.patch(build(BertModel).double(), RETENTION)
+    inputs = batch()
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+        with ops.use_backend("triton"):
+            torch.testing.assert_close(model(**inputs).last_hidden_state, expected, atol=0, rtol=0)
