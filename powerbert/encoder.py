@@ -94,8 +94,9 @@ class EncoderForward:
     Attributes:
         encoder: the module whose forward this replaces.
         family: ``Family.name`` (a name, so that the object pickles).
-        runner: the layer runner: ``runner.layer(index, count, parts, hidden, mask, *, padded,
-            need_probs, cls_only_last) -> layer.LayerOutput``, and ``runner.check(count)``.
+        runner: the layer runner: ``runner.plan(mask, *, static)`` (per-batch keep counts, or
+            None), ``runner.layer(index, count, parts, hidden, mask, *, padded, need_probs,
+            cls_only_last, plan) -> layer.LayerOutput``, and ``runner.check(count)``.
         saved_forward: ``(had_one, value)``: the encoder's own instance ``forward`` before, if any.
         head: class name of the head that got a ``HeadForward``, or None.
     """
@@ -122,19 +123,22 @@ class EncoderForward:
         # layer's vectors or probabilities, it runs in full.
         cls_only_last = (record is not None and record.get("cls_only", False)
                          and hidden_states_out is None and not need_probs)
+        static = static_shapes_now(getattr(self.runner, "static_shapes", None))
         if padded:
             # Real tokens first (any padding side), all-padding columns dropped unless static.
-            trim = not static_shapes_now(getattr(self.runner, "static_shapes", None))
-            hidden, mask, positions, padded = real_tokens_first(hidden, mask, trim=trim)
+            hidden, mask, positions, padded = real_tokens_first(hidden, mask, trim=not static)
         else:
             positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        plan = self.runner.plan(mask, static=static)
         if hidden_states_out is not None:
             hidden_states_out.append(hidden)
         for index, parts in enumerate(layers):
             step = functools.partial(self.runner.layer, index, len(layers), parts, padded=padded,
-                                     need_probs=need_probs, cls_only_last=cls_only_last)
+                                     need_probs=need_probs, cls_only_last=cls_only_last, plan=plan)
             out = _run_layer(parts.module, step, hidden, mask)
             hidden, mask, indices, probs = out
+            if plan is not None and isinstance(plan[index], tuple):
+                padded = True  # rows kept different counts: the unused slots are padding
             if indices is not None:
                 positions = torch.gather(positions, 1, indices)
             if hidden_states_out is not None:

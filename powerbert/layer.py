@@ -112,7 +112,7 @@ def eliminating_layer(
     parts: LayerParts,
     hidden: torch.Tensor,
     mask: torch.Tensor,
-    keep: int,
+    keep,
     *,
     padded: bool,
     cls_only: bool = False,
@@ -125,7 +125,9 @@ def eliminating_layer(
         parts: the layer's modules.
         hidden: ``[B, n, D]`` vectors entering the layer.
         mask: ``[B, n]`` bool, True for real tokens.
-        keep: k_l, vectors kept after this layer's attention; ``keep >= n`` keeps all.
+        keep: k_l, vectors kept after this layer's attention (an int; ``keep >= n`` keeps all),
+            or ``(k_rows [B] int64, width)``: row i keeps ``k_rows[i]`` and the output has
+            ``width`` slots, a row's unused slots masked as padding (proportional retention).
         padded: False when the batch is known to hold no padding (lets attention skip the mask).
         cls_only: compute only the [CLS] output (lossless when the caller reads only [CLS],
             e.g. the last layer under a sequence-classification head). Ignored with
@@ -139,9 +141,10 @@ def eliminating_layer(
 
     Returns:
         ``LayerOutput(hidden [B, k', D], mask [B, k'], indices, probs)`` with ``k' = min(keep, n)``
-        (1 if ``cls_only``).
+        (``min(width, n)`` per row, 1 if ``cls_only``).
     """
     n = hidden.shape[1]
+    k, width = keep if isinstance(keep, tuple) else (keep, None)
     attn_mask = mask if padded else None
     k_proj = split_heads(parts.key, hidden, parts.num_heads)
     v_proj = split_heads(parts.value, hidden, parts.num_heads)
@@ -155,7 +158,7 @@ def eliminating_layer(
 
     q_proj = split_heads(parts.query, hidden, parts.num_heads)
     probs = attention_probs(q_proj, k_proj, attn_mask) if need_probs else None
-    if keep >= n:
+    if width is None and k >= n:
         # Nothing to eliminate: no scores needed, so use fused SDPA like the stock model.
         if probs is None:
             context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
@@ -171,13 +174,13 @@ def eliminating_layer(
             context = _context_from_probs(parts, probs, v_proj)
         scores = baseline_scores(selection, mask)
         attention, mask, indices = ops.extract_from_scores(
-            scores, attention_output(parts, context, hidden), mask, keep)
+            scores, attention_output(parts, context, hidden), mask, k, width=width)
         return LayerOutput(feed_forward(parts, attention), mask, indices, probs)
 
     if probs is None and ops.fused_attention_available(hidden, q_proj.shape[-1]):
         # GPU path: scores come out of the attention kernel; no [B, H, n, n] in memory.
         context, scores = ops.attention_with_significance(q_proj, k_proj, v_proj, mask)
-        context, mask, indices = ops.extract_from_scores(scores, merge_heads(context), mask, keep)
+        context, mask, indices = ops.extract_from_scores(scores, merge_heads(context), mask, k, width=width)
         residual = ops.gather_rows(hidden, indices)
         attention = parts.attn_norm(parts.attn_dropout(parts.attn_out(context)) + residual)
         return LayerOutput(feed_forward(parts, attention), mask, indices, None)
@@ -188,8 +191,9 @@ def eliminating_layer(
     else:
         returned = probs
 
-    residual, mask, indices = ops.extract(probs, hidden, mask, keep)
+    residual, mask, indices = ops.extract(probs, hidden, mask, k, width=width)
     batch, heads, _, _ = probs.shape
-    rows = torch.gather(probs, 2, indices.view(batch, 1, keep, 1).expand(batch, heads, keep, n))
+    kept = indices.shape[1]
+    rows = torch.gather(probs, 2, indices.view(batch, 1, kept, 1).expand(batch, heads, kept, n))
     context = _context_from_probs(parts, rows, v_proj)  # [B, H, k, d]
     return LayerOutput(feed_forward(parts, attention_output(parts, context, residual)), mask, indices, returned)

@@ -59,22 +59,24 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index)
 
 
-def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: int):
+def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, width: int | None = None):
     """Score, select and gather (ALGORITHM.md §1-§2) through the fused kernel.
 
     Args:
         probs: ``[B, H, n, n]`` attention probabilities of this layer (fp32/fp16/bf16).
         hidden: ``[B, n, D]`` vectors to gather (any float dtype).
         mask: ``[B, n]`` bool, True for real tokens.
-        k: vectors to keep (k >= n keeps everything).
+        k: vectors to keep (k >= n keeps everything), or a ``[B]`` int64 tensor: row i keeps
+            ``k[i]`` (then ``width`` output slots; unused slots are padding in ``mask_kept``).
 
     Returns:
-        ``(hidden_kept [B, k', D], mask_kept [B, k'], indices [B, k'] int64)``, ``k' = min(k, n)``.
+        ``(hidden_kept [B, k', D], mask_kept [B, k'], indices [B, k'] int64)``, ``k' = min(k, n)``
+        (``min(width, n)`` for a per-row k).
     """
-    return _select_and_gather(kernels.extract, probs, hidden, mask, k)
+    return _select_and_gather(kernels.extract, probs, hidden, mask, k, width)
 
 
-def _select_and_gather(fused, first: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: int):
+def _select_and_gather(fused, first: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, width):
     """Run ``fused(first, hidden, mask, k)``; under autograd gather with differentiable torch ops.
 
     The Triton gather has no backward, and selection is not differentiable anyway: the kernels
@@ -82,11 +84,12 @@ def _select_and_gather(fused, first: torch.Tensor, hidden: torch.Tensor, mask: t
     """
     # The Triton kernels take fp16/bf16/fp32; float64 stays on the torch path even when forced.
     backend = None if first.dtype == torch.float64 else _forced_backend
+    shape = {} if width is None else {"width": width}  # a per-row k comes with its output width
     if _needs_autograd(hidden):
         with torch.no_grad():
-            _, mask_kept, indices = fused(first.detach(), hidden.detach(), mask, k, backend=backend)
+            _, mask_kept, indices = fused(first.detach(), hidden.detach(), mask, k, backend=backend, **shape)
         return gather_rows(hidden, indices), mask_kept, indices
-    return fused(first, hidden, mask, k, backend=backend)
+    return fused(first, hidden, mask, k, backend=backend, **shape)
 
 
 def attention_with_significance(q, k, v, mask):
@@ -98,9 +101,10 @@ def attention_with_significance(q, k, v, mask):
     return kernels.attention_with_significance(q, k, v, mask, backend=_forced_backend)
 
 
-def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: int):
+def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k,
+                        width: int | None = None):
     """Select by precomputed ``scores [B, n]`` fp32 and gather ``hidden [B, n, D]`` and ``mask``.
 
-    Returns ``(hidden_kept, mask_kept, indices)`` as :func:`extract`.
+    ``k`` and ``width`` and the result as :func:`extract`.
     """
-    return _select_and_gather(kernels.extract_from_scores, scores, hidden, mask, k)
+    return _select_and_gather(kernels.extract_from_scores, scores, hidden, mask, k, width)

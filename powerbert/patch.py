@@ -18,10 +18,11 @@ from torch import nn
 from powerbert.encoder import check_model_dtype, install, installed, refuse_installed, uninstall
 from powerbert.families import LayerParts, resolve
 from powerbert.layer import SELECTIONS, LayerOutput, eliminating_layer
-from powerbert.retention import validate_retention
+from powerbert.retention import is_proportional, row_keep_counts, validate_minimum, validate_retention
 
 CONFIG_KEY = "powerbert_retention"
 SELECTION_KEY = "powerbert_selection"  # stored only for the ablation strategies
+MINIMUM_KEY = "powerbert_retention_min"  # stored only when a proportional configuration has one
 
 
 @dataclass
@@ -29,18 +30,20 @@ class HardExtract:
     """The layer runner of a patched model (ALGORITHM.md §2), and what ``unpatch`` restores.
 
     Attributes:
-        retention: (k_1, ..., k_L).
+        retention: (k_1, ..., k_L) ints (fixed) or (f_1, ..., f_L) floats (proportional).
         cls_only_last_layer: run the last layer for [CLS] alone (sequence-level heads).
         selection: ``"attention"``, ``"first"`` or ``"random"``.
         config_saved: ``{key: (had_it, value)}`` of the config keys patch wrote.
         static_shapes: None (auto), True or False; see ``layout.static_shapes_now``.
+        minimum: per-layer minimums m_l of a proportional configuration, or None (all 1).
     """
 
-    retention: tuple[int, ...]
+    retention: tuple
     cls_only_last_layer: bool
     selection: str
     config_saved: dict[str, tuple[bool, Any]]
     static_shapes: bool | None = None
+    minimum: tuple[int, ...] | None = None
 
     installed_message = (
         "model is already patched by powerbert (its encoder, possibly through the model that holds it); "
@@ -54,10 +57,31 @@ class HardExtract:
                 f"{len(self.retention)}; unpatch and patch again"
             )
 
+    def plan(self, mask: torch.Tensor, *, static: bool) -> list | None:
+        """What each layer keeps for this batch: None for a fixed configuration (``retention[l]``),
+        else one entry per layer: an int (every row keeps that many: the plain top-k path) or
+        ``(k_rows [B] int64, width)`` (row i keeps ``k_rows[i]``; outputs ``width`` slots).
+
+        Dynamic layout: one host synchronisation for every layer's width. Static: the widths
+        of a full-length row, so shapes depend on the input shape only.
+        """
+        if not is_proportional(self.retention):
+            return None
+        lengths = mask.sum(dim=1)
+        counts = row_keep_counts(self.retention, self.minimum, lengths)  # [L, B]
+        if static:
+            full = torch.tensor([mask.shape[1]])
+            return [(counts[layer], width) for layer, width in
+                    enumerate(row_keep_counts(self.retention, self.minimum, full)[:, 0].tolist())]
+        stats = torch.stack([counts.max(dim=1).values, counts.min(dim=1).values], dim=1).tolist()
+        # Rows keeping the same count take the plain top-k path (no per-row bookkeeping).
+        return [high if high == low else (counts[layer], high) for layer, (high, low) in enumerate(stats)]
+
     def layer(self, index: int, count: int, parts: LayerParts, hidden: torch.Tensor, mask: torch.Tensor, *,
-              padded: bool, need_probs: bool, cls_only_last: bool) -> LayerOutput:
+              padded: bool, need_probs: bool, cls_only_last: bool, plan: list | None = None) -> LayerOutput:
+        keep = self.retention[index] if plan is None else plan[index]
         return eliminating_layer(
-            parts, hidden, mask, self.retention[index], padded=padded,
+            parts, hidden, mask, keep, padded=padded,
             cls_only=self.cls_only_last_layer and cls_only_last and index == count - 1,
             selection=self.selection, need_probs=need_probs,
         )
@@ -70,15 +94,19 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
-          selection: str | None = None, static_shapes: bool | None = None) -> nn.Module:
+          selection: str | None = None, static_shapes: bool | None = None, retention_min=None) -> nn.Module:
     """Make ``model`` eliminate word vectors (PoWER-BERT), in place.
 
     Args:
         model: a supported Hugging Face model (``powerbert.supported_models()``), any
             ``attn_implementation``; it is modified in place.
-        retention: one int per encoder layer, non-increasing, each >= 1: ``retention[l]`` word
-            vectors survive layer ``l + 1``'s attention. None reads
+        retention: one entry per encoder layer, non-increasing. Ints >= 1 (fixed):
+            ``retention[l]`` word vectors survive layer ``l + 1``'s attention in every sequence.
+            Floats in (0, 1] (proportional, ALGORITHM.md §8): sequence i keeps
+            ``min(k_{l-1,i}, max(m_l, ceil(f_l * len_i)))`` of its len_i real tokens. None reads
             ``model.config.powerbert_retention`` (stored by an earlier patch + ``save_pretrained``).
+        retention_min: proportional only: the per-layer minimum m_l, an int >= 1 or one per
+            layer (default 1). None reads ``model.config.powerbert_retention_min`` if present.
         cls_only_last_layer: for heads that read only [CLS] (sequence classification, multiple
             choice), compute the last layer for [CLS] alone. Lossless; ignored for bare models,
             whose ``last_hidden_state`` returns the k_L survivors.
@@ -119,7 +147,12 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
                 f"no retention given and model.config has no '{CONFIG_KEY}': pass retention=[k_1, ..., "
                 f"k_{len(layers)}] or load a model saved after powerbert.patch"
             )
+        if retention_min is None:
+            retention_min = getattr(config, MINIMUM_KEY, None)
     retention = validate_retention(retention, len(layers), getattr(config, "max_position_embeddings", None))
+    minimum = validate_minimum(retention_min, len(layers))
+    if minimum is not None and not is_proportional(retention):
+        raise ValueError("retention_min applies to a proportional configuration (floats); this one is fixed (ints)")
     if selection is None:
         selection = getattr(config, SELECTION_KEY, "attention")
     if selection not in SELECTIONS:
@@ -131,15 +164,19 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
         retention=retention,
         cls_only_last_layer=bool(cls_only_last_layer and cls_only_head),
         selection=selection,
-        config_saved={key: (key in config.__dict__, config.__dict__.get(key)) for key in (CONFIG_KEY, SELECTION_KEY)},
+        config_saved={key: (key in config.__dict__, config.__dict__.get(key))
+                      for key in (CONFIG_KEY, SELECTION_KEY, MINIMUM_KEY)},
         static_shapes=static_shapes,
+        minimum=minimum,
     )
     install(model, family, base, runner, cls_only_head=runner.cls_only_last_layer)
     setattr(config, CONFIG_KEY, list(retention))
-    if selection != "attention":
-        setattr(config, SELECTION_KEY, selection)
-    elif SELECTION_KEY in config.__dict__:
-        delattr(config, SELECTION_KEY)
+    for key, value in ((SELECTION_KEY, None if selection == "attention" else selection),
+                       (MINIMUM_KEY, None if minimum is None else list(minimum))):
+        if value is not None:
+            setattr(config, key, value)
+        elif key in config.__dict__:
+            delattr(config, key)
     return model
 
 
@@ -170,6 +207,6 @@ def patch_state(model: nn.Module) -> HardExtract:
     return installed(model).runner
 
 
-def patched_retention(model: nn.Module) -> tuple[int, ...]:
+def patched_retention(model: nn.Module) -> tuple:
     """The retention configuration a patched model runs with."""
     return patch_state(model).retention

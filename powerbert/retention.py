@@ -1,36 +1,52 @@
-"""The retention configuration (k_1, ..., k_L): validation and ideal speedups.
+"""The retention configuration: validation, per-sequence keep counts and ideal speedups.
 
-ALGORITHM.md §2 defines the configuration, §6 the cost model the ideals come from.
+Two kinds (ALGORITHM.md §2 and §8):
+* fixed: ints (k_1, ..., k_L), the same number of slots for every sequence of a batch;
+* proportional: floats 1 >= f_1 >= ... >= f_L > 0, a share of each sequence's own length:
+  ``k_{l,i} = min(k_{l-1,i}, max(m_l, ceil(f_l * len_i)))`` with ``k_{0,i} = len_i`` and optional
+  per-layer minimums m_l (default 1).
+§6 gives the cost model the ideals come from.
 """
 from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
 
+import torch
 
-def validate_retention(retention, num_layers: int, max_length: int | None = None) -> tuple[int, ...]:
-    """Check a retention configuration and return it as a tuple of ints.
+
+def is_proportional(retention: Sequence) -> bool:
+    """True for a proportional configuration (floats), False for a fixed one (ints)."""
+    return any(isinstance(value, float) for value in retention)
+
+
+def validate_retention(retention, num_layers: int, max_length: int | None = None) -> tuple:
+    """Check a retention configuration and return it as a tuple of ints or of floats.
 
     Args:
-        retention: one positive int per encoder layer, non-increasing: ``retention[l]`` is the
-            number of word vectors kept after layer ``l + 1``'s attention.
+        retention: one entry per encoder layer, non-increasing. Ints >= 1 (fixed):
+            ``retention[l]`` word vectors are kept after layer ``l + 1``'s attention. Floats in
+            (0, 1] (proportional): that share of each sequence's real tokens is kept.
         num_layers: L, the number of encoder layers (applications) of the model.
-        max_length: if given, the largest sensible entry (the model's maximum input length).
+        max_length: if given, the largest sensible int entry (the model's maximum input length).
 
     Raises:
-        TypeError: ``retention`` is not a sequence of ints.
-        ValueError: wrong length, an entry below 1 or above ``max_length``, or an entry larger
-            than the one before it (the configuration must not grow).
+        TypeError: ``retention`` is not a sequence of ints or of floats (not a mix).
+        ValueError: wrong length, an entry out of range, or an entry larger than the one before
+            it (the configuration must not grow).
     """
     if isinstance(retention, (str, bytes)) or not isinstance(retention, Sequence):
         raise TypeError(
-            f"retention must be a sequence of {num_layers} ints (one per layer), got {type(retention).__name__}"
+            f"retention must be a sequence of {num_layers} ints or floats (one per layer), "
+            f"got {type(retention).__name__}"
         )
     if len(retention) != num_layers:
         raise ValueError(
             f"retention has {len(retention)} entries but the model has {num_layers} layers; "
-            f"give one int per layer"
+            f"give one int (or one float) per layer"
         )
+    if is_proportional(retention):
+        return _validate_fractions(retention)
     values = []
     for layer, k in enumerate(retention):
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
@@ -50,14 +66,78 @@ def validate_retention(retention, num_layers: int, max_length: int | None = None
     return tuple(values)
 
 
+def _validate_fractions(retention) -> tuple[float, ...]:
+    values: list[float] = []
+    for layer, f in enumerate(retention):
+        if not isinstance(f, float):
+            raise TypeError(
+                f"retention[{layer}] = {f!r}: a proportional configuration is all floats in (0, 1] "
+                f"(write 1.0, not 1); ints are a fixed configuration"
+            )
+        if not (0.0 < f <= 1.0):
+            raise ValueError(f"retention[{layer}] = {f!r}: a fraction must be in (0, 1]")
+        if values and f > values[-1]:
+            raise ValueError(
+                f"retention must be non-increasing: retention[{layer}] = {f} > retention[{layer - 1}] = {values[-1]}"
+            )
+        values.append(f)
+    return tuple(values)
+
+
+def validate_minimum(minimum, num_layers: int) -> tuple[int, ...] | None:
+    """Per-layer minimum m_l of a proportional configuration: None, one int >= 1 for every
+    layer, or one int >= 1 per layer. Returns the per-layer tuple or None (all 1)."""
+    if minimum is None:
+        return None
+    if isinstance(minimum, numbers.Integral) and not isinstance(minimum, bool):
+        minimum = [int(minimum)] * num_layers
+    if isinstance(minimum, (str, bytes)) or not isinstance(minimum, Sequence) or len(minimum) != num_layers:
+        raise ValueError(f"retention_min must be an int >= 1 or {num_layers} ints >= 1 (one per layer), got {minimum!r}")
+    for layer, m in enumerate(minimum):
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+            raise ValueError(f"retention_min[{layer}] = {m!r}: must be an int >= 1")
+    return tuple(int(m) for m in minimum)
+
+
+def row_keep_counts(fractions: Sequence[float], minimum: Sequence[int] | None,
+                    lengths: torch.Tensor) -> torch.Tensor:
+    """Vectors each sequence keeps after each layer under a proportional configuration (§8).
+
+    Args:
+        fractions: (f_1, ..., f_L). minimum: (m_1, ..., m_L) or None (all 1).
+        lengths: ``[B]`` integer tensor, len_i = real tokens of sequence i ([CLS], [SEP] included).
+
+    Returns:
+        ``[L, B]`` int64 on the lengths' device: ``k_{l,i} = min(k_{l-1,i}, max(m_l, ceil(f_l len_i)))``,
+        ``k_{0,i} = len_i``, product and ceil in float64.
+    """
+    length = lengths.to(torch.float64)
+    keep = lengths.to(torch.int64)
+    rows = []
+    for layer, fraction in enumerate(fractions):
+        m = 1 if minimum is None else minimum[layer]
+        share = torch.ceil(length * fraction).to(torch.int64).clamp(min=m)
+        keep = torch.minimum(keep, share)
+        rows.append(keep)
+    return torch.stack(rows)
+
+
+def keep_counts(retention: Sequence, seq_len: int, minimum: Sequence[int] | None = None) -> list[int]:
+    """Vectors kept after each layer for one sequence of ``seq_len`` real tokens, either kind."""
+    if is_proportional(retention):
+        return row_keep_counts(retention, minimum, torch.tensor([seq_len]))[:, 0].tolist()
+    return effective_lengths(retention, seq_len)
+
+
 def effective_lengths(retention: Sequence[int], seq_len: int) -> list[int]:
     """Vectors that leave each layer for inputs of length ``seq_len``: ``min(k_l, seq_len)``."""
     return [min(int(k), seq_len) for k in retention]
 
 
-def vector_ratio(retention: Sequence[int], seq_len: int) -> float:
-    """Ideal speedup by vectors processed: ``L * N / sum_l min(k_l, N)`` (ALGORITHM.md §6)."""
-    return len(retention) * seq_len / sum(effective_lengths(retention, seq_len))
+def vector_ratio(retention: Sequence, seq_len: int, minimum: Sequence[int] | None = None) -> float:
+    """Ideal speedup by vectors processed for a sequence of ``seq_len`` tokens:
+    ``L * N / sum_l k_l`` (ALGORITHM.md §6), with k_l as :func:`keep_counts` gives it."""
+    return len(retention) * seq_len / sum(keep_counts(retention, seq_len, minimum))
 
 
 def layer_flops(n_in: int, k_out: int, hidden: int, intermediate: int) -> int:
@@ -65,11 +145,26 @@ def layer_flops(n_in: int, k_out: int, hidden: int, intermediate: int) -> int:
     return 4 * n_in * hidden**2 + 2 * n_in**2 * hidden + 2 * k_out * hidden * intermediate
 
 
-def flops_ideal(retention: Sequence[int], seq_len: int, hidden: int, intermediate: int) -> float:
+def flops_ideal(retention: Sequence, seq_len: int, hidden: int, intermediate: int,
+                minimum: Sequence[int] | None = None) -> float:
     """Ideal speedup by the §6 cost model: stock multiply-adds over patched multiply-adds."""
     stock = len(retention) * layer_flops(seq_len, seq_len, hidden, intermediate)
     patched, n_in = 0, seq_len
-    for k in effective_lengths(retention, seq_len):
+    for k in keep_counts(retention, seq_len, minimum):
         patched += layer_flops(n_in, k, hidden, intermediate)
         n_in = k
+    return stock / patched
+
+
+def ideal_vs_dynamic_padding(retention: Sequence, batches: Sequence[Sequence[int]],
+                             minimum: Sequence[int] | None = None) -> float:
+    """The ideal speedup against stock with dynamic padding (ALGORITHM.md §8): stock token-layers,
+    each batch padded to its longest, over the patched token-layers ``sum_i sum_l k_{l,i}``.
+
+    Args:
+        batches: the real lengths of the sequences of each batch, as the caller batches them.
+    """
+    layers = len(retention)
+    stock = sum(layers * max(lengths) * len(lengths) for lengths in batches)
+    patched = sum(sum(keep_counts(retention, length, minimum)) for lengths in batches for length in lengths)
     return stock / patched

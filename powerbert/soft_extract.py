@@ -132,8 +132,11 @@ class SoftExtract(nn.Module):
         if count != self.retention.shape[0]:
             raise RuntimeError(f"the model now has {count} encoder layers, the soft extract {self.retention.shape[0]}")
 
+    def plan(self, mask: torch.Tensor, *, static: bool) -> None:
+        return None  # nothing is removed: every layer keeps the input's shape
+
     def layer(self, index: int, count: int, parts: LayerParts, hidden: torch.Tensor, mask: torch.Tensor, *,
-              padded: bool, need_probs: bool, cls_only_last: bool) -> LayerOutput:
+              padded: bool, need_probs: bool, cls_only_last: bool, plan=None) -> LayerOutput:
         if hidden.shape[1] > self.max_length:
             raise ValueError(f"input length {hidden.shape[1]} exceeds the soft extract's max_length {self.max_length}")
         hidden, probs = soft_extract_layer(parts, hidden, mask, self.retention[index], padded=padded,
