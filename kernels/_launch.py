@@ -34,6 +34,9 @@ TRITON_PTR = {
     torch.uint8: "*u8",
 }
 AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The per-row-k variants (ROW_K) differ from the int-k kernels only in dtype-independent code
+# (load and clamp a k, store filler zeros): one score dtype per variant keeps the AOT check short.
+AOT_ROW_K_DTYPES = (torch.bfloat16,)
 
 
 def next_power_of_2(n: int) -> int:
@@ -144,13 +147,54 @@ def check_indices(indices, B: int, n: int) -> int:
 
 
 def check_k(k) -> int:
-    """k must be a Python integer >= 1 (a tensor would force a host sync)."""
+    """k must be a Python integer >= 1 (reading a tensor's value would force a host sync; a
+    per-row [B] tensor goes through :func:`check_k_width`)."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int >= 1, got {type(k).__name__}")
+        raise TypeError(f"k must be an int >= 1 or a [B] integer tensor, got {type(k).__name__}")
     k = int(k)
     if k < 1:
         raise ValueError(f"k must be an int >= 1, got {k}")
     return k
+
+
+# Integer dtypes a per-row k may have (the kernels load it in its own dtype and clamp there).
+ROW_K_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_width(width) -> int:
+    """width (the output slots of a per-row k) must be a Python integer >= 1."""
+    if width is None:
+        raise TypeError("width is required when k is a [B] tensor: pass width=int >= 1 "
+                        "(the output slots, >= max k; it fixes the shape without a host sync)")
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral):
+        raise TypeError(f"width must be an int >= 1, got {type(width).__name__}")
+    if width < 1:
+        raise ValueError(f"width must be an int >= 1, got {int(width)}")
+    return int(width)
+
+
+def check_k_width(k, width, B: int, n: int, device: torch.device, device_of: str = "scores") -> tuple:
+    """Check k and width; returns ``(k, W)``.
+
+    An int k: ``(k, None)``; ``width`` must then be None (the int sets the output width).
+    A per-row k: a [B] integer tensor on ``device`` (that of the input named ``device_of``;
+    values unchecked: reading them would be a
+    host sync; the kernels clamp each to [1, W]) and ``W = min(width, n)``.
+    """
+    if not isinstance(k, torch.Tensor):
+        k = check_k(k)
+        if width is not None:
+            raise ValueError(f"width is only for a per-row [B] tensor k; an int k (here {k}) sets "
+                             f"the output width itself, got width={width!r}")
+        return k, None
+    if k.dim() != 1 or k.shape[0] != B:
+        raise ValueError(f"k as a tensor must have shape [B] = [{B}] (one k per row), got {list(k.shape)}")
+    if k.dtype not in ROW_K_DTYPES:
+        names = ", ".join(dtype_name(d) for d in ROW_K_DTYPES)
+        raise TypeError(f"k as a tensor has unsupported dtype {dtype_name(k.dtype)}; accepted: {names}")
+    if k.device != device:
+        raise ValueError(f"k as a tensor must be on {device_of}' device {device}, got {k.device}")
+    return k, min(check_width(width), n)
 
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:

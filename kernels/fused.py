@@ -10,6 +10,11 @@ Triton path, at most two launches and no host synchronisation:
 kernel): launch 1 is then the plain selection kernel.
 float64 probabilities / scores take the torch path (scored and selected in float64); a NaN
 score counts as -inf on both paths (kernels.topk).
+
+A per-row k ([B] integer tensor with an output ``width``, spec §8): both launches take it. The
+selection writes row i's k_i' = min(max(k_i, 1), W) positions and 0 in its filler slots; the
+gather copies the filler slots' rows (hidden[b, 0]) and stores their mask entries as 0, so
+filler slots are padding downstream. Still two launches, no host sync, no extra torch op.
 """
 from __future__ import annotations
 
@@ -20,28 +25,45 @@ import triton.language as tl
 from kernels import _launch as L
 from kernels.gather_rows import _gather_torch, _gather_triton, gather_ref
 from kernels.scores import _colsum, _significance_torch, significance_ref
-from kernels.topk import _keep_all, _select_row, _select_torch, _select_triton, select_ref
+from kernels.topk import (_keep_all, _row_k, _select_row, _select_torch, _select_torch_rows, _select_triton,
+                          select_ref)
 
 
 # ----------------------------------------------------------------------------- reference
 
 
-def extract_ref(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: int):
+def _filler_as_padding_ref(mask_kept: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Reference: with a per-row k, slots j >= k_i' = min(max(k_i, 1), W) of row i are filler
+    and their mask entries padding (0 in the mask's dtype)."""
+    W = mask_kept.shape[1]
+    mask_kept = mask_kept.clone()
+    for b, kb in enumerate(k.tolist()):
+        mask_kept[b, min(max(kb, 1), W):] = 0
+    return mask_kept
+
+
+def extract_ref(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, *, width: int | None = None):
     """Eager reference of the extract layer: significance_ref -> select_ref -> gather_ref.
 
     Args:
         probs: [B, H, n, n] float softmax attention probabilities (float64 scored in float64).
-        hidden: [B, n, D] float. mask: [B, n] bool/int/float (1 real, 0 padding). k: int >= 1.
+        hidden: [B, n, D] float. mask: [B, n] bool/int/float (1 real, 0 padding).
+        k: int >= 1, or a [B] integer tensor (one k per row) with ``width`` (int >= 1).
         A column whose sum meets a NaN gets a NaN score, which selection counts as -inf.
     Returns:
-        (hidden_kept [B, k, D] hidden.dtype, mask_kept [B, k] mask.dtype, indices [B, k] int64);
-        k >= n returns (hidden, mask, arange(n) per row) with hidden and mask unchanged.
+        int k: (hidden_kept [B, k, D] hidden.dtype, mask_kept [B, k] mask.dtype, indices [B, k]
+        int64); k >= n returns (hidden, mask, arange(n) per row) with hidden and mask unchanged.
+        Tensor k: [B, W] / [B, W, D] outputs, W = min(width, n); indices as select_ref's, the
+        rows and mask entries gathered by them, mask_kept 0 in the filler slots.
     """
     B, _, n, _ = probs.shape
-    if k >= n:
+    if not isinstance(k, torch.Tensor) and k >= n:
         return hidden, mask, _keep_all(B, n, hidden.device)
-    indices = select_ref(significance_ref(probs, mask), k)
+    row_k = {} if width is None else {"width": width}
+    indices = select_ref(significance_ref(probs, mask), k, **row_k)
     hidden_kept, mask_kept = gather_ref(hidden, mask, indices)
+    if isinstance(k, torch.Tensor):
+        mask_kept = _filler_as_padding_ref(mask_kept, k)
     return hidden_kept, mask_kept, indices
 
 
@@ -50,11 +72,13 @@ def extract_ref(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k
 
 @triton.jit
 def _score_select_kernel(
-    probs_ptr, mask_ptr, out_ptr, n, H, k,
-    stride_pb, stride_ph, stride_pi, stride_pj, stride_mb, stride_mn, stride_ob, stride_ok,
-    BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
+    probs_ptr, mask_ptr, out_ptr, k_ptr, n, H, k,
+    stride_pb, stride_ph, stride_pi, stride_pj, stride_mb, stride_mn, stride_ob, stride_ok, stride_k,
+    ROW_K: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid: (B,); one program scores and selects one whole batch row
+    # grid: (B,); one program scores and selects one whole batch row.
+    # k: the slots of an output row. Without ROW_K every row keeps k (k_ptr, stride_k unused);
+    # with ROW_K, k is the width W and row b keeps min(max(k_ptr[b], 1), W), the rest 0.
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     acc = _colsum(probs_ptr, mask_ptr, b, offs, n, H,
@@ -63,7 +87,11 @@ def _score_select_kernel(
     real = tl.load(mask_ptr + b * stride_mb + offs.to(tl.int64) * stride_mn,
                    mask=offs < n, other=0).to(tl.float32) != 0
     score = tl.where(real, acc, float("-inf"))  # a padding key is never preferred to a real one
-    _select_row(score, offs, n, k, out_ptr + b * stride_ob, stride_ok, BLOCK_N)
+    if ROW_K:
+        _select_row(score, offs, n, _row_k(k_ptr, b, stride_k, k), k,
+                    out_ptr + b * stride_ob, stride_ok, True, BLOCK_N)
+    else:
+        _select_row(score, offs, n, k, k, out_ptr + b * stride_ob, stride_ok, False, BLOCK_N)
 
 
 def _block_sizes(n: int) -> tuple[int, int]:
@@ -71,15 +99,19 @@ def _block_sizes(n: int) -> tuple[int, int]:
     return L.colsum_block_i(block_n), block_n
 
 
-def _score_select_triton(probs: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+def _score_select_triton(probs: torch.Tensor, mask: torch.Tensor, k, width: int | None = None) -> torch.Tensor:
+    """Launch 1: k an int < n, or a [B] integer tensor with ``width`` = W <= n slots."""
     B, H, n, _ = probs.shape
-    out = L.new_output((B, k), torch.int64, probs.device)
+    row_k = width is not None
+    slots = width if row_k else k
+    out = L.new_output((B, slots), torch.int64, probs.device)
     m = L.mask_for_kernel(mask)
+    k_rows = k if row_k else out                                  # dummy pointer for an int k
     block_i, block_n = _block_sizes(n)
     _score_select_kernel[(B,)](
-        probs, m, out, n, H, k,
-        *probs.stride(), *m.stride(), *out.stride(),
-        BLOCK_I=block_i, BLOCK_N=block_n, num_warps=L.num_warps_for(block_i * block_n),
+        probs, m, out, k_rows, n, H, slots,
+        *probs.stride(), *m.stride(), *out.stride(), k_rows.stride(0),
+        ROW_K=row_k, BLOCK_I=block_i, BLOCK_N=block_n, num_warps=L.num_warps_for(block_i * block_n),
     )
     return out
 
@@ -87,8 +119,9 @@ def _score_select_triton(probs: torch.Tensor, mask: torch.Tensor, k: int) -> tor
 # ----------------------------------------------------------------------------- public
 
 
-def _check_extract(first_name, first, hidden, mask, k, backend):
-    """Shared checks of extract / extract_from_scores; returns (k, resolved backend).
+def _check_extract(first_name, first, hidden, mask, k, width, backend):
+    """Shared checks of extract / extract_from_scores; returns (k, W, resolved backend), W None
+    for an int k.
 
     The backend follows probs' / scores' dtype (float64: torch path); the gather moves hidden
     in any accepted dtype, float64 included, on either path.
@@ -96,12 +129,21 @@ def _check_extract(first_name, first, hidden, mask, k, backend):
     B, n = first.shape[0], first.shape[-1]
     L.check_mask(mask, B, n)
     L.check_hidden(hidden, B, n)
-    k = L.check_k(k)
     device = L.check_same_device(**{first_name: first}, hidden=hidden, mask=mask)
-    return k, L.resolve_backend(backend, device, n, L.MAX_TRITON_N, (first_name, first.dtype))
+    k, W = L.check_k_width(k, width, B, n, device, first_name)
+    return k, W, L.resolve_backend(backend, device, n, L.MAX_TRITON_N, (first_name, first.dtype))
 
 
-def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: int, *, backend: str | None = None):
+def _gather_torch_rows(hidden, mask, scores, k, W):
+    """Torch path of a per-row k: select on ``scores`` (padding already -inf), gather, and
+    mark the filler slots as padding (one masked_fill on the [B, W] mask)."""
+    indices, filler = _select_torch_rows(scores, k, W)
+    hidden_kept, mask_kept = _gather_torch(hidden, mask, indices)
+    return hidden_kept, mask_kept.masked_fill(filler, 0), indices
+
+
+def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, *, width: int | None = None,
+            backend: str | None = None):
     """Hard extract layer (spec §2): keep the k most significant word vectors of each sequence.
 
     Args:
@@ -111,17 +153,29 @@ def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: in
             score counts as -inf: never preferred to a real token with a number.
         hidden: [B, n, D] float16/bfloat16/float32/float64 hidden states, may be non-contiguous.
         mask: [B, n] bool, or int/float with 1 = real token, 0 = padding.
-        k: int >= 1, vectors to keep.
+        k: int >= 1, vectors to keep; or a [B] int64/int32/int16/int8/uint8 tensor on probs'
+            device, one k per row (spec §8; never read on the host).
+        width: required with a tensor k, forbidden with an int k: the output slots, int >= 1
+            (the caller's promise: >= max k). W = min(width, n).
         backend: None (auto: Triton for CUDA tensors with n <= 512 and fp16/bf16/fp32 probs,
             else the vectorised torch path), "triton" (two launches, n <= 512, not float64)
             or "torch".
     Returns:
-        (hidden_kept [B, k, D] hidden.dtype, mask_kept [B, k] mask.dtype, indices [B, k] int64
-        ascending, [CLS] included). k >= n: (hidden, mask, arange(n) per row), the same
+        int k: (hidden_kept [B, k, D] hidden.dtype, mask_kept [B, k] mask.dtype, indices [B, k]
+        int64 ascending, [CLS] included). k >= n: (hidden, mask, arange(n) per row), the same
         hidden/mask objects, no launch.
+        Tensor k: (hidden_kept [B, W, D], mask_kept [B, W], indices [B, W]), always selected
+        (no k >= n shortcut): row i's k_i' = min(max(k_i, 1), W) kept positions in slots
+        j < k_i' as with an int k, filler slots j >= k_i' with index 0, hidden row hidden[i, 0]
+        and mask 0 (padding): mask_kept[i, j] = mask[i, indices[i, j]] if j < k_i' else 0.
     """
     B, H, n = L.check_probs(probs)
-    k, resolved = _check_extract("probs", probs, hidden, mask, k, backend)
+    k, W, resolved = _check_extract("probs", probs, hidden, mask, k, width, backend)
+    if W is not None:
+        if resolved == "triton":
+            indices = _score_select_triton(probs, mask, k, width=W)
+            return (*_gather_triton(hidden, mask, indices, k_rows=k), indices)
+        return _gather_torch_rows(hidden, mask, _significance_torch(probs, mask), k, W)
     if k >= n:
         return hidden, mask, _keep_all(B, n, hidden.device)
     if resolved == "triton":
@@ -133,20 +187,25 @@ def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: in
     return hidden_kept, mask_kept, indices
 
 
-def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: int, *,
-                        backend: str | None = None):
+def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, *,
+                        width: int | None = None, backend: str | None = None):
     """Extract layer from precomputed significance scores (e.g. from the attention kernel).
 
     Args:
         scores: [B, n] float32 (float16/bfloat16 upcast exactly; float64 on the torch path
             only, compared in float64) significance scores; positions with mask == 0 are
             treated as -inf whatever their score, and a NaN score counts as -inf.
-        hidden, mask, k, backend: as in :func:`extract`.
+        hidden, mask, k, width, backend: as in :func:`extract` (a tensor k on scores' device).
     Returns:
         As :func:`extract`.
     """
     B, n = L.check_scores(scores)
-    k, resolved = _check_extract("scores", scores, hidden, mask, k, backend)
+    k, W, resolved = _check_extract("scores", scores, hidden, mask, k, width, backend)
+    if W is not None:
+        if resolved == "triton":
+            indices = _select_triton(scores, k, mask=mask, width=W)
+            return (*_gather_triton(hidden, mask, indices, k_rows=k), indices)
+        return _gather_torch_rows(hidden, mask, scores.masked_fill(mask == 0, float("-inf")), k, W)
     if k >= n:
         return hidden, mask, _keep_all(B, n, hidden.device)
     if resolved == "triton":
@@ -158,18 +217,23 @@ def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.
     return hidden_kept, mask_kept, indices
 
 
-def extract_from_scores_ref(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k: int):
-    """Eager reference of :func:`extract_from_scores` (same shapes and dtypes)."""
+def extract_from_scores_ref(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, *,
+                            width: int | None = None):
+    """Eager reference of :func:`extract_from_scores` (same shapes and dtypes, same k / width)."""
     B, n = scores.shape
-    if k >= n:
+    if not isinstance(k, torch.Tensor) and k >= n:
         return hidden, mask, _keep_all(B, n, hidden.device)
-    indices = select_ref(scores.masked_fill(mask == 0, float("-inf")), k)
+    row_k = {} if width is None else {"width": width}
+    indices = select_ref(scores.masked_fill(mask == 0, float("-inf")), k, **row_k)
     hidden_kept, mask_kept = gather_ref(hidden, mask, indices)
+    if isinstance(k, torch.Tensor):
+        mask_kept = _filler_as_padding_ref(mask_kept, k)
     return hidden_kept, mask_kept, indices
 
 
 def aot_specs(n: int = 128):
-    """(name, jit_fn, signature, constexprs) of the fused kernel, per probs dtype, for kernels.aot.
+    """(name, jit_fn, signature, constexprs) of the fused kernel for kernels.aot: per probs
+    dtype, and the per-row-k variant (ROW_K) in L.AOT_ROW_K_DTYPES.
 
     Launch 2 of the fused path is kernels.gather_rows._gather_kernel, compiled by its own specs.
     """
@@ -177,11 +241,14 @@ def aot_specs(n: int = 128):
     specs = []
     for dt in L.AOT_DTYPES:
         sig = {
-            "probs_ptr": L.TRITON_PTR[dt], "mask_ptr": "*i64", "out_ptr": "*i64", "n": "i32", "H": "i32",
-            "k": "i32", "stride_pb": "i64", "stride_ph": "i32", "stride_pi": "i32", "stride_pj": "i32",
-            "stride_mb": "i32", "stride_mn": "i32", "stride_ob": "i32", "stride_ok": "i32",
-            "BLOCK_I": "constexpr", "BLOCK_N": "constexpr",
+            "probs_ptr": L.TRITON_PTR[dt], "mask_ptr": "*i64", "out_ptr": "*i64", "k_ptr": "*i64",
+            "n": "i32", "H": "i32", "k": "i32", "stride_pb": "i64", "stride_ph": "i32", "stride_pi": "i32",
+            "stride_pj": "i32", "stride_mb": "i32", "stride_mn": "i32", "stride_ob": "i32", "stride_ok": "i32",
+            "stride_k": "i32", "ROW_K": "constexpr", "BLOCK_I": "constexpr", "BLOCK_N": "constexpr",
         }
-        specs.append((f"score_select[{L.dtype_name(dt)}]", _score_select_kernel, sig,
-                      {"BLOCK_I": block_i, "BLOCK_N": block_n}))
+        consts = {"BLOCK_I": block_i, "BLOCK_N": block_n}
+        specs.append((f"score_select[{L.dtype_name(dt)}]", _score_select_kernel, sig, {**consts, "ROW_K": False}))
+        if dt in L.AOT_ROW_K_DTYPES:
+            specs.append((f"score_select_rows[{L.dtype_name(dt)}]", _score_select_kernel, sig,
+                          {**consts, "ROW_K": True}))
     return specs

@@ -49,12 +49,14 @@ def _gather_torch(hidden: torch.Tensor, mask: torch.Tensor, indices: torch.Tenso
 
 @triton.jit
 def _gather_kernel(
-    hidden_ptr, mask_ptr, idx_ptr, out_h_ptr, out_m_ptr, k, D,
+    hidden_ptr, mask_ptr, idx_ptr, out_h_ptr, out_m_ptr, k_ptr, k, D,
     stride_hb, stride_hn, stride_hd, stride_mb, stride_mn, stride_ib, stride_ik,
-    stride_ob, stride_ok, stride_od, stride_omb, stride_omk,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_ob, stride_ok, stride_od, stride_omb, stride_omk, stride_k,
+    ROW_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # grid: (B, cdiv(k, BLOCK_K)); one program copies BLOCK_K kept rows of one batch row
+    # grid: (B, cdiv(k, BLOCK_K)); one program copies BLOCK_K kept rows of one batch row.
+    # ROW_K (per-row k of the selection): slots r >= min(max(k_ptr[b], 1), k) are filler, and
+    # their mask entries are stored as 0 (padding); without it k_ptr, stride_k are unused.
     b = tl.program_id(0).to(tl.int64)
     offs_r = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     r_in = offs_r < k
@@ -63,6 +65,9 @@ def _gather_kernel(
     # Pure data movement, no arithmetic: values are copied in their own dtype (bit-exact for
     # every dtype, fp64 included), so the interpreter's bf16 arithmetic issue does not arise.
     m = tl.load(mask_ptr + b * stride_mb + rows * stride_mn, mask=r_in)
+    if ROW_K:
+        k_row = tl.minimum(tl.maximum(tl.load(k_ptr + b * stride_k), 1), k)  # as kernels.topk._row_k
+        m = tl.where(offs_r < k_row, m, 0)
     tl.store(out_m_ptr + b * stride_omb + offs_r.to(tl.int64) * stride_omk, m, mask=r_in)
     src = hidden_ptr + b * stride_hb + rows[:, None] * stride_hn
     dst = out_h_ptr + b * stride_ob + offs_r.to(tl.int64)[:, None] * stride_ok
@@ -79,17 +84,22 @@ def _block_sizes(k: int, D: int) -> tuple[int, int]:
     return block_k, block_d
 
 
-def _gather_triton(hidden: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor):
+def _gather_triton(hidden: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor,
+                   k_rows: torch.Tensor | None = None):
+    """Launch the gather. k_rows: the [B] per-row k of a selection with filler slots (indices
+    [B, W]); slot r of row b with r >= min(max(k_rows[b], 1), W) then gets mask 0 (padding)."""
     B, _, D = hidden.shape
     k = indices.shape[1]
     out_h = L.new_output((B, k, D), hidden.dtype, hidden.device)
     out_m = L.new_output((B, k), mask.dtype, mask.device)
     m_in, m_out = L.mask_for_kernel(mask), L.mask_for_kernel(out_m)
+    k_ptr = k_rows if k_rows is not None else indices             # dummy pointer without it
     block_k, block_d = _block_sizes(k, D)
     grid = (B, triton.cdiv(k, block_k))
     _gather_kernel[grid](
-        hidden, m_in, indices, out_h, m_out, k, D,
+        hidden, m_in, indices, out_h, m_out, k_ptr, k, D,
         *hidden.stride(), *m_in.stride(), *indices.stride(), *out_h.stride(), *m_out.stride(),
+        k_ptr.stride(0), ROW_K=k_rows is not None,
         BLOCK_K=block_k, BLOCK_D=block_d, num_warps=L.num_warps_for(block_k * block_d),
     )
     return out_h, out_m
@@ -119,16 +129,22 @@ def gather(hidden: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, *, b
 
 
 def aot_specs(k: int = 77, D: int = 768):
-    """(name, jit_fn, signature, constexprs) of every kernel here, per hidden dtype, for kernels.aot."""
+    """(name, jit_fn, signature, constexprs) of every kernel here, for kernels.aot: per hidden
+    dtype, and the per-row-k variant (ROW_K: filler slots masked as padding) in
+    L.AOT_ROW_K_DTYPES."""
     block_k, block_d = _block_sizes(k, D)
     specs = []
     for dt in L.AOT_DTYPES:
         sig = {
             "hidden_ptr": L.TRITON_PTR[dt], "mask_ptr": "*i64", "idx_ptr": "*i64",
-            "out_h_ptr": L.TRITON_PTR[dt], "out_m_ptr": "*i64", "k": "i32", "D": "i32",
+            "out_h_ptr": L.TRITON_PTR[dt], "out_m_ptr": "*i64", "k_ptr": "*i64", "k": "i32", "D": "i32",
             "stride_hb": "i64", "stride_hn": "i32", "stride_hd": "i32", "stride_mb": "i32", "stride_mn": "i32",
             "stride_ib": "i32", "stride_ik": "i32", "stride_ob": "i64", "stride_ok": "i32", "stride_od": "i32",
-            "stride_omb": "i32", "stride_omk": "i32", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
+            "stride_omb": "i32", "stride_omk": "i32", "stride_k": "i32",
+            "ROW_K": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
         }
-        specs.append((f"gather[{L.dtype_name(dt)}]", _gather_kernel, sig, {"BLOCK_K": block_k, "BLOCK_D": block_d}))
+        consts = {"BLOCK_K": block_k, "BLOCK_D": block_d}
+        specs.append((f"gather[{L.dtype_name(dt)}]", _gather_kernel, sig, {**consts, "ROW_K": False}))
+        if dt in L.AOT_ROW_K_DTYPES:
+            specs.append((f"gather_rows[{L.dtype_name(dt)}]", _gather_kernel, sig, {**consts, "ROW_K": True}))
     return specs

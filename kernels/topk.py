@@ -6,6 +6,11 @@ same as padding: never preferred to a real token with a number), on every path: 
 the torch path, the Triton kernel and the fused extract kernel that shares its row helper.
 float64 scores are compared in float64 (torch path and reference only).
 
+k is an int (every row keeps k), or a [B] integer tensor with an output ``width`` (spec §8,
+proportional retention): row i keeps k_i' = min(max(k_i, 1), W) positions, W = min(width, n),
+in slots 0..k_i'-1 of a [B, W] output; slots k_i'..W-1 hold 0. The tensor's values are never
+read on the host (no synchronisation): the torch path and the kernels clamp them on device.
+
 Top to bottom: the eager reference, the vectorised torch path, the Triton kernel (and the
 per-row helper the fused extract kernel shares), the launcher, the public function.
 """
@@ -25,18 +30,31 @@ def _keep_all(B: int, n: int, device) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64, device=device).expand(B, n).contiguous()
 
 
-def select_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
+def select_ref(scores: torch.Tensor, k, *, width: int | None = None) -> torch.Tensor:
     """Eager reference for the selection.
 
     Args:
         scores: [B, n] float16/bfloat16/float32/float64; -inf marks padding. A NaN score counts
             as -inf, whatever its sign bit: never preferred to a real token with a number.
-        k: number of positions to keep, int >= 1.
+        k: number of positions to keep, int >= 1; or a [B] integer tensor, one k per row
+            (then ``width`` is required).
+        width: with a tensor k, the output slots (int >= 1; W = min(width, n)).
     Returns:
-        [B, min(k, n)] int64: per row the top-k positions with position 0 forced in, ties to the
-        lower index (stable descending sort), sorted ascending. k >= n gives arange(n) per row.
+        int k: [B, min(k, n)] int64: per row the top-k positions with position 0 forced in, ties
+        to the lower index (stable descending sort), sorted ascending. k >= n gives arange(n)
+        per row.
+        Tensor k: [B, W] int64: row i holds its own top-k_i' positions, k_i' = min(max(k_i, 1), W),
+        by the same rule in slots 0..k_i'-1, and 0 in slots k_i'..W-1.
     """
     B, n = scores.shape
+    if isinstance(k, torch.Tensor):
+        _, W = L.check_k_width(k, width, B, n, scores.device)
+        # Row by row through the int-k rule: the per-row spec, in its plainest form.
+        out = torch.zeros(B, W, dtype=torch.int64, device=scores.device)
+        for b, kb in enumerate(k.tolist()):
+            kb = min(max(kb, 1), W)
+            out[b, :kb] = select_ref(scores[b:b + 1], kb)[0]
+        return out
     if k >= n:
         return _keep_all(B, n, scores.device)
     s = scores.double()  # exact for every accepted dtype: one rule, one comparison
@@ -103,15 +121,64 @@ def _select_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
     return idx.sort(dim=1).values
 
 
+def _select_torch_rows(scores: torch.Tensor, k: torch.Tensor, width: int):
+    """Vectorised torch path for a per-row k ([B] integer tensor), W = ``width`` <= n slots.
+
+    Returns (indices [B, W] int64, filler [B, W] bool): row i's top-k_i' positions ascending in
+    slots j < k_i' = min(max(k_i, 1), W), 0 in the filler slots j >= k_i'. No host sync.
+    """
+    B, n = scores.shape
+    k = k.to(torch.int64).clamp(1, width)                  # k < 1 keeps [CLS]; k > W is cut to W
+    rank = torch.arange(width, dtype=torch.int64, device=scores.device)
+    filler = rank >= k[:, None]                            # [B, W]
+    if scores.dtype == torch.float64:
+        return _select_torch_fp64_rows(scores, k, width), filler
+    # The W largest keys, descending (sorted=True): keys are unique, so rank r is well defined,
+    # and row i keeps ranks r < k_i'. The ranks it drops become n + r, beyond every position,
+    # so the ascending sort puts the kept positions first, in slots 0..k_i'-1.
+    top = torch.topk(_packed_keys(scores), width, dim=1, sorted=True).values
+    idx = torch.where(filler, n + rank, (n - 1) - (top & 0xFFFFFFFF))
+    idx = idx.sort(dim=1).values
+    return idx.masked_fill_(filler, 0), filler
+
+
+def _select_torch_fp64_rows(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
+    """float64 scores with a per-row k (already clamped to [1, W]): the threshold selection of
+    :func:`_select_torch_fp64`, with row i's threshold the k_i'-th largest value of its row
+    (gathered from a sorted top-W). Filler slots j >= k_i' hold 0."""
+    B, n = scores.shape
+    s = _nan_to_neginf(scores)
+    s[:, 0] = float("inf")                                   # [CLS] always kept
+    top = torch.topk(s, width, dim=1, sorted=True).values
+    kth = top.gather(1, (k - 1)[:, None])                    # [B, 1]
+    above = s > kth
+    tied = s == kth
+    room = k[:, None] - above.sum(dim=1, keepdim=True)       # slots left for the ties (>= 1)
+    keep = above | (tied & (torch.cumsum(tied, dim=1) <= room))  # exactly k_i' in row i
+    slot = torch.where(keep, torch.cumsum(keep, dim=1) - 1, width)  # dropped lanes go to slot W
+    pos = torch.arange(n, dtype=torch.int64, device=scores.device).expand(B, n)
+    out = torch.zeros(B, width + 1, dtype=torch.int64, device=scores.device)  # filler slots: 0
+    return out.scatter_(1, slot, pos)[:, :width]
+
+
 # ----------------------------------------------------------------------------- Triton
 
 
 @triton.jit
-def _select_row(score, offs, n, k, out_ptr, stride_on, BLOCK_N: tl.constexpr):
+def _row_k(k_ptr, b, stride_k, width):
+    """Row b's k from a per-row [B] tensor, clamped to [1, width]: k < 1 keeps [CLS] alone,
+    k > width is cut to the width. Clamped in k's own integer dtype (int64: no overflow)."""
+    kb = tl.load(k_ptr + b * stride_k)
+    return tl.minimum(tl.maximum(kb, 1), width).to(tl.int32)
+
+
+@triton.jit
+def _select_row(score, offs, n, k, width, out_ptr, stride_on, FILL: tl.constexpr, BLOCK_N: tl.constexpr):
     """Store the top-k lanes of ``score`` ([BLOCK_N] fp32, lanes offs >= n ignored) ascending.
 
     Writes k int64 positions to out_ptr + slot * stride_on, slot = 0..k-1. A NaN score counts
-    as -inf (the rule of every selection path).
+    as -inf (the rule of every selection path). FILL (a per-row k, 1 <= k <= width <= n): also
+    write 0 to the filler slots k..width-1 of the row (``width`` is unused otherwise).
     """
     in_row = offs < n
     # NaN counts as -inf; left as is, its packed key would depend on its sign bit (a negative
@@ -136,15 +203,21 @@ def _select_row(score, offs, n, k, out_ptr, stride_on, BLOCK_N: tl.constexpr):
     # order, is each kept position's slot in the ascending output.
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(out_ptr + slot.to(tl.int64) * stride_on, offs.to(tl.int64), mask=keep)
+    if FILL:
+        # The row holds width slots (width <= n <= BLOCK_N: one masked store covers them).
+        fill = (offs >= k) & (offs < width)
+        tl.store(out_ptr + offs.to(tl.int64) * stride_on, tl.zeros([BLOCK_N], dtype=tl.int64), mask=fill)
 
 
 @triton.jit
 def _select_kernel(
-    scores_ptr, mask_ptr, out_ptr, n, k,
-    stride_sb, stride_sn, stride_mb, stride_mn, stride_ob, stride_on,
-    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+    scores_ptr, mask_ptr, out_ptr, k_ptr, n, k,
+    stride_sb, stride_sn, stride_mb, stride_mn, stride_ob, stride_on, stride_k,
+    HAS_MASK: tl.constexpr, ROW_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid: (B,); one program selects one batch row, held whole in registers
+    # grid: (B,); one program selects one batch row, held whole in registers.
+    # k: the slots of an output row. Without ROW_K every row keeps k (k_ptr, stride_k unused);
+    # with ROW_K, k is the width W and row b keeps min(max(k_ptr[b], 1), W), the rest 0.
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     in_row = offs < n
@@ -154,20 +227,28 @@ def _select_kernel(
         real = tl.load(mask_ptr + b * stride_mb + offs.to(tl.int64) * stride_mn,
                        mask=in_row, other=0).to(tl.float32) != 0
         score = tl.where(real, score, float("-inf"))
-    _select_row(score, offs, n, k, out_ptr + b * stride_ob, stride_on, BLOCK_N)
+    if ROW_K:
+        _select_row(score, offs, n, _row_k(k_ptr, b, stride_k, k), k,
+                    out_ptr + b * stride_ob, stride_on, True, BLOCK_N)
+    else:
+        _select_row(score, offs, n, k, k, out_ptr + b * stride_ob, stride_on, False, BLOCK_N)
 
 
-def _select_triton(scores: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the selection kernel (k < n, n <= MAX_TRITON_N, fp16/bf16/fp32 scores); padding
-    forced to -inf if mask given."""
+def _select_triton(scores: torch.Tensor, k, mask: torch.Tensor | None = None,
+                   width: int | None = None) -> torch.Tensor:
+    """Launch the selection kernel (n <= MAX_TRITON_N, fp16/bf16/fp32 scores); padding forced
+    to -inf if mask given. k: an int < n, or a [B] integer tensor with ``width`` = W <= n."""
     B, n = scores.shape
-    out = L.new_output((B, k), torch.int64, scores.device)
+    row_k = width is not None
+    slots = width if row_k else k
+    out = L.new_output((B, slots), torch.int64, scores.device)
     block_n = L.next_power_of_2(n)
     m = L.mask_for_kernel(mask) if mask is not None else scores  # dummy pointer when no mask
+    k_rows = k if row_k else out                                  # dummy pointer for an int k
     _select_kernel[(B,)](
-        scores, m, out, n, k,
-        *scores.stride(), *m.stride(), *out.stride(),
-        HAS_MASK=mask is not None, BLOCK_N=block_n, num_warps=L.num_warps_for(block_n * 8),
+        scores, m, out, k_rows, n, slots,
+        *scores.stride(), *m.stride(), *out.stride(), k_rows.stride(0),
+        HAS_MASK=mask is not None, ROW_K=row_k, BLOCK_N=block_n, num_warps=L.num_warps_for(block_n * 8),
     )
     return out
 
@@ -175,7 +256,7 @@ def _select_triton(scores: torch.Tensor, k: int, mask: torch.Tensor | None = Non
 # ----------------------------------------------------------------------------- public
 
 
-def select(scores: torch.Tensor, k: int, *, backend: str | None = None) -> torch.Tensor:
+def select(scores: torch.Tensor, k, *, width: int | None = None, backend: str | None = None) -> torch.Tensor:
     """Positions to keep: top-k by score, [CLS] always kept, ties to the lower index, ascending.
 
     Args:
@@ -183,16 +264,26 @@ def select(scores: torch.Tensor, k: int, *, backend: str | None = None) -> torch
             only: compared in float64). -inf marks padding, which then fills leftover slots
             lowest index first. A NaN score counts as -inf, whatever its sign bit: it is never
             preferred to a real token with a number, and ties with padding (lower index first).
-        k: int >= 1.
+        k: int >= 1; or a [B] int64/int32/int16/int8/uint8 tensor on the scores' device, one k
+            per row (proportional retention, spec §8), read on device only (no host sync).
+        width: required with a tensor k, forbidden with an int k: the output slots, int >= 1
+            (the caller's promise: >= max k). W = min(width, n).
         backend: None (auto: Triton for CUDA tensors with n <= 512 and a float16/bfloat16/
             float32 dtype, else the torch path), "triton" (n <= 512, not float64) or "torch".
     Returns:
-        [B, k] int64 (``[B, n]`` = arange(n) per row when k >= n, without a launch); equal to
-        :func:`select_ref` exactly.
+        int k: [B, k] int64 (``[B, n]`` = arange(n) per row when k >= n, without a launch).
+        Tensor k: [B, W] int64, always selected per row (a row with k_i < n drops vectors
+        even when W == n): row i's top-k_i' positions, k_i' = min(max(k_i, 1), W) ([CLS]
+        always survives; k_i > W is cut to W), ascending in slots 0..k_i'-1, 0 in the rest.
+        Equal to :func:`select_ref` exactly.
     """
     B, n = L.check_scores(scores)
-    k = L.check_k(k)
+    k, W = L.check_k_width(k, width, B, n, scores.device)
     resolved = L.resolve_backend(backend, scores.device, n, L.MAX_TRITON_N, ("scores", scores.dtype))
+    if W is not None:
+        if resolved == "triton":
+            return _select_triton(scores, k, width=W)
+        return _select_torch_rows(scores, k, W)[0]
     if k >= n:
         return _keep_all(B, n, scores.device)
     if resolved == "triton":
@@ -201,14 +292,18 @@ def select(scores: torch.Tensor, k: int, *, backend: str | None = None) -> torch
 
 
 def aot_specs(n: int = 128):
-    """(name, jit_fn, signature, constexprs) of every kernel here, per scores dtype, for kernels.aot."""
+    """(name, jit_fn, signature, constexprs) of every kernel here, for kernels.aot: the int-k
+    kernel per scores dtype, and the per-row-k variant (ROW_K) in L.AOT_ROW_K_DTYPES."""
     specs = []
     for dt in L.AOT_DTYPES:
         sig = {
-            "scores_ptr": L.TRITON_PTR[dt], "mask_ptr": "*i64", "out_ptr": "*i64", "n": "i32", "k": "i32",
-            "stride_sb": "i32", "stride_sn": "i32", "stride_mb": "i32", "stride_mn": "i32",
-            "stride_ob": "i32", "stride_on": "i32", "HAS_MASK": "constexpr", "BLOCK_N": "constexpr",
+            "scores_ptr": L.TRITON_PTR[dt], "mask_ptr": "*i64", "out_ptr": "*i64", "k_ptr": "*i64",
+            "n": "i32", "k": "i32", "stride_sb": "i32", "stride_sn": "i32", "stride_mb": "i32",
+            "stride_mn": "i32", "stride_ob": "i32", "stride_on": "i32", "stride_k": "i32",
+            "HAS_MASK": "constexpr", "ROW_K": "constexpr", "BLOCK_N": "constexpr",
         }
-        specs.append((f"select[{L.dtype_name(dt)}]", _select_kernel, sig,
-                      {"HAS_MASK": True, "BLOCK_N": L.next_power_of_2(n)}))
+        consts = {"HAS_MASK": True, "BLOCK_N": L.next_power_of_2(n)}
+        specs.append((f"select[{L.dtype_name(dt)}]", _select_kernel, sig, {**consts, "ROW_K": False}))
+        if dt in L.AOT_ROW_K_DTYPES:
+            specs.append((f"select_rows[{L.dtype_name(dt)}]", _select_kernel, sig, {**consts, "ROW_K": True}))
     return specs

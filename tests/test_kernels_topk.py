@@ -107,8 +107,8 @@ def test_select_errors(monkeypatch, device):
         select(s, 2.0)
     with pytest.raises(TypeError, match="k must be an int >= 1"):
         select(s, True)
-    with pytest.raises(TypeError, match="k must be an int >= 1"):
-        select(s, torch.tensor(2))
+    with pytest.raises(ValueError, match=r"k as a tensor must have shape \[B\] = \[2\] \(one k per row\), got \[\]"):
+        select(s, torch.tensor(2), width=2)         # a 0-d tensor is not a per-row k
     with pytest.raises(ValueError, match=r"scores must be 2-D \[B, n\]"):
         select(s[0], 2)
     with pytest.raises(TypeError, match="scores has unsupported dtype int64"):
