@@ -1,5 +1,7 @@
-"""Inputs shared by the kernel tests."""
+"""Inputs and checks shared by the kernel tests."""
 import torch
+
+from spec_reference import spec_keep
 
 
 def make_mask(B, n, kind, dtype=torch.int64, device="cpu"):
@@ -52,3 +54,55 @@ def with_nans(x: torch.Tensor, where: torch.Tensor, sign: str = "mixed") -> torc
 def nan_as_neginf(x: torch.Tensor) -> torch.Tensor:
     """The NaN rule spelled out: every NaN (either sign) replaced by -inf."""
     return torch.where(torch.isnan(x), torch.full((), float("-inf"), dtype=x.dtype, device=x.device), x)
+
+
+# ----------------------------------------------------------------------------- per-row k
+
+
+def row_k(B, n, device="cpu", dtype=torch.int64, g=None):
+    """[B] per-row k covering the edge cases cyclically: 0 and -3 (both count as 1), 1, n // 2,
+    n, n + 5 (cut to the width), then random values in [1, n]."""
+    fixed = [0, 1, max(1, n // 2), n, n + 5, -3]
+    rand = torch.randint(1, n + 1, (B,), generator=g).tolist()
+    k = [fixed[i] if i < len(fixed) else rand[i] for i in range(B)]
+    return torch.tensor(k, dtype=dtype, device=device)
+
+
+def kept_per_row(k, width, n):
+    """k_i' = min(max(k_i, 1), W), W = min(width, n): the vectors row i keeps (host-side)."""
+    W = min(width, n)
+    return [min(max(int(v), 1), W) for v in k.tolist()]
+
+
+def check_rows_independently(idx, scores, k, width):
+    """A per-row-k selection, row by row, against the int-k rule it extends: row i alone through
+    the int-k ``select_ref`` with its own k_i', and through the spec's plain-Python selection,
+    equals slots 0..k_i'-1; the filler slots hold 0. ``scores`` as the selection saw them
+    (padding already -inf)."""
+    from kernels.topk import select_ref
+
+    B, n = scores.shape
+    W = min(width, n)
+    assert idx.dtype == torch.int64 and tuple(idx.shape) == (B, W), (idx.dtype, tuple(idx.shape))
+    idx, scores = idx.cpu(), scores.cpu()
+    for b, kb in enumerate(kept_per_row(k, width, n)):
+        row = idx[b].tolist()
+        assert row[:kb] == select_ref(scores[b:b + 1], kb)[0].tolist(), (b, kb, row)
+        assert row[:kb] == spec_keep(scores[b], kb), (b, kb, row)
+        assert row[kb:] == [0] * (W - kb), (b, kb, row)
+
+
+def check_extract_rows_independently(out, hidden, mask, scores, k, width):
+    """A per-row-k extract against the rule spelled out: the indices as in
+    :func:`check_rows_independently` (``scores``: padding already -inf), every slot's hidden row
+    copied from hidden[i, indices[i, j]] (filler slots: hidden[i, 0]), and
+    mask_kept[i, j] = mask[i, indices[i, j]] for j < k_i', 0 (padding) in the filler slots."""
+    h, m, idx = out
+    check_rows_independently(idx, scores, k, width)
+    assert h.dtype == hidden.dtype and m.dtype == mask.dtype
+    h, m, idx, hidden, mask = h.cpu(), m.cpu(), idx.cpu(), hidden.cpu(), mask.cpu()
+    for b, kb in enumerate(kept_per_row(k, width, scores.shape[1])):
+        assert torch.equal(h[b], hidden[b, idx[b]])
+        want = mask[b, idx[b]].clone()
+        want[kb:] = 0
+        assert torch.equal(m[b], want), (b, kb, m[b], want)
