@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_inputs import make_mask, nan_as_neginf, nan_of, with_nans
+from kernel_inputs import check_extract_rows_independently, make_mask, nan_as_neginf, nan_of, row_k, with_nans
 
 import kernels.fused as fused_mod
 import kernels.gather_rows as gather_mod
@@ -329,3 +329,177 @@ def test_extract_float64_triton_refused(device):
     # fp32 probs with fp64 hidden stay on Triton: the gather moves fp64 bit-exactly
     p32 = make_probs(2, 2, 6, torch.float32, device=device)
     check(extract(p32, hidden, mask, 2, backend="triton"), fp64_ref(p32, hidden, mask, 2))
+
+
+# ----------------------------------------------------------------------------- per-row k (spec §8)
+
+
+def check_rows(out, ref, hidden, mask, scores, k, width):
+    """Equal to the per-row reference exactly, and to the rule spelled out row by row
+    (``scores``: the significance with padding at -inf)."""
+    check(out, ref)
+    check_extract_rows_independently(out, hidden, mask, scores, k, width)
+
+
+def masked_scores(probs, mask):
+    return significance_ref(probs.double(), mask)  # padding already -inf
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "heavy", "cls"])
+def test_extract_rows_triton(dtype, mask_kind, device):
+    """k_i in {0, 1, n/2, n, n+5, -3, ...}; width below max k and above n; heavy padding
+    (rows keeping more than their real length keep padding, which stays padding)."""
+    B, H, n, D = 7, 2, 17, 8
+    probs = make_probs(B, H, n, dtype, device=device)
+    hidden = torch.randn(B, n, D, device=device).to(dtype)
+    mask = make_mask(B, n, mask_kind, device=device)
+    k = row_k(B, n, device)
+    scores = masked_scores(probs, mask)
+    for width in (6, n + 4):
+        ref = extract_ref(probs.double(), hidden, mask, k, width=width)
+        check_rows(extract(probs, hidden, mask, k, width=width, backend="triton"), ref, hidden, mask, scores, k, width)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_extract_rows_mask_dtypes_non_contiguous(backend, device):
+    """bool / float / int masks keep their dtype, filler slots 0 (False); strided probs,
+    hidden, mask and k."""
+    B, H, n, D = 6, 3, 21, 10
+    probs = (torch.round((torch.randn(B, n, H, n) * 3).softmax(-1) * 256) / 256).to(torch.bfloat16)
+    probs = probs.to(device).permute(0, 2, 1, 3)
+    hidden = torch.randn(B, D, n, device=device).to(torch.bfloat16).transpose(1, 2)
+    k = row_k(2 * B, n, device, torch.int32)[::2]
+    for mask_dtype in (torch.bool, torch.float32, torch.int32):
+        mask = make_mask(B, 2 * n, "heavy", mask_dtype, device)[:, ::2]
+        assert not (probs.is_contiguous() or hidden.is_contiguous() or mask.is_contiguous() or k.is_contiguous())
+        ref = extract_ref(probs.double(), hidden, mask, k, width=9)
+        out = extract(probs, hidden, mask, k, width=9, backend=backend)
+        assert out[1].dtype == mask_dtype
+        check_rows(out, ref, hidden, mask, masked_scores(probs, mask), k, 9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_extract_from_scores_rows(dtype, backend, device):
+    """Tied scores, finite at padding (the mask forces -inf), NaN of either sign bit."""
+    B, n, D = 6, 19, 5
+    scores = (torch.randint(0, 4, (B, n)).float() * 0.5).to(dtype)
+    scores = with_nans(scores, torch.rand(B, n) < 0.2, "mixed").to(device)
+    hidden = torch.randn(B, n, D, device=device).to(dtype)
+    mask = make_mask(B, n, "heavy", torch.bool, device)
+    k = row_k(B, n, device)
+    seen = nan_as_neginf(scores).masked_fill(mask == 0, float("-inf"))
+    for width in (4, n):
+        ref = extract_from_scores_ref(scores, hidden, mask, k, width=width)
+        out = extract_from_scores(scores, hidden, mask, k, width=width, backend=backend)
+        check_rows(out, ref, hidden, mask, seen, k, width)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32], ids=str)
+def test_extract_rows_torch_path(dtype, mask_dtype):
+    B, H, n, D = 16, 4, 65, 16
+    probs = make_probs(B, H, n, dtype, quantise=dtype != torch.float64)
+    hidden = torch.randn(B, n, D).to(dtype)
+    mask = make_mask(B, n, "heavy", mask_dtype)
+    k = row_k(B, n)
+    scores = masked_scores(probs, mask)
+    for width in (1, 20, n, n + 1):
+        ref = extract_ref(probs.double(), hidden, mask, k, width=width)
+        check_rows(extract(probs, hidden, mask, k, width=width, backend="torch"), ref, hidden, mask, scores, k, width)
+        check_rows(extract(probs, hidden, mask, k, width=width), ref, hidden, mask, scores, k, width)  # auto
+        s = significance_ref(probs, mask)  # fp64 scores for fp64 probs
+        check_rows(extract_from_scores(s, hidden, mask, k, width=width, backend="torch"),
+                   extract_from_scores_ref(s, hidden, mask, k, width=width), hidden, mask, scores, k, width)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_extract_rows_always_selects(backend, device):
+    """W == n: new [B, n] outputs, not the inputs; a row with k_i < n drops vectors."""
+    probs = make_probs(2, 2, 9, torch.float32, device=device)
+    hidden = torch.randn(2, 9, 4, device=device)
+    mask = make_mask(2, 9, "none", device=device)
+    k = torch.tensor([4, 9], device=device)
+    h, m, idx = extract(probs, hidden, mask, k, width=9, backend=backend)
+    assert h is not hidden and m is not mask and h.shape == (2, 9, 4)
+    assert idx[1].tolist() == list(range(9)) and idx[0, 4:].tolist() == [0] * 5
+    assert m.tolist() == [[True] * 4 + [False] * 5, [True] * 9]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_extract_rows_uniform_k_equals_int_k(backend, device):
+    probs = make_probs(3, 2, 12, torch.float16, device=device)
+    hidden = torch.randn(3, 12, 4, device=device).half()
+    mask = make_mask(3, 12, "heavy", device=device)
+    for k in (1, 5):
+        rows = torch.full((3,), k, device=device)
+        check(extract(probs, hidden, mask, rows, width=k, backend=backend), extract(probs, hidden, mask, k, backend=backend))
+
+
+def test_extract_rows_two_launches_no_host_sync(device, monkeypatch):
+    """Per-row k on the Triton path: still two launches, and no host synchronisation."""
+    launches = []
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.kernel)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(fused_mod, "_score_select_kernel", Counting(fused_mod._score_select_kernel))
+    monkeypatch.setattr(gather_mod, "_gather_kernel", Counting(gather_mod._gather_kernel))
+    probs = make_probs(4, 2, 16, torch.float16, device=device)
+    hidden = torch.randn(4, 16, 8, device=device).half()
+    mask = make_mask(4, 16, "heavy", device=device)
+    k = row_k(4, 16, device)
+    ref = extract_ref(probs.double(), hidden, mask, k, width=10)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation in the forward path")
+
+    for name in ("item", "cpu", "tolist", "__int__", "__index__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    out = extract(probs, hidden, mask, k, width=10, backend="triton")
+    torch_out = extract(probs, hidden, mask, k, width=10, backend="torch")
+    monkeypatch.undo()
+    assert len(launches) == 2
+    check(out, ref)
+    check(torch_out, ref)
+
+
+def test_extract_rows_errors(device):
+    probs = make_probs(2, 2, 6, torch.float32)
+    hidden = torch.randn(2, 6, 4)
+    mask = make_mask(2, 6, "none")
+    k = torch.tensor([2, 3])
+    with pytest.raises(TypeError, match=r"^width is required when k is a \[B\] tensor"):
+        extract(probs, hidden, mask, k)
+    with pytest.raises(TypeError, match=r"^width is required when k is a \[B\] tensor"):
+        extract_from_scores(significance_ref(probs, mask), hidden, mask, k)
+    with pytest.raises(ValueError, match=r"^width must be an int >= 1, got -1$"):
+        extract(probs, hidden, mask, k, width=-1)
+    with pytest.raises(ValueError, match=r"^width is only for a per-row \[B\] tensor k"):
+        extract(probs, hidden, mask, 2, width=3)
+    with pytest.raises(ValueError, match=r"^k as a tensor must be on probs' device cpu, got meta$"):
+        extract(probs, hidden, mask, k.to("meta"), width=3)
+    with pytest.raises(ValueError, match=r"^k as a tensor must have shape \[B\] = \[2\]"):
+        extract(probs, hidden, mask, k[:1], width=3)
+    with pytest.raises(TypeError, match=r"^k as a tensor has unsupported dtype float32"):
+        extract(probs, hidden, mask, k.float(), width=3)
+
+
+def test_aot_specs_declare_row_k_variants():
+    """tests/test_aot_compile.py compiles whatever the modules declare: the per-row-k variants
+    (ROW_K=True) of the three launches must be among them, beside the int-k ones (ROW_K=False)."""
+    import kernels.gather_rows
+    import kernels.topk
+
+    specs = {name: consts for mod in (kernels.topk, kernels.gather_rows, fused_mod)
+             for name, _, _, consts in mod.aot_specs()}
+    for kernel in ("select", "gather", "score_select"):
+        assert specs[f"{kernel}_rows[bfloat16]"]["ROW_K"] is True
+        for dtype in ("float32", "float16", "bfloat16"):
+            assert specs[f"{kernel}[{dtype}]"]["ROW_K"] is False

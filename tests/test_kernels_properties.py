@@ -7,6 +7,9 @@ coarse grid) and NaNs of both sign bits sprinkled in. Selected indices must equa
 exactly; gathered values are bit-exact copies; significance scores agree within the fp32
 accumulation tolerance.
 
+Per-row k (spec §8): k_i drawn from [-1, n + 2] per row (0 and -1 count as 1) and a width in
+[1, n + 2]; every output equals the per-row reference, and row by row the int-k rule.
+
 Every test is derandomized (a fixed sequence of examples: deterministic in CI). The Triton ones
 run under the interpreter (~1 ms per program, tl.sort is slow), so they get few, small examples.
 """
@@ -14,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernel_inputs import nan_as_neginf, nan_of
+from kernel_inputs import check_extract_rows_independently, check_rows_independently, nan_as_neginf, nan_of
 from spec_reference import spec_keep
 
 from kernels.fused import extract, extract_from_scores, extract_from_scores_ref, extract_ref
@@ -30,6 +33,7 @@ def _settings(max_examples):
 
 TORCH = _settings(200)       # the torch path and the references: fast
 TRITON = _settings(25)       # the interpreter: ~1 ms per program, seconds per tl.sort
+TRITON_ROWS = _settings(12)  # the per-row-k variants of the same kernels: fewer still
 
 KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ALL_DTYPES = KERNEL_DTYPES + [torch.float64]
@@ -277,3 +281,91 @@ def test_gather_triton(case):
     out = gather(hidden, mask, indices, backend="triton")
     ref = gather_ref(hidden, mask, indices)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+# ----------------------------------------------------------------------------- per-row k
+
+
+@st.composite
+def row_k_and_width(draw, B, n):
+    """A [B] int64 k with values in [-1, n + 2] (non-positive ones count as 1) and a width."""
+    k = torch.tensor(draw(st.lists(st.integers(-1, n + 2), min_size=B, max_size=B)), dtype=torch.int64)
+    if draw(st.booleans()):  # a strided [B] view
+        k = torch.stack([k, k], 1)[:, 0]
+    return k, draw(st.integers(1, n + 2))
+
+
+@st.composite
+def select_rows_cases(draw, dtypes, max_n=40):
+    scores, _ = draw(select_cases(dtypes, max_n))
+    return (scores, *draw(row_k_and_width(*scores.shape)))
+
+
+def _check_select_rows(idx, scores, k, width):
+    ref = select_ref(scores, k, width=width)
+    assert torch.equal(idx, ref), f"\n{idx}\n!=\n{ref}\nk={k} width={width}\nscores={scores}"
+    check_rows_independently(idx, scores, k, width)
+
+
+@TORCH
+@given(select_rows_cases(ALL_DTYPES))
+def test_select_rows_torch(case):
+    scores, k, width = case
+    _check_select_rows(select(scores, k, width=width, backend="torch"), scores, k, width)
+
+
+@TRITON_ROWS
+@given(select_rows_cases(KERNEL_DTYPES, max_n=33))
+def test_select_rows_triton(case):
+    scores, k, width = case
+    _check_select_rows(select(scores, k, width=width, backend="triton"), scores, k, width)
+
+
+@st.composite
+def extract_rows_cases(draw, dtypes, max_b=4, max_n=40):
+    probs, hidden, mask, _ = draw(extract_cases(dtypes, max_b=max_b, max_n=max_n))
+    B, n = mask.shape
+    return (probs, hidden, mask, *draw(row_k_and_width(B, n)))
+
+
+@TORCH
+@given(extract_rows_cases(ALL_DTYPES))
+def test_extract_rows_torch(case):
+    probs, hidden, mask, k, width = case
+    ref = extract_ref(probs, hidden, mask, k, width=width)
+    out = extract(probs, hidden, mask, k, width=width, backend="torch")
+    _check_extract(out, ref)
+    check_extract_rows_independently(out, hidden, mask, significance_ref(probs, mask), k, width)
+
+
+@TRITON_ROWS
+@given(extract_rows_cases(KERNEL_DTYPES, max_b=3, max_n=33))
+def test_extract_rows_triton(case):
+    probs, hidden, mask, k, width = case
+    _check_extract(extract(probs, hidden, mask, k, width=width, backend="triton"),
+                   extract_ref(probs, hidden, mask, k, width=width))
+
+
+@st.composite
+def from_scores_rows_cases(draw, dtypes, max_n=40):
+    scores, hidden, mask, _ = draw(from_scores_cases(dtypes, max_n))
+    return (scores, hidden, mask, *draw(row_k_and_width(*scores.shape)))
+
+
+@TORCH
+@given(from_scores_rows_cases(ALL_DTYPES))
+def test_extract_from_scores_rows_torch(case):
+    scores, hidden, mask, k, width = case
+    ref = extract_from_scores_ref(scores, hidden, mask, k, width=width)
+    out = extract_from_scores(scores, hidden, mask, k, width=width, backend="torch")
+    _check_extract(out, ref)
+    seen = torch.where(mask == 0, float("-inf"), scores.double())  # padding counts as -inf
+    check_extract_rows_independently(out, hidden, mask, seen, k, width)
+
+
+@TRITON_ROWS
+@given(from_scores_rows_cases(KERNEL_DTYPES, max_n=33))
+def test_extract_from_scores_rows_triton(case):
+    scores, hidden, mask, k, width = case
+    _check_extract(extract_from_scores(scores, hidden, mask, k, width=width, backend="triton"),
+                   extract_from_scores_ref(scores, hidden, mask, k, width=width))
