@@ -177,9 +177,9 @@ def check_k_width(k, width, B: int, n: int, device: torch.device, device_of: str
     """Check k and width; returns ``(k, W)``.
 
     An int k: ``(k, None)``; ``width`` must then be None (the int sets the output width).
-    A per-row k: a [B] integer tensor on ``device`` (that of the input named ``device_of``;
-    values unchecked: reading them would be a
-    host sync; the kernels clamp each to [1, W]) and ``W = min(width, n)``.
+    A per-row k: a [B] integer tensor on ``device`` (that of the input named ``device_of``), and
+    ``W = min(width, n)``. Its values are not checked (reading them would be a host sync): the
+    selection clamps each to [1, W] on device.
     """
     if not isinstance(k, torch.Tensor):
         k = check_k(k)

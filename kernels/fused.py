@@ -134,7 +134,7 @@ def _check_extract(first_name, first, hidden, mask, k, width, backend):
     return k, W, L.resolve_backend(backend, device, n, L.MAX_TRITON_N, (first_name, first.dtype))
 
 
-def _gather_torch_rows(hidden, mask, scores, k, W):
+def _extract_torch_rows(hidden, mask, scores, k, W):
     """Torch path of a per-row k: select on ``scores`` (padding already -inf), gather, and
     mark the filler slots as padding (one masked_fill on the [B, W] mask)."""
     indices, filler = _select_torch_rows(scores, k, W)
@@ -175,7 +175,7 @@ def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, *,
         if resolved == "triton":
             indices = _score_select_triton(probs, mask, k, width=W)
             return (*_gather_triton(hidden, mask, indices, k_rows=k), indices)
-        return _gather_torch_rows(hidden, mask, _significance_torch(probs, mask), k, W)
+        return _extract_torch_rows(hidden, mask, _significance_torch(probs, mask), k, W)
     if k >= n:
         return hidden, mask, _keep_all(B, n, hidden.device)
     if resolved == "triton":
@@ -205,7 +205,7 @@ def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.
         if resolved == "triton":
             indices = _select_triton(scores, k, mask=mask, width=W)
             return (*_gather_triton(hidden, mask, indices, k_rows=k), indices)
-        return _gather_torch_rows(hidden, mask, scores.masked_fill(mask == 0, float("-inf")), k, W)
+        return _extract_torch_rows(hidden, mask, scores.masked_fill(mask == 0, float("-inf")), k, W)
     if k >= n:
         return hidden, mask, _keep_all(B, n, hidden.device)
     if resolved == "triton":
