@@ -168,3 +168,25 @@ def ideal_vs_dynamic_padding(retention: Sequence, batches: Sequence[Sequence[int
     stock = sum(layers * max(lengths) * len(lengths) for lengths in batches)
     patched = sum(sum(keep_counts(retention, length, minimum)) for lengths in batches for length in lengths)
     return stock / patched
+
+
+def flops_ideal_vs_dynamic_padding(retention: Sequence, batches: Sequence[Sequence[int]], hidden: int,
+                                   intermediate: int, minimum: Sequence[int] | None = None) -> float:
+    """The §6 cost model against stock with dynamic padding: stock multiply-adds, each batch padded
+    to its longest, over the patched multiply-adds of every sequence on its own real tokens
+    (layer l's attention on the n_{l-1,i} vectors that entered it, its FFN on the k_{l,i} kept).
+
+    Unlike :func:`ideal_vs_dynamic_padding` (vectors kept), this counts that the first layer's
+    attention always runs on every real token, so it is the bound an implementation can reach.
+    """
+    layers = len(retention)
+    stock = sum(len(lengths) * layers * layer_flops(max(lengths), max(lengths), hidden, intermediate)
+                for lengths in batches)
+    patched = 0
+    for lengths in batches:
+        for length in lengths:
+            n_in = length
+            for k in keep_counts(retention, length, minimum):
+                patched += layer_flops(n_in, k, hidden, intermediate)
+                n_in = k
+    return stock / patched

@@ -128,3 +128,14 @@ def test_ideals():
     stock = 2 * (8 * 2) + 2 * (2 * 1)
     patched = (4 + 2) + (2 + 1) + (1 + 1)
     assert ideal_vs_dynamic_padding((0.5, 0.25), [[8, 4], [2]]) == pytest.approx(stock / patched)
+
+
+def test_flops_ideal_vs_dynamic_padding_counts_the_first_attention():
+    from powerbert.retention import flops_ideal_vs_dynamic_padding, layer_flops
+
+    # one batch of two sequences (8 and 4 tokens), D 4, I 8, fractions (0.5, 0.25)
+    stock = 2 * 2 * layer_flops(8, 8, 4, 8)
+    patched = (layer_flops(8, 4, 4, 8) + layer_flops(4, 2, 4, 8)) + (layer_flops(4, 2, 4, 8) + layer_flops(2, 1, 4, 8))
+    assert flops_ideal_vs_dynamic_padding((0.5, 0.25), [[8, 4]], 4, 8) == pytest.approx(stock / patched)
+    # keeping everything on equal lengths is no speedup
+    assert flops_ideal_vs_dynamic_padding((1.0, 1.0), [[6, 6]], 4, 8) == pytest.approx(1.0)
