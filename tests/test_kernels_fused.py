@@ -110,20 +110,26 @@ def test_extract_from_scores(backend, device):
     check(extract_from_scores(s, hidden, mask, k, backend=backend), fp64_ref(probs, hidden, mask, k))
 
 
-def test_extract_two_launches_no_host_sync(device, monkeypatch):
-    """Triton path: exactly two kernel launches and no .item()/.cpu()/.tolist() on the way."""
-    launches = []
+@pytest.fixture
+def launches(monkeypatch) -> list:
+    """The Triton launches of the fused extract, recorded: its two kernels wrapped in a counter."""
+    seen = []
 
     class Counting:
         def __init__(self, kernel):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            launches.append(self.kernel)
+            seen.append(self.kernel)
             return self.kernel[grid]
 
     monkeypatch.setattr(fused_mod, "_score_select_kernel", Counting(fused_mod._score_select_kernel))
     monkeypatch.setattr(gather_mod, "_gather_kernel", Counting(gather_mod._gather_kernel))
+    return seen
+
+
+def test_extract_two_launches_no_host_sync(device, monkeypatch, launches):
+    """Triton path: exactly two kernel launches and no .item()/.cpu()/.tolist() on the way."""
     probs = make_probs(2, 2, 16, torch.float16, device=device)
     hidden = torch.randn(2, 16, 8, device=device).half()
     mask = make_mask(2, 16, "heavy", device=device)
@@ -437,20 +443,8 @@ def test_extract_rows_uniform_k_equals_int_k(backend, device):
         check(extract(probs, hidden, mask, rows, width=k, backend=backend), extract(probs, hidden, mask, k, backend=backend))
 
 
-def test_extract_rows_two_launches_no_host_sync(device, monkeypatch):
+def test_extract_rows_two_launches_no_host_sync(device, monkeypatch, launches):
     """Per-row k on the Triton path: still two launches, and no host synchronisation."""
-    launches = []
-
-    class Counting:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launches.append(self.kernel)
-            return self.kernel[grid]
-
-    monkeypatch.setattr(fused_mod, "_score_select_kernel", Counting(fused_mod._score_select_kernel))
-    monkeypatch.setattr(gather_mod, "_gather_kernel", Counting(gather_mod._gather_kernel))
     probs = make_probs(4, 2, 16, torch.float16, device=device)
     hidden = torch.randn(4, 16, 8, device=device).half()
     mask = make_mask(4, 16, "heavy", device=device)
