@@ -1,4 +1,5 @@
-"""Soft extract (ALGORITHM.md §3): ranking, rank-wise scaling, projection, regulariser, read-out."""
+"""Soft extract (ALGORITHM.md §3, §8): ranking, rank-wise scaling (absolute and relative rank), projection,
+regulariser, read-out."""
 import pytest
 import torch
 from torch import nn
@@ -9,6 +10,8 @@ from powerbert.families import LayerParts
 from powerbert.soft_extract import (
     attach_soft_extract,
     configuration_from_masses,
+    fractions_from_shares,
+    relative_scale,
     soft_extract_layer,
     soft_ranks,
 )
@@ -222,3 +225,167 @@ def test_every_family_all_ones_equals_stock_and_trains(family):
     soft.detach()
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**inputs).logits, stock)
+
+
+# ----------------------------------------------------------------------------- proportional mode (§8)
+
+
+def test_relative_scale_hand_checked():
+    # G = 4 bins of relative rank: r is 1 on [0, .25), .8 on [.25, .5), .4 on [.5, .75), 0 on [.75, 1).
+    r = torch.tensor([1.0, 0.8, 0.4, 0.0], requires_grad=True)
+    ranks = torch.tensor([[0, 1, 2, 3], [0, 2, 1, 3], [0, 1, 2, 3], [0, 1, 2, 3]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    scale = relative_scale(r, ranks, mask)
+    expected = torch.tensor([
+        # len 2: rank 0 covers [0, .5) -> (1 + .8) / 2; rank 1 covers [.5, 1) -> (.4 + 0) / 2; padding 1
+        [0.9, 0.2, 1.0, 1.0],
+        # len 3: rank 0 [0, 1/3) -> 3 * (.25 + .8 / 12) = .95; rank 1 [1/3, 2/3) -> 3 * (.8 / 6 + .4 / 6) = .6;
+        # rank 2 [2/3, 1) -> 3 * (.4 / 12) = .1 (position 1 holds rank 2, position 2 rank 1)
+        [0.95, 0.1, 0.6, 1.0],
+        [1.0, 0.8, 0.4, 0.0],  # len = G: rank p is scaled by r[p], exactly as in fixed mode
+        [0.55, 1.0, 1.0, 1.0],  # len 1: [CLS] covers [0, 1), the mean of r
+    ], dtype=torch.float64)
+    torch.testing.assert_close(scale, expected)
+    # A sequence's scales sum to len * share: d(sum of its scales) / d r[g] = len / G, padding adds nothing.
+    (scale * mask).sum().backward()
+    torch.testing.assert_close(r.grad, torch.full((4,), (2 + 3 + 4 + 1) / 4))
+
+
+@pytest.mark.parametrize("length", [1, 5, 12, 13, 64])
+def test_relative_scale_all_ones_is_one_and_sums_to_len_times_share(length):
+    g = torch.Generator().manual_seed(length)
+    bins = 12
+    mask = torch.ones(1, length, dtype=torch.bool)
+    ranks = torch.randperm(length, generator=g)[None]
+    ones = relative_scale(torch.ones(bins), ranks, mask)
+    torch.testing.assert_close(ones, torch.ones(1, length, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.equal(ones.float(), torch.ones(1, length))  # exact at the model's precision
+    r = torch.rand(bins, generator=g)
+    scale = relative_scale(r, ranks, mask)
+    torch.testing.assert_close(scale.sum(), length * r.double().mean())
+    assert scale.min() >= r.double().min() - 1e-9 and scale.max() <= r.double().max() + 1e-9  # averages of r
+
+
+def test_proportional_layer_scales_by_relative_rank_hand_checked():
+    parts = _hand_layer()
+    x = torch.tensor([
+        [[1.0, 0.0], [2.0, 1.0], [3.0, 3.0], [4.0, 2.0]],  # len 4, order 2 > 3 > 1: ranks 0(CLS),3,1,2
+        [[1.0, 0.0], [2.0, 1.0], [3.0, 3.0], [4.0, 2.0]],  # len 3 (position 3 padded): ranks 0,2,1,(3)
+    ])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    r = torch.tensor([1.0, 0.8, 0.4, 0.0])
+    y = soft_extract_layer(parts, x, mask, r, padded=True, relative=True)
+    scale = torch.tensor([[1.0, 0.0, 0.8, 0.4], [0.95, 0.1, 0.6, 1.0]])
+    torch.testing.assert_close(y, x * scale[..., None])
+
+
+def proportional(model, length=12, shares=None):
+    soft = attach_soft_extract(model, length, mode="proportional")
+    if shares is not None:
+        with torch.no_grad():
+            soft.retention.copy_(shares)
+    return soft
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_proportional_all_ones_equals_stock(attn):
+    model = tiny(BertForSequenceClassification, attn)
+    inputs = padded_batch()
+    with torch.no_grad():
+        stock = model(**inputs).logits
+        soft = proportional(model)
+        assert soft.mode == "proportional" and soft.configuration() == (1.0, 1.0, 1.0)
+        assert all(isinstance(f, float) for f in soft.configuration())
+        torch.testing.assert_close(model(**inputs).logits, stock, atol=1e-5, rtol=1e-5)
+        soft.detach()
+        torch.testing.assert_close(model(**inputs).logits, stock)
+
+
+def test_proportional_full_length_rows_equal_fixed_mode():
+    # With G = N, a sequence of N real tokens is scaled exactly as in fixed mode.
+    model = tiny(BertModel)
+    inputs = padded_batch(sizes=(12, 12), length=12)
+    r = torch.rand(3, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        soft = attach_soft_extract(model, 12)
+        soft.retention.copy_(r)
+        fixed = model(**inputs).last_hidden_state
+        soft.detach()
+        proportional(model, shares=r)
+        torch.testing.assert_close(model(**inputs).last_hidden_state, fixed, atol=1e-6, rtol=1e-6)
+
+
+def test_proportional_padding_never_reaches_real_tokens():
+    # Each row gives the same outputs alone (no padding, its own length) as in a padded batch,
+    # and whatever the padding holds.
+    model = tiny(BertModel)
+    sizes = (12, 9, 4, 1)
+    inputs = padded_batch(sizes=sizes)
+    r = torch.rand(3, 12, generator=torch.Generator().manual_seed(5))
+    proportional(model, shares=r)
+    with torch.no_grad():
+        together = model(**inputs).last_hidden_state
+        noisy = dict(inputs, input_ids=inputs["input_ids"] + (1 - inputs["attention_mask"]) * 50)
+        other = model(**noisy).last_hidden_state
+        for row, size in enumerate(sizes):
+            alone = model(**{name: t[row:row + 1, :size] for name, t in inputs.items()}).last_hidden_state
+            torch.testing.assert_close(together[row, :size], alone[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(other[row, :size], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_proportional_gradients_reach_every_bin_and_the_model():
+    model = tiny(BertForSequenceClassification).train()
+    soft = proportional(model, shares=torch.full((3, 12), 0.6))
+    inputs = padded_batch(sizes=(8, 5, 3, 2))  # every row shorter than N: fixed mode leaves ranks 8.. alone
+    logits = model(**inputs).logits
+    nn.functional.cross_entropy(logits, torch.tensor([0, 1, 1, 0])).backward()
+    # Every bin of relative rank overlaps every sequence's ranks, so every bin hears the task...
+    assert (soft.retention.grad[:-1] != 0).all()
+    # ... except in the last layer, where the head reads [CLS] alone: rank 0 covers [0, 1 / len),
+    # at most [0, 1/2) here, bins 0-5 of 12.
+    assert (soft.retention.grad[-1, :6] != 0).all() and (soft.retention.grad[-1, 6:] == 0).all()
+    for name, p in model.named_parameters():
+        if "pooler" not in name and "classifier" not in name and "embeddings" not in name:
+            assert p.grad is not None, name
+
+
+def test_proportional_regularizer_value_and_read_out():
+    soft = attach_soft_extract(tiny(), 4, mode="proportional")
+    with torch.no_grad():
+        soft.retention.copy_(torch.tensor([[1.0, 1.0, 1.0, 0.6], [1.0, 1.0, 0.5, 0.0], [0.25, 0.25, 0.0, 0.0]]))
+    torch.testing.assert_close(soft.shares(), torch.tensor([0.9, 0.625, 0.125]))
+    # mass(l) = share(l) * the batch's mean real length (here 6): lambda * (1 * 5.4 + 2 * 3.75 + 3 * 0.75)
+    lengths = torch.tensor([4, 8, 3, 9])
+    torch.testing.assert_close(soft.masses(lengths), torch.tensor([5.4, 3.75, 0.75]))
+    torch.testing.assert_close(soft.regularizer(0.01, lengths), torch.tensor(0.01 * 15.15))
+    # without lengths: len = N = G, the fixed-mode formula sum_g r_l[g]
+    torch.testing.assert_close(soft.regularizer(0.01), torch.tensor(0.01 * (3.6 + 2 * 2.5 + 3 * 0.5)))
+    configuration = soft.configuration()
+    assert configuration == (0.9, 0.625, 0.25) and all(isinstance(f, float) for f in configuration)
+    # (0.125 is below one bin, 1 / G = 0.25: the read-out's floor)
+
+
+def test_fractions_read_out():
+    assert fractions_from_shares([0.73214, 0.80001, 0.5, 0.0], 64) == (0.7321, 0.7321, 0.5, 0.0156)
+    assert fractions_from_shares([1.0, 0.99999994], 8) == (1.0, 1.0)  # float noise of a full share
+    assert fractions_from_shares([0.0], 100_000) == (0.0001,)  # never 0 after rounding
+    out = fractions_from_shares([1.0], 64)
+    assert out == (1.0,) and isinstance(out[0], float)
+    # What a read-out gives, powerbert.patch accepts.
+    model = powerbert.patch(tiny(), list(fractions_from_shares([0.9, 0.95, 0.4], 12)))
+    assert powerbert.patched_retention(model) == (0.9, 0.9, 0.4)
+
+
+def test_proportional_mode_is_validated_and_projects():
+    with pytest.raises(ValueError, match="mode must be one of fixed, proportional"):
+        attach_soft_extract(tiny(), 8, mode="relative")
+    model = tiny(BertForSequenceClassification).train()
+    soft = proportional(model)
+    optimizer = torch.optim.SGD(soft.parameters(), lr=50.0)
+    inputs = padded_batch()
+    loss = -model(**inputs).logits[:, 0].sum() + soft.regularizer(0.5, inputs["attention_mask"].sum(1))
+    loss.backward()
+    optimizer.step()
+    soft.project_()
+    assert soft.retention.min() >= 0 and soft.retention.max() <= 1 and (soft.retention < 1).any()
+    assert list(soft.configuration()) == sorted(soft.configuration(), reverse=True)
