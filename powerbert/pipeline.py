@@ -12,9 +12,13 @@ Steps, each writing ``<output>/<step>/`` (the model via ``save_pretrained``, its
    then linear decay, loss = task loss + lambda * sum_l l * mass(l). The configuration is read
    off the *final* retention vectors, and the final weights are kept (the search has no dev
    criterion that weighs the regulariser against accuracy; the paper keeps the last state too).
+   ``retention_mode`` says what it learns: ``"fixed"`` slot counts k_l (ints, ALGORITHM.md §3)
+   or ``"proportional"`` shares f_l of each sequence's real length (floats, §8: soft extract
+   over relative rank, mass(l) = share(l) times the batch's mean real length).
 3. ``retrain``: the search weights patched with the learned configuration (hard extraction,
-   ``powerbert.patch``) and trained at ``lr_bert``; the best dev checkpoint is kept (the
-   untrained patched model counts as epoch 0).
+   ``powerbert.patch``; a proportional one keeps ``ceil(f_l * len_i)`` vectors of sequence i)
+   and trained at ``lr_bert``; the best dev checkpoint is kept (the untrained patched model
+   counts as epoch 0).
 
 ``export`` then copies the re-trained model to ``<output>/`` and writes ``metrics.json``.
 
@@ -42,7 +46,9 @@ rate, so r can travel about 1.5) bounded to [1e-3, 0.05]; see that function for 
 [1e-5, 1e-1] (``target_trials`` trials). Each trial runs a one-epoch search on a seeded subset
 of ``target_subset`` training examples from the fine-tuned weights (at ``trial_lr_soft``: the
 full search's travel of r in the trial's fewer steps), reads the configuration and its vector
-ratio (``powerbert.vector_ratio``); a ratio below the target raises lambda, above it lowers
+ratio (``target_ratio``: fixed, L * N / sum_l k_l as in the paper, i.e. against inputs padded
+to N; proportional, over the dev set's real lengths, sum_i L * len_i / sum_i sum_l k_{l,i},
+since a share has no meaning at one length); a ratio below the target raises lambda, above it lowers
 lambda. The lambda whose trial ratio came closest (in log ratio) is used for the full search,
 so the final ratio is only about the target: the full search trains longer on more data.
 """
@@ -70,9 +76,10 @@ from powerbert import data as D
 from powerbert.model_folder import (MAX_LENGTH_KEY, check_model_dir, label_space_from_config, load_model,
                                     load_tokenizer, max_positions, read_model_config)
 from powerbert.patch import CONFIG_KEY
-from powerbert.pipeline_config import STEPS, PipelineConfig
+from powerbert.pipeline_config import RETENTION_MODES, STEPS, PipelineConfig
 from powerbert.preflight import load_data, preflight
-from powerbert.soft_extract import attach_soft_extract
+from powerbert.retention import is_proportional, keep_counts, row_keep_counts
+from powerbert.soft_extract import attach_soft_extract, fractions_from_shares
 from powerbert.step_cache import (CHECKPOINT, DONE, LAMBDA, METRICS, begin_step, discard, exported_files, need_done,
                                   read_key, stale_step, step_folder, write_json)
 
@@ -181,6 +188,44 @@ def evaluate_model(model, dataset: TensorDataset, labels: D.LabelSpace, batch_si
     return result
 
 
+def real_lengths(dataset: TensorDataset) -> torch.Tensor:
+    """``[examples]`` int64: the real tokens of every example of a tokenised set (its mask's sums)."""
+    return dataset.tensors[1].sum(dim=1)
+
+
+def real_length_ratio(configuration, lengths: torch.Tensor) -> float:
+    """Vector ratio over real lengths, either kind of configuration (ALGORITHM.md §6, §8):
+    ``sum_i L * len_i / sum_i sum_l k_{l,i}``, with k_{l,i} = min(k_l, len_i) (fixed) or
+    ``min(k_{l-1,i}, ceil(f_l * len_i))`` (proportional): the ideal against a stock model that
+    computes no padding at all (dynamic padding computes some, so it is a lower bound there).
+
+    Args:
+        configuration: ints or floats, one per layer. lengths: ``[examples]`` int real lengths.
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    if is_proportional(configuration):
+        kept = row_keep_counts(configuration, None, lengths)
+    else:
+        kept = torch.minimum(torch.tensor([int(k) for k in configuration])[:, None], lengths[None])
+    return len(configuration) * int(lengths.sum()) / int(kept.sum())
+
+
+def target_ratio(cfg: PipelineConfig, configuration, lengths: torch.Tensor) -> float:
+    """The vector ratio ``target_speedup`` aims at (see the module docstring): fixed mode
+    L * N / sum_l k_l (the paper's, against inputs padded to N), proportional mode
+    ``real_length_ratio`` over ``lengths`` (the dev set's)."""
+    if cfg.retention_mode == "proportional":
+        return real_length_ratio(configuration, lengths)
+    return powerbert.vector_ratio(configuration, cfg.max_length)
+
+
+def _at_minimum(configuration, max_length: int) -> bool:
+    """True when every layer keeps the least the read-out allows ([CLS] alone)."""
+    if is_proportional(configuration):
+        return all(f <= fractions_from_shares([0.0], max_length)[0] for f in configuration)
+    return all(k == 1 for k in configuration)
+
+
 def _model_sizes(config) -> tuple[int, int]:
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim")
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim")
@@ -205,7 +250,8 @@ def train_model(model, task: Task, cfg: PipelineConfig, *, step: str, step_dir: 
         step_dir: where the best (``keep_best``) or final model and ``checkpoint.pt`` go; None
             trains in memory only (no saving, no resume; used by lambda trials).
         soft: a ``SoftExtract`` attached to ``model``, trained at ``lr_soft`` and projected
-            onto [0, 1] after every optimiser step; adds ``lam * sum_l l * mass(l)`` to the loss.
+            onto [0, 1] after every optimiser step; adds ``lam * sum_l l * mass(l)`` to the loss
+            (proportional mode: mass(l) at the batch's mean real length, ``SoftExtract.masses``).
         keep_best: save the model whenever the dev metric improves (else save the final one).
         initial_eval: evaluate before training; that state counts as a candidate (epoch 0).
 
@@ -249,6 +295,8 @@ def train_model(model, task: Task, cfg: PipelineConfig, *, step: str, step_dir: 
         entry = {"epoch": epoch, "train_loss": loss, "dev": metrics}
         if soft is not None:
             entry["masses"] = [round(m, 3) for m in soft.masses().tolist()]
+            if soft.mode == "proportional":
+                entry["shares"] = [round(f, 4) for f in soft.shares().tolist()]
             entry["configuration"] = list(soft.configuration())
         history.append(entry)
         extra = f" configuration {entry['configuration']}" if soft is not None else ""
@@ -270,7 +318,7 @@ def train_model(model, task: Task, cfg: PipelineConfig, *, step: str, step_dir: 
         for batch in bar:
             logits, y = _forward(model, batch)
             loss = task_loss(logits, y, task.labels)
-            objective = loss + soft.regularizer(lam) if soft is not None else loss
+            objective = loss + soft.regularizer(lam, lengths=batch[1].sum(dim=1)) if soft is not None else loss
             if not torch.isfinite(objective):
                 raise ValueError(
                     f"{step}: the training loss became {objective.item()} in epoch {epoch}; lower the learning "
@@ -363,9 +411,10 @@ def _lr_soft_warnings(cfg: PipelineConfig, train_size: int, epochs: int) -> list
                 f"about lr_soft per step, so a few steps push them to 0 or 1 and lambda's size barely "
                 f"matters; leave lr_soft unset (default {default_lr_soft(steps):.3g} for {steps} steps)"]
     if cfg.lr_soft is None and steps and 3.0 / steps > LR_SOFT_MAX:
+        near = "1.0 (keep everything)" if cfg.retention_mode == "proportional" else "N"
         return [f"the search has only {steps} optimiser steps: lr_soft is capped at {lr_soft:g}, so each "
                 f"retention vector entry can fall by at most about {lr_soft * steps / 2:.2f}; the configuration "
-                f"stays near N unless the search gets more data or epochs"]
+                f"stays near {near} unless the search gets more data or epochs"]
     return []
 
 
@@ -375,7 +424,7 @@ def _soft_search(model, task: Task, cfg: PipelineConfig, lam: float, epochs: int
     Saving with the soft extract attached is exact: the retention vectors live outside the
     model and the replaced encoder forward is not part of the saved state.
     """
-    soft = attach_soft_extract(model, cfg.max_length)
+    soft = attach_soft_extract(model, cfg.max_length, mode=cfg.retention_mode)
     lr_soft = _search_lr_soft(cfg, len(task.train), epochs)
     try:
         result = train_model(model, task, cfg, step="search", step_dir=step_dir, epochs=epochs, soft=soft,
@@ -385,6 +434,11 @@ def _soft_search(model, task: Task, cfg: PipelineConfig, lam: float, epochs: int
     finally:
         soft.detach()
     return configuration, vectors, lr_soft, result
+
+
+# What the vector ratio of ``target_ratio`` is taken over, per retention mode (logged, recorded).
+RATIO_BASIS = {"fixed": "at N", "proportional": "over the dev set's real lengths"}
+assert set(RATIO_BASIS) == set(RETENTION_MODES)
 
 
 def find_lambda(cfg: PipelineConfig, task: Task, target: float, finetuned: Path) -> tuple[float, list[dict]]:
@@ -397,6 +451,7 @@ def find_lambda(cfg: PipelineConfig, task: Task, target: float, finetuned: Path)
     total travel of r), at most ``LR_SOFT_TRIAL_MAX``. With the default lr_soft this is
     3 / trial steps, as before the default was bounded.
     """
+    lengths = real_lengths(task.dev)
     subset_size = min(cfg.target_subset, len(task.train))
     g = torch.Generator().manual_seed(cfg.seed + 7)
     subset = TensorDataset(*task.train[torch.randperm(len(task.train), generator=g)[:subset_size]])
@@ -411,11 +466,11 @@ def find_lambda(cfg: PipelineConfig, task: Task, target: float, finetuned: Path)
         seed_everything(cfg.seed + trial)
         model = load_model(finetuned)
         configuration, _, _, _ = _soft_search(model, trial_task, trial_cfg, lam, 1, None, None)
-        ratio = powerbert.vector_ratio(configuration, cfg.max_length)
+        ratio = target_ratio(cfg, configuration, lengths)
         trials.append({"lambda": lam, "configuration": list(configuration), "vector_ratio": ratio,
                        "lr_soft": trial_cfg.lr_soft})
-        log.info("target speedup %.2fx: trial %d lambda %.3g -> %s, vector ratio %.2fx", target, trial + 1, lam,
-                 list(configuration), ratio)
+        log.info("target speedup %.2fx: trial %d lambda %.3g -> %s, vector ratio %.2fx (%s)", target, trial + 1,
+                 lam, list(configuration), ratio, RATIO_BASIS[cfg.retention_mode])
         distance = abs(math.log(ratio / target))
         if best is None or distance < best[0]:
             best = (distance, lam)
@@ -459,23 +514,27 @@ def _search(cfg: PipelineConfig, key: dict) -> dict:
             write_json(lam_file, {"lambda": lam, "trials": trials, "wall_s": lambda_search_s})
     else:
         lam = cfg.lam
-    log.info("search: lambda %.3g, %d epochs, lr_bert %.3g, lr_soft %.3g", lam, epochs, cfg.lr_bert,
-             _search_lr_soft(cfg, len(task.train), epochs))
+    log.info("search: %s retention, lambda %.3g, %d epochs, lr_bert %.3g, lr_soft %.3g", cfg.retention_mode, lam,
+             epochs, cfg.lr_bert, _search_lr_soft(cfg, len(task.train), epochs))
     seed_everything(cfg.seed)
     configuration, vectors, lr_soft, result = _soft_search(base, task, cfg, lam, epochs, step_dir, tokenizer)
     write_json(step_dir / "retention_vectors.json", {
-        "configuration": list(configuration), "masses": vectors.sum(1).tolist(), "vectors": vectors.tolist(),
+        "retention_mode": cfg.retention_mode, "configuration": list(configuration),
+        "masses": vectors.sum(1).tolist(), "shares": vectors.mean(1).tolist(), "vectors": vectors.tolist(),
     })
-    log.info("search: learned configuration %s (vector ratio %.2fx)", list(configuration),
-             powerbert.vector_ratio(configuration, cfg.max_length))
-    if all(k == 1 for k in configuration):
+    log.info("search: learned configuration %s (%s; vector ratio %.2fx at N, %.2fx over the dev set's real "
+             "lengths)", list(configuration), cfg.retention_mode, powerbert.vector_ratio(configuration, cfg.max_length),
+             real_length_ratio(configuration, real_lengths(task.dev)))
+    if _at_minimum(configuration, cfg.max_length):
+        least = "f = 1/N" if cfg.retention_mode == "proportional" else "k = 1"
         warnings.append(
-            f"the search ended with every layer at its minimum (k = 1, [CLS] alone): lambda {lam:.3g} outweighs "
+            f"the search ended with every layer at its minimum ({least}, [CLS] alone): lambda {lam:.3g} outweighs "
             f"the task at lr_soft {lr_soft:.3g}; the re-trained model sees [CLS] only. Lower --lambda or "
             f"--target-speedup, or --lr-soft"
         )
         log.warning("search: %s", warnings[-1])
-    record = {"step": "search", "lambda": lam, "lr_soft": lr_soft, "lambda_trials": trials,
+    record = {"step": "search", "retention_mode": cfg.retention_mode, "lambda": lam, "lr_soft": lr_soft,
+              "lambda_trials": trials, **({"target_ratio": RATIO_BASIS[cfg.retention_mode]} if trials else {}),
               "configuration": list(configuration), **result, "lambda_search_s": lambda_search_s,
               "warnings": warnings}
     record["wall_s"] += lambda_search_s  # the step's wall time includes the lambda bisection
@@ -498,11 +557,14 @@ def _retrain(cfg: PipelineConfig, key: dict) -> dict:
     model = load_model(searched)
     labels = label_space_from_config(model.config)
     task = prepare_task(cfg, tokenizer, labels)
-    powerbert.patch(model, configuration)
+    powerbert.patch(model, configuration)  # floats: proportional, the hard extract keeps per-row counts
     seed_everything(cfg.seed)
     result = train_model(model, task, cfg, step="retrain", step_dir=step_dir, epochs=cfg.epochs_for("retrain"),
                          tokenizer=tokenizer, initial_eval=True)
-    record = {"step": "retrain", "configuration": configuration, **result}
+    lengths = real_lengths(task.dev)
+    record = {"step": "retrain", "configuration": configuration, **result,
+              "dev_real_lengths": {"examples": len(lengths), "mean": round(lengths.double().mean().item(), 3),
+                                   "vector_ratio": real_length_ratio(configuration, lengths)}}
     write_json(step_dir / DONE, record)
     return record
 
@@ -549,14 +611,21 @@ def export(cfg: PipelineConfig, records: dict | None = None) -> dict:
     else:  # step folders from before keys were recorded: the settings of this call, unverified
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "overwrite")}
         settings["unverified"] = [step for step, key in keys.items() if key is None]
+    proportional = is_proportional(configuration)
     metrics = {
         "configuration": configuration,
+        "retention_mode": "proportional" if proportional else "fixed",
         "max_length": n,
         "num_layers": len(configuration),
-        "vectors_kept": sum(min(k, n) for k in configuration),
+        # at N: a sequence of N real tokens (for fixed mode also any batch padded to N)
+        "vectors_kept": sum(keep_counts(configuration, n)),
         "vectors_total": len(configuration) * n,
         "vector_ratio": powerbert.vector_ratio(configuration, n),
         "flops_ideal": powerbert.flops_ideal(configuration, n, hidden, intermediate),
+        **({"mean_kept_share": round(sum(configuration) / len(configuration), 4)} if proportional else {}),
+        # over the dev set's real lengths (no padding on either side), when the retrain step recorded them
+        **({"dev_real_lengths": records["retrain"]["dev_real_lengths"]}
+           if "dev_real_lengths" in records["retrain"] else {}),
         "lambda": records["search"]["lambda"],
         "lr_soft": records["search"]["lr_soft"],
         "lambda_trials": records["search"].get("lambda_trials", []),

@@ -14,6 +14,12 @@ from powerbert import data as D
 
 # The pipeline's steps, in the order they run; each writes ``<output>/<step>/``.
 STEPS = ("finetune", "search", "retrain")
+# What the search learns and the re-training runs (``soft_extract.MODES``): slot counts (ints,
+# ALGORITHM.md §3) or shares of each sequence's length (floats, §8).
+RETENTION_MODES = ("fixed", "proportional")
+# The default of ``PipelineConfig.retention_mode`` and ``--retention-mode``; chosen from the
+# experiment in the README's "Learn a configuration".
+DEFAULT_RETENTION_MODE = "fixed"
 
 
 @dataclass
@@ -21,8 +27,10 @@ class PipelineConfig:
     """Every setting of a pipeline run (the CLI flags map one to one).
 
     ``task``: ``"auto"`` (the whole label column decides, ``data.infer_label_space``),
-    ``"classification"`` or ``"regression"``. ``overwrite``: recompute steps whose cached
-    settings differ instead of stopping (see the module docstring).
+    ``"classification"`` or ``"regression"``. ``retention_mode``: ``"fixed"`` (the search
+    learns ints k_l, the same for every sequence) or ``"proportional"`` (floats f_l, a share of
+    each sequence's real length). ``overwrite``: recompute steps whose cached settings differ
+    instead of stopping (see the module docstring).
     """
 
     data: str
@@ -44,6 +52,7 @@ class PipelineConfig:
     lr_soft: float | None = None
     lam: float | None = 1e-3
     target_speedup: float | None = None
+    retention_mode: str = DEFAULT_RETENTION_MODE
     target_trials: int = 5
     target_subset: int = 512
     warmup: float = 0.1
@@ -103,6 +112,8 @@ class PipelineConfig:
         number("warmup", self.warmup, 0, high=1, high_open=True)
         number("weight_decay", self.weight_decay, 0)
         number("max_grad_norm", self.max_grad_norm, 0)
+        if self.retention_mode not in RETENTION_MODES:
+            raise ValueError(f"retention_mode must be one of {', '.join(RETENTION_MODES)}, got {self.retention_mode!r}")
         if self.task not in D.TASKS:
             raise ValueError(f"task must be one of {', '.join(D.TASKS)}, got {self.task!r}")
         if not self.data:

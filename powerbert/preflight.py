@@ -4,8 +4,9 @@
 folder (``check_output``: not a file, not the model folder), the model folder
 (``model_folder.check_model_dir``: config, supported architecture, weights, tokenizer files, N
 within its positions), the data (``load_data``: format, finite labels; classification or
-regression from the whole label column), the tokenizer against the data, and the step cache
-(``step_cache``: a step made with other settings is refused unless ``overwrite``). Each failure
+regression from the whole label column), the tokenizer against the data, the retention mode of
+a ``retrain`` against what the search learned, and the step cache (``step_cache``: a step made
+with other settings is refused unless ``overwrite``). Each failure
 is a ValueError or SystemExit with a one-line message; nothing is written.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from powerbert import data as D
 from powerbert.model_folder import check_model_dir, load_tokenizer
 from powerbert.pipeline_config import STEPS, PipelineConfig
+from powerbert.retention import is_proportional
 from powerbert.step_cache import METRICS, expected_keys, need_done, stale_message, stale_step, step_folder
 
 
@@ -42,6 +44,18 @@ def check_output(cfg: PipelineConfig) -> None:
             (out / step).is_dir() for step in STEPS):
         raise ValueError(f"output {out} (--output) holds a model that powerbert did not write (config.json "
                          f"without step folders); the export would overwrite it: choose another output folder")
+
+
+def check_search_mode(cfg: PipelineConfig, search: dict) -> None:
+    """The re-training runs what the search learned: its configuration's kind (ints: fixed,
+    floats: proportional) must be ``cfg.retention_mode``."""
+    learned = "proportional" if is_proportional(search["configuration"]) else "fixed"
+    if learned != cfg.retention_mode:
+        raise ValueError(
+            f"{step_folder(cfg, 'search')} learned a {learned} configuration {search['configuration']}, but "
+            f"--retention-mode is {cfg.retention_mode}: retrain with --retention-mode {learned}, or run search "
+            f"again with --retention-mode {cfg.retention_mode}"
+        )
 
 
 def load_data(cfg: PipelineConfig) -> tuple[D.Examples, D.Examples | None]:
@@ -76,8 +90,10 @@ def preflight(cfg: PipelineConfig, steps=STEPS) -> dict[str, dict]:
         model_dir = check_model_dir(cfg.model, max_length=cfg.max_length)
     else:
         before = STEPS[STEPS.index(first) - 1]
-        need_done(cfg, before)
+        record = need_done(cfg, before)
         model_dir = check_model_dir(step_folder(cfg, before), max_length=cfg.max_length)
+        if first == "retrain":
+            check_search_mode(cfg, record)
     train, dev = load_data(cfg)
     if first == "finetune":
         D.infer_label_space([train] + ([] if dev is None else [dev]), cfg.task)

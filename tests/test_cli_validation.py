@@ -372,6 +372,7 @@ def test_rerun_with_other_settings_stops_before_anything_changes(trained, root, 
         (train_args(other_model, data, trained, "--lambda", "1e-2", "--seed", 1), ["finetune", "model weights"]),
         ((*base, "--retrain-epochs", 2), ["retrain", "retrain_epochs 1 -> 2"]),
         ((*base, "--task", "regression"), ["finetune", "task 'auto' -> 'regression'"]),
+        ((*base, "--retention-mode", "proportional"), ["search", "retention_mode 'fixed' -> 'proportional'"]),
     ]
     for argv, fragments in cases:
         err = expect_error(capsys, argv, "was made with other settings", "--overwrite", *fragments)
@@ -379,6 +380,10 @@ def test_rerun_with_other_settings_stops_before_anything_changes(trained, root, 
     # the step commands check their own step's key
     expect_error(capsys, ("search", "--data", data, "--output", trained, *FAST, "--lambda", "5e-2", "--seed", 1),
                  "search was made with other settings", "lambda 0.01 -> 0.05")
+    # retrain runs what the search learned: asked for the other mode, it says so before anything runs
+    expect_error(capsys, ("retrain", "--data", data, "--output", trained, *FAST, "--seed", 1,
+                          "--retention-mode", "proportional"),
+                 "learned a fixed configuration", "retrain with --retention-mode fixed")
     assert snapshot(trained) == before
     metrics = json.loads(before["metrics.json"])
     assert metrics["settings"]["lambda"] == 1e-2 and metrics["settings"]["max_length"] == 16

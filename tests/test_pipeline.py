@@ -214,3 +214,102 @@ def test_lambda_trials_travel_as_far_as_the_full_search():
     given = dataclasses.replace(cfg, lr_soft=1e-3)
     assert pipeline.trial_lr_soft(given, 3200, 320) == pytest.approx(1e-2)
     assert pipeline.trial_lr_soft(dataclasses.replace(cfg, lr_soft=3e-3), 96_000, 32) == pipeline.LR_SOFT_TRIAL_MAX
+
+
+# ----------------------------------------------------------------------------- proportional retention (§8)
+
+
+@pytest.fixture(scope="module")
+def proportional_run(pipeline_run, tmp_path_factory):
+    """The same run with --retention-mode proportional, from the same fine-tuned weights."""
+    import shutil
+
+    cfg, _ = pipeline_run
+    out = tmp_path_factory.mktemp("proportional")
+    shutil.copytree(f"{cfg.output}/finetune", out / "finetune")
+    proportional = dataclasses.replace(cfg, output=str(out), retention_mode="proportional")
+    return proportional, pipeline.run(proportional)
+
+
+def test_proportional_search_learns_fractions_and_exports_them(proportional_run):
+    from powerbert.retention import keep_counts
+
+    cfg, metrics = proportional_run
+    configuration = metrics["configuration"]
+    assert metrics["retention_mode"] == "proportional"
+    assert len(configuration) == LAYERS and all(isinstance(f, float) and 0 < f <= 1 for f in configuration)
+    assert configuration == sorted(configuration, reverse=True) and configuration[-1] < 0.5
+    assert metrics["steps"]["retrain"]["best"]["value"] >= 0.9
+    # at N, and over the dev set's real lengths
+    assert metrics["vector_ratio"] == pytest.approx(powerbert.vector_ratio(configuration, N))
+    assert metrics["vectors_kept"] == sum(keep_counts(configuration, N))
+    assert metrics["mean_kept_share"] == pytest.approx(sum(configuration) / LAYERS, abs=1e-4)
+    tokenizer = BertTokenizer.from_pretrained(f"{cfg.output}/finetune")
+    lengths = pipeline.real_lengths(pipeline.prepare_task(cfg, tokenizer).dev)
+    real = metrics["dev_real_lengths"]
+    assert real["examples"] == len(lengths) and real["mean"] == pytest.approx(lengths.double().mean().item(), abs=1e-3)
+    assert real["vector_ratio"] == pytest.approx(pipeline.real_length_ratio(configuration, lengths)) and real[
+        "vector_ratio"] > 1
+    search = json.loads(open(f"{cfg.output}/search/done.json").read())
+    assert search["retention_mode"] == "proportional" and search["configuration"] == configuration
+    assert all("shares" in h for h in search["history"])
+    # config.json holds floats, and the exported model patches itself from them
+    assert json.loads(open(f"{cfg.output}/config.json").read())["powerbert_retention"] == configuration
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.output).eval()
+    powerbert.patch(model)
+    assert powerbert.patched_retention(model) == tuple(configuration)
+    result = pipeline.evaluate(cfg.output, cfg.data, max_examples=96)
+    assert result["configuration"] == configuration and result["value"] >= 0.9
+
+
+def test_real_length_ratio_either_kind():
+    lengths = torch.tensor([4, 10, 16])
+    # fixed: min(k_l, len_i) -> (4 + 4) + (8 + 4) + (8 + 4) = 32 of 2 * 30 token-layers
+    assert pipeline.real_length_ratio([8, 4], lengths) == pytest.approx(60 / 32)
+    # proportional: ceil(f * len): (2 + 1) + (5 + 3) + (8 + 4) = 23
+    assert pipeline.real_length_ratio([0.5, 0.25], lengths) == pytest.approx(60 / 23)
+
+
+def test_changing_the_retention_mode_stops_or_recomputes(proportional_run, pipeline_run, tmp_path, caplog):
+    import shutil
+
+    cfg, metrics = proportional_run
+    fixed = dataclasses.replace(cfg, retention_mode="fixed")
+    with pytest.raises(ValueError, match="search was made with other settings.*retention_mode 'proportional' -> "
+                                         "'fixed'"):
+        pipeline.run(fixed)
+    # retrain alone runs what the search learned: another mode is refused, naming both ways out
+    with pytest.raises(ValueError, match="learned a proportional configuration.*--retention-mode proportional"):
+        pipeline.retrain(fixed)
+    assert json.loads(open(f"{cfg.output}/metrics.json").read())["configuration"] == metrics["configuration"]
+    # step folders written before the setting existed are fixed-mode folders, reused as such
+    fixed_cfg, fixed_metrics = pipeline_run
+    legacy = dataclasses.replace(fixed_cfg, output=str(tmp_path / "legacy"))
+    shutil.copytree(fixed_cfg.output, legacy.output)
+    for step in ("search", "retrain"):
+        path = tmp_path / "legacy" / step / "settings.json"
+        key = json.loads(path.read_text())
+        del key["settings"]["retention_mode"]
+        path.write_text(json.dumps(key))
+    with caplog.at_level("INFO", logger="powerbert"):
+        assert pipeline.run(legacy)["configuration"] == fixed_metrics["configuration"]
+    assert sum("already done" in r.message for r in caplog.records) == 3
+    with pytest.raises(ValueError, match="retention_mode 'fixed' -> 'proportional'"):
+        pipeline.run(dataclasses.replace(legacy, retention_mode="proportional"))
+
+
+def test_target_speedup_in_proportional_mode_aims_at_real_lengths(proportional_run, tmp_path):
+    import shutil
+
+    cfg, _ = proportional_run
+    shutil.copytree(f"{cfg.output}/finetune", tmp_path / "finetune")
+    target = dataclasses.replace(cfg, output=str(tmp_path), lam=None, target_speedup=2.0, target_trials=2,
+                                 target_subset=96, search_epochs=1)
+    record = pipeline.search(target)
+    assert record["target_ratio"] == "over the dev set's real lengths"
+    tokenizer = BertTokenizer.from_pretrained(f"{cfg.output}/finetune")
+    lengths = pipeline.real_lengths(pipeline.prepare_task(target, tokenizer).dev)
+    for trial in record["lambda_trials"]:
+        assert all(isinstance(f, float) for f in trial["configuration"])
+        assert trial["vector_ratio"] == pytest.approx(pipeline.real_length_ratio(trial["configuration"], lengths))
+    assert record["lambda"] in [t["lambda"] for t in record["lambda_trials"]]
