@@ -60,14 +60,23 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None)
     Returns:
         ``[B, H, n, n]`` in q's dtype; padded keys get probability 0.
     """
-    # Contiguous head-major operands: a strided [B, H, n, d] view makes the batched matmul
-    # several times slower on CPU than the two copies cost (measured: 25 ms vs 7 ms at
-    # BERT-base, B 16, n 128, one thread).
-    scale = q.shape[-1] ** -0.5
-    logits = torch.matmul((q * scale).contiguous(), k.transpose(-1, -2).contiguous())
-    if mask is not None:
-        logits = logits.masked_fill(~mask[:, None, None, :], torch.finfo(logits.dtype).min)
-    return logits.softmax(dim=-1)
+    # One batched GEMM on contiguous head-major operands with the scale and the padding bias
+    # folded in (baddbmm): a strided [B, H, n, d] matmul is several times slower on CPU than the
+    # copies cost (25 ms vs 7 ms at BERT-base, B 16, n 128, one thread), and scaling q and
+    # masking the logits in passes of their own cost 2.6x the fused form (17.1 ms vs 6.6 ms for
+    # the probabilities at B 8, H 12, n 256, d 32 on this 2-core CPU).
+    batch, heads, n, d = q.shape
+    scale = d ** -0.5
+    q_rows = q.reshape(batch * heads, n, d)
+    k_cols = k.transpose(-1, -2).reshape(batch * heads, d, k.shape[-2])
+    if mask is None:
+        bias, beta = q.new_zeros(1, 1, 1), 0.0
+    else:
+        bias = q.new_zeros(batch, 1, 1, mask.shape[-1]).masked_fill_(
+            ~mask[:, None, None, :], torch.finfo(q.dtype).min)
+        bias, beta = bias.expand(batch, heads, 1, mask.shape[-1]).reshape(batch * heads, 1, -1), 1.0
+    logits = torch.baddbmm(bias, q_rows, k_cols, beta=beta, alpha=scale)
+    return logits.softmax(dim=-1).view(batch, heads, n, -1)
 
 
 def baseline_scores(selection: str, mask: torch.Tensor) -> torch.Tensor:
