@@ -76,7 +76,7 @@ from powerbert import data as D
 from powerbert.model_folder import (MAX_LENGTH_KEY, check_model_dir, label_space_from_config, load_model,
                                     load_tokenizer, max_positions, read_model_config)
 from powerbert.patch import CONFIG_KEY
-from powerbert.pipeline_config import RETENTION_MODES, STEPS, PipelineConfig
+from powerbert.pipeline_config import STEPS, PipelineConfig
 from powerbert.preflight import load_data, preflight
 from powerbert.retention import is_proportional, keep_counts, row_keep_counts
 from powerbert.soft_extract import attach_soft_extract, fractions_from_shares
@@ -438,7 +438,6 @@ def _soft_search(model, task: Task, cfg: PipelineConfig, lam: float, epochs: int
 
 # What the vector ratio of ``target_ratio`` is taken over, per retention mode (logged, recorded).
 RATIO_BASIS = {"fixed": "at N", "proportional": "over the dev set's real lengths"}
-assert set(RATIO_BASIS) == set(RETENTION_MODES)
 
 
 def find_lambda(cfg: PipelineConfig, task: Task, target: float, finetuned: Path) -> tuple[float, list[dict]]:
@@ -534,7 +533,7 @@ def _search(cfg: PipelineConfig, key: dict) -> dict:
         )
         log.warning("search: %s", warnings[-1])
     record = {"step": "search", "retention_mode": cfg.retention_mode, "lambda": lam, "lr_soft": lr_soft,
-              "lambda_trials": trials, **({"target_ratio": RATIO_BASIS[cfg.retention_mode]} if trials else {}),
+              "lambda_trials": trials, **({"target_ratio_basis": RATIO_BASIS[cfg.retention_mode]} if trials else {}),
               "configuration": list(configuration), **result, "lambda_search_s": lambda_search_s,
               "warnings": warnings}
     record["wall_s"] += lambda_search_s  # the step's wall time includes the lambda bisection

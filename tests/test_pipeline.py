@@ -306,7 +306,7 @@ def test_target_speedup_in_proportional_mode_aims_at_real_lengths(proportional_r
     target = dataclasses.replace(cfg, output=str(tmp_path), lam=None, target_speedup=2.0, target_trials=2,
                                  target_subset=96, search_epochs=1)
     record = pipeline.search(target)
-    assert record["target_ratio"] == "over the dev set's real lengths"
+    assert record["target_ratio_basis"] == "over the dev set's real lengths"
     tokenizer = BertTokenizer.from_pretrained(f"{cfg.output}/finetune")
     lengths = pipeline.real_lengths(pipeline.prepare_task(target, tokenizer).dev)
     for trial in record["lambda_trials"]:
