@@ -105,11 +105,13 @@ def _add_step_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retention-mode", choices=RETENTION_MODES, default=DEFAULT_RETENTION_MODE,
                    help="what the search learns and the re-training runs: fixed = k_l word vectors per layer "
                         "(ints, the same for every sequence), proportional = a share f_l of each sequence's "
-                        f"real tokens (floats; ALGORITHM.md §8). Default {DEFAULT_RETENTION_MODE}")
+                        f"real tokens (floats; ALGORITHM.md §8), faster where batches hold similar lengths "
+                        f"(length-sorted, batch size 1). Default {DEFAULT_RETENTION_MODE}")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--lambda", dest="lam", type=_number(0), default=None, help="regulariser weight (default 1e-3)")
     target.add_argument("--target-speedup", type=_number(1), default=None,
-                        help="bisect lambda so the configuration reaches about this vector ratio")
+                        help="bisect lambda so the configuration reaches about this vector ratio (fixed: "
+                             "L*N / sum of k_l; proportional: over the dev set's real lengths)")
     p.add_argument("--target-trials", type=_positive_int, default=5)
     p.add_argument("--target-subset", type=_positive_int, default=512,
                    help="training examples per lambda trial of --target-speedup")
