@@ -260,11 +260,11 @@ def install(model: nn.Module, family: Family, base: nn.Module, runner, *, cls_on
     nothing is installed yet."""
     encoder = family.encoder(base)
     head = model if cls_only_head and model is not base else None
-    forward = EncoderForward(encoder, family.name, runner, _saved(encoder),
+    forward = EncoderForward(encoder, family.name, runner, saved_attribute(encoder, "forward"),
                              head=type(head).__name__ if head is not None else None)
-    base_forward = BaseForward(base, _saved(base))
+    base_forward = BaseForward(base, saved_attribute(base, "forward"))
     if head is not None:
-        head.forward = HeadForward(head, _saved(head))
+        head.forward = HeadForward(head, saved_attribute(head, "forward"))
     encoder.forward = forward
     base.forward = base_forward
     return forward
@@ -287,22 +287,25 @@ def uninstall(model: nn.Module) -> EncoderForward:
             f"this {type(model).__name__} was patched through the {forward.head} that holds it; "
             f"call unpatch on that model"
         )
-    _restore(forward.encoder, forward.saved_forward)
+    restore_attribute(forward.encoder, "forward", forward.saved_forward)
     base_forward = base.__dict__.get("forward")
     if isinstance(base_forward, BaseForward):
-        _restore(base, base_forward.saved_forward)
+        restore_attribute(base, "forward", base_forward.saved_forward)
     if isinstance(head_forward, HeadForward):
-        _restore(model, head_forward.saved_forward)
+        restore_attribute(model, "forward", head_forward.saved_forward)
     return forward
 
 
-def _saved(module: nn.Module) -> tuple[bool, Any]:
-    return ("forward" in module.__dict__, module.__dict__.get("forward"))
+def saved_attribute(obj: Any, name: str) -> tuple[bool, Any]:
+    """``(had_one, value)``: whether ``obj`` holds ``name`` itself (an instance attribute, not one
+    it inherits) and its value. Plain values, so what ``restore_attribute`` needs pickles and copies."""
+    return (name in obj.__dict__, obj.__dict__.get(name))
 
 
-def _restore(module: nn.Module, saved: tuple[bool, Any]) -> None:
-    had_own, own = saved
-    if had_own:
-        module.forward = own
-    else:
-        del module.forward
+def restore_attribute(obj: Any, name: str, saved: tuple[bool, Any]) -> None:
+    """Put ``obj.name`` back as ``saved_attribute`` found it: the old value, or no instance attribute."""
+    had_one, value = saved
+    if had_one:
+        setattr(obj, name, value)
+    elif name in obj.__dict__:
+        delattr(obj, name)

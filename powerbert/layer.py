@@ -117,6 +117,11 @@ def _context_from_probs(parts: LayerParts, probs: torch.Tensor, v: torch.Tensor)
     return torch.matmul(parts.probs_dropout(probs), v)
 
 
+def _context(parts: LayerParts, q, k, v, attn_mask, probs: torch.Tensor | None) -> torch.Tensor:
+    """``[B, H, n, d]`` attention context: fused SDPA, or from ``probs`` when they are at hand."""
+    return _sdpa(parts, q, k, v, attn_mask) if probs is None else _context_from_probs(parts, probs, v)
+
+
 def eliminating_layer(
     parts: LayerParts,
     hidden: torch.Tensor,
@@ -169,18 +174,12 @@ def eliminating_layer(
     probs = attention_probs(q_proj, k_proj, attn_mask) if need_probs else None
     if width is None and k >= n:
         # Nothing to eliminate: no scores needed, so use fused SDPA like the stock model.
-        if probs is None:
-            context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
-        else:
-            context = _context_from_probs(parts, probs, v_proj)
+        context = _context(parts, q_proj, k_proj, v_proj, attn_mask, probs)
         return LayerOutput(feed_forward(parts, attention_output(parts, context, hidden)), mask, None, probs)
 
     if selection != "attention":
         # Ablations: the choice ignores attention, so attention itself can stay fused.
-        if probs is None:
-            context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
-        else:
-            context = _context_from_probs(parts, probs, v_proj)
+        context = _context(parts, q_proj, k_proj, v_proj, attn_mask, probs)
         scores = baseline_scores(selection, mask)
         attention, mask, indices = ops.extract_from_scores(
             scores, attention_output(parts, context, hidden), mask, k, width=width)
@@ -194,11 +193,9 @@ def eliminating_layer(
         attention = parts.attn_norm(parts.attn_dropout(parts.attn_out(context)) + residual)
         return LayerOutput(feed_forward(parts, attention), mask, indices, None)
 
+    returned = probs  # returned only when asked for
     if probs is None:
         probs = attention_probs(q_proj, k_proj, attn_mask)
-        returned = None
-    else:
-        returned = probs
 
     residual, mask, indices = ops.extract(probs, hidden, mask, k, width=width)
     batch, heads, _, _ = probs.shape

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from powerbert.encoder import check_model_dtype, install, installed, refuse_installed, uninstall
+from powerbert.encoder import (check_model_dtype, install, installed, refuse_installed, restore_attribute,
+                               saved_attribute, uninstall)
 from powerbert.families import LayerParts, resolve
 from powerbert.layer import SELECTIONS, LayerOutput, eliminating_layer
-from powerbert.retention import is_proportional, row_keep_counts, validate_minimum, validate_retention
+from powerbert.retention import is_proportional, keep_counts, row_keep_counts, validate_minimum, validate_retention
 
 CONFIG_KEY = "powerbert_retention"
 SELECTION_KEY = "powerbert_selection"  # stored only for the ablation strategies
@@ -70,9 +71,8 @@ class HardExtract:
         lengths = mask.sum(dim=1)
         counts = row_keep_counts(self.retention, self.minimum, lengths)  # [L, B]
         if static:
-            full = torch.tensor([mask.shape[1]])
-            return [(counts[layer], width) for layer, width in
-                    enumerate(row_keep_counts(self.retention, self.minimum, full)[:, 0].tolist())]
+            widths = keep_counts(self.retention, mask.shape[1], self.minimum)  # a full-length row
+            return [(counts[layer], width) for layer, width in enumerate(widths)]
         stats = torch.stack([counts.max(dim=1).values, counts.min(dim=1).values], dim=1).tolist()
         # Rows keeping the same count take the plain top-k path (no per-row bookkeeping).
         return [high if high == low else (counts[layer], high) for layer, (high, low) in enumerate(stats)]
@@ -164,8 +164,7 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
         retention=retention,
         cls_only_last_layer=bool(cls_only_last_layer and cls_only_head),
         selection=selection,
-        config_saved={key: (key in config.__dict__, config.__dict__.get(key))
-                      for key in (CONFIG_KEY, SELECTION_KEY, MINIMUM_KEY)},
+        config_saved={key: saved_attribute(config, key) for key in (CONFIG_KEY, SELECTION_KEY, MINIMUM_KEY)},
         static_shapes=static_shapes,
         minimum=minimum,
     )
@@ -192,11 +191,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise RuntimeError("model is not patched by powerbert; nothing to unpatch")
     runner: HardExtract = uninstall(model).runner
     config = resolve(model)[1].config
-    for key, (had_it, before) in runner.config_saved.items():
-        if had_it:
-            setattr(config, key, before)
-        elif key in config.__dict__:
-            delattr(config, key)
+    for key, saved in runner.config_saved.items():
+        restore_attribute(config, key, saved)
     return model
 
 

@@ -145,15 +145,22 @@ def layer_flops(n_in: int, k_out: int, hidden: int, intermediate: int) -> int:
     return 4 * n_in * hidden**2 + 2 * n_in**2 * hidden + 2 * k_out * hidden * intermediate
 
 
+def sequence_flops(retention: Sequence, seq_len: int, hidden: int, intermediate: int,
+                   minimum: Sequence[int] | None = None) -> int:
+    """Patched multiply-adds of one sequence of ``seq_len`` tokens (§6): layer l's attention on the
+    n_{l-1} vectors that entered it (n_0 = seq_len), its FFN on the k_l it keeps."""
+    total, n_in = 0, seq_len
+    for k in keep_counts(retention, seq_len, minimum):
+        total += layer_flops(n_in, k, hidden, intermediate)
+        n_in = k
+    return total
+
+
 def flops_ideal(retention: Sequence, seq_len: int, hidden: int, intermediate: int,
                 minimum: Sequence[int] | None = None) -> float:
     """Ideal speedup by the §6 cost model: stock multiply-adds over patched multiply-adds."""
     stock = len(retention) * layer_flops(seq_len, seq_len, hidden, intermediate)
-    patched, n_in = 0, seq_len
-    for k in keep_counts(retention, seq_len, minimum):
-        patched += layer_flops(n_in, k, hidden, intermediate)
-        n_in = k
-    return stock / patched
+    return stock / sequence_flops(retention, seq_len, hidden, intermediate, minimum)
 
 
 def ideal_vs_dynamic_padding(retention: Sequence, batches: Sequence[Sequence[int]],
@@ -182,11 +189,6 @@ def flops_ideal_vs_dynamic_padding(retention: Sequence, batches: Sequence[Sequen
     layers = len(retention)
     stock = sum(len(lengths) * layers * layer_flops(max(lengths), max(lengths), hidden, intermediate)
                 for lengths in batches)
-    patched = 0
-    for lengths in batches:
-        for length in lengths:
-            n_in = length
-            for k in keep_counts(retention, length, minimum):
-                patched += layer_flops(n_in, k, hidden, intermediate)
-                n_in = k
+    patched = sum(sequence_flops(retention, length, hidden, intermediate, minimum)
+                  for lengths in batches for length in lengths)
     return stock / patched

@@ -303,8 +303,6 @@ def attach_soft_extract(model: nn.Module, max_length: int, *, cls_first: bool = 
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     family, base, _ = resolve(model)
     refuse_installed(model)
     check_model_dtype(model)
