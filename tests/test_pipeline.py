@@ -185,16 +185,22 @@ def test_regression_labels_finetune_with_mse(tmp_path):
     assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
 
 
-def test_target_speedup_bisects_lambda(pipeline_run, tmp_path):
-    import dataclasses
-    import math
+def _search_toward(cfg, tmp_path, speedup: float, trials: int):
+    """A ``--target-speedup`` search in ``tmp_path`` from ``cfg``'s finished fine-tune:
+    (the search record, the config it ran with)."""
     import shutil
 
-    cfg, _ = pipeline_run
     shutil.copytree(f"{cfg.output}/finetune", tmp_path / "finetune")
-    target = dataclasses.replace(cfg, output=str(tmp_path), lam=None, target_speedup=4.0, target_trials=3,
+    target = dataclasses.replace(cfg, output=str(tmp_path), lam=None, target_speedup=speedup, target_trials=trials,
                                  target_subset=96, search_epochs=1)
-    record = pipeline.search(target)
+    return pipeline.search(target), target
+
+
+def test_target_speedup_bisects_lambda(pipeline_run, tmp_path):
+    import math
+
+    cfg, _ = pipeline_run
+    record, _ = _search_toward(cfg, tmp_path, 4.0, 3)
     trials = record["lambda_trials"]
     assert [t["lambda"] for t in trials[:2]] == pytest.approx([1e-3, 1e-4 if trials[0]["vector_ratio"] >= 4 else 1e-2])
     closest = min(trials, key=lambda t: abs(math.log(t["vector_ratio"] / 4.0)))
@@ -299,13 +305,8 @@ def test_changing_the_retention_mode_stops_or_recomputes(proportional_run, pipel
 
 
 def test_target_speedup_in_proportional_mode_aims_at_real_lengths(proportional_run, tmp_path):
-    import shutil
-
     cfg, _ = proportional_run
-    shutil.copytree(f"{cfg.output}/finetune", tmp_path / "finetune")
-    target = dataclasses.replace(cfg, output=str(tmp_path), lam=None, target_speedup=2.0, target_trials=2,
-                                 target_subset=96, search_epochs=1)
-    record = pipeline.search(target)
+    record, target = _search_toward(cfg, tmp_path, 2.0, 2)
     assert record["target_ratio_basis"] == "over the dev set's real lengths"
     tokenizer = BertTokenizer.from_pretrained(f"{cfg.output}/finetune")
     lengths = pipeline.real_lengths(pipeline.prepare_task(target, tokenizer).dev)
