@@ -139,7 +139,7 @@ class EncoderForward:
             hidden, mask, indices, probs = out
             if plan is not None and isinstance(plan[index], tuple):
                 padded = True  # rows kept different counts: the unused slots are padding
-            if indices is not None:
+            if indices is not None and record is not None:  # positions are only reported
                 positions = torch.gather(positions, 1, indices)
             if hidden_states_out is not None:
                 hidden_states_out.append(hidden)
