@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from powerbert import sentence
 from powerbert.encoder import (check_model_dtype, install, installed, refuse_installed, restore_attribute,
                                saved_attribute, uninstall)
 from powerbert.families import LayerParts, resolve
@@ -89,6 +90,8 @@ class HardExtract:
 
 def is_patched(model: nn.Module) -> bool:
     """True if ``powerbert.patch`` has been applied to ``model`` (or the model holding it) and not undone."""
+    if sentence.is_sentence_model(model):
+        return sentence.is_sentence_patched(model)
     forward = installed(model)
     return forward is not None and isinstance(forward.runner, HardExtract)
 
@@ -99,7 +102,9 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
 
     Args:
         model: a supported Hugging Face model (``powerbert.supported_models()``), any
-            ``attn_implementation``; it is modified in place.
+            ``attn_implementation``; it is modified in place. A sentence-transformers
+            ``SentenceTransformer`` or ``CrossEncoder`` holding one is patched through it
+            (``powerbert/sentence.py``).
         retention: one entry per encoder layer, non-increasing. Ints >= 1 (fixed):
             ``retention[l]`` word vectors survive layer ``l + 1``'s attention in every sequence.
             Floats in (0, 1] (proportional, ALGORITHM.md §8): sequence i keeps
@@ -135,6 +140,9 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a transformers model, got {type(model).__name__}")
+    if sentence.is_sentence_model(model):
+        return sentence.patch_sentence(model, retention, cls_only_last_layer=cls_only_last_layer,
+                                       selection=selection, static_shapes=static_shapes, retention_min=retention_min)
     family, base, cls_only_head = resolve(model)
     refuse_installed(model)
     check_model_dtype(model)
@@ -187,6 +195,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     Raises:
         RuntimeError: the model is not patched.
     """
+    if sentence.is_sentence_model(model):
+        return sentence.unpatch_sentence(model)
     if not is_patched(model):
         raise RuntimeError("model is not patched by powerbert; nothing to unpatch")
     runner: HardExtract = uninstall(model).runner
@@ -198,6 +208,8 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def patch_state(model: nn.Module) -> HardExtract:
     """What a patched model runs with (``.retention``, ``.selection``, ``.cls_only_last_layer``)."""
+    if sentence.is_sentence_model(model):
+        return sentence.sentence_patch_state(model)
     if not is_patched(model):
         raise RuntimeError("model is not patched by powerbert")
     return installed(model).runner

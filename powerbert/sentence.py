@@ -1,0 +1,254 @@
+"""sentence-transformers models: ``powerbert.patch`` on a ``SentenceTransformer`` or a ``CrossEncoder``.
+
+Both hold one (or, under a ``Router``, several) ``Transformer`` modules around a Hugging Face model;
+patching patches that model (``powerbert.patch``, so ``config.json`` keeps ``powerbert_retention``
+through ``model.save``) and, for sentence embeddings, the module's ``forward``:
+
+* ``SentenceTransformer``: the Hugging Face model is a bare encoder (``BertModel``, ...) whose
+  ``last_hidden_state`` becomes the survivors of the last layer. ``TokenEmbeddingsForward``
+  (installed as the ``Transformer`` module's instance ``forward``) hands the next modules the
+  survivors as ``token_embeddings`` and the survivor mask (``kept_mask``) as ``attention_mask``:
+  the ``Pooling`` module's mean, CLS and max read exactly the real survivors, and
+  ``encode(..., output_value="token_embeddings")`` returns each text's survivors. The input
+  positions of the survivors are in ``features["kept_positions"]``. Pooling modes that depend on
+  where a token sits or on how many tokens the text has (``lasttoken``, ``weightedmean``,
+  ``mean_sqrt_len_tokens``) and modules that align token vectors with ``input_ids`` (``WordWeights``,
+  ``LSTM``, ...) are refused at patch time.
+* ``CrossEncoder``: the model is a sequence-classification head reading [CLS]; its logits keep
+  their shape, so patching the head is all it takes (its last layer runs for [CLS] alone).
+
+Nothing here imports ``sentence_transformers`` at module import: ``is_sentence_model`` looks at
+class names, so ``powerbert.patch`` can dispatch on any model without it installed.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from powerbert.encoder import restore_attribute, saved_attribute
+
+SENTENCE_PACKAGE = "sentence_transformers"
+KINDS = {"SentenceTransformer": "embedding", "CrossEncoder": "cross-encoder"}
+# What a Transformer module must be configured to run for the patched forward to stand in for it.
+TEXT_MODALITY = {"embedding": ("forward", "last_hidden_state", "token_embeddings"),
+                 "cross-encoder": ("forward", "logits", "scores")}
+POOLING_MODES = ("mean", "cls", "max")
+# Modules that may follow the Transformer of a patched SentenceTransformer: they read the sentence
+# embedding, or token embeddings through their mask only.
+FOLLOWERS = ("Pooling", "Normalize", "Dense", "Dropout", "LayerNorm", "Router", "Asym")
+
+
+def _sentence_class(model) -> str | None:
+    for klass in type(model).__mro__:
+        if klass.__name__ in KINDS and klass.__module__.startswith(SENTENCE_PACKAGE + "."):
+            return klass.__name__
+    return None
+
+
+def is_sentence_model(model) -> bool:
+    """True for a ``sentence_transformers`` ``SentenceTransformer`` or ``CrossEncoder`` (or a subclass)."""
+    return _sentence_class(model) is not None
+
+
+def _transformer_modules(model: nn.Module) -> list[nn.Module]:
+    from sentence_transformers.base.modules import Transformer
+
+    return [module for module in model.modules() if isinstance(module, Transformer)]
+
+
+def _check_modality(module, kind: str) -> None:
+    method, output, module_output = TEXT_MODALITY[kind]
+    config = getattr(module, "modality_config", None) or {}
+    text = config.get("text", {})
+    found = (text.get("method"), text.get("method_output_name"), getattr(module, "module_output_name", None))
+    if set(config) != {"text"} or found != (method, output, module_output):
+        raise TypeError(
+            f"powerbert patches a text-only Transformer module that runs model.{method} and reads {output!r} "
+            f"into {module_output!r}; this one has modality_config {config} and module_output_name "
+            f"{found[2]!r}"
+        )
+
+
+def _check_followers(model: nn.Module, transformers: list[nn.Module]) -> list[nn.Module]:
+    """The Pooling modules of an embedding model; TypeError for a module that cannot read survivors."""
+    inside = {id(m) for transformer in transformers for m in transformer.modules()}
+    poolings = []
+    for name, module in model.named_modules():
+        if id(module) in inside or module is model or not type(module).__module__.startswith(SENTENCE_PACKAGE + "."):
+            continue
+        kind = type(module).__name__
+        if kind == "Pooling":
+            modes = (module.pooling_mode,) if isinstance(module.pooling_mode, str) else tuple(module.pooling_mode)
+            bad = [mode for mode in modes if mode not in POOLING_MODES]
+            if bad:
+                raise TypeError(
+                    f"Pooling mode {bad[0]!r} depends on token positions or on the text's token count, which "
+                    f"elimination changes; a patched SentenceTransformer pools with {', '.join(POOLING_MODES)}"
+                )
+            poolings.append(module)
+        elif kind not in FOLLOWERS:
+            raise TypeError(
+                f"module {name} ({kind}) reads token embeddings in ways elimination breaks; a patched "
+                f"SentenceTransformer supports Transformer followed by {', '.join(FOLLOWERS)}"
+            )
+    return poolings
+
+
+def _model_input_names(model: nn.Module) -> frozenset[str]:
+    """The named parameters of the Hugging Face model class's ``forward`` (``input_ids``,
+    ``attention_mask``, ...): the features the patched forward passes on (sentence-transformers'
+    bookkeeping such as ``modality`` or ``prompt_length`` is not among them)."""
+    parameters = inspect.signature(type(model).forward).parameters.values()
+    return frozenset(p.name for p in parameters
+                     if p.name != "self" and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL))
+
+
+class TokenEmbeddingsForward:
+    """``Transformer.forward`` of a patched ``SentenceTransformer``: the survivors and their mask.
+
+    Writes ``features["token_embeddings"]`` = ``[B, k, D]`` survivors of the last layer (real
+    tokens first, in input order), ``features["attention_mask"]`` = ``[B, k]`` survivor mask (the
+    input mask's dtype), ``features["kept_positions"]`` = ``[B, k]`` their input positions.
+
+    A picklable object, not a closure (like ``encoder.EncoderForward``). Attributes:
+        module: the ``Transformer`` module. poolings: the model's ``Pooling`` modules (for
+        ``include_prompt``). saved_forward: ``(had_one, value)``, what ``unpatch`` restores.
+    """
+
+    def __init__(self, module: nn.Module, poolings: list[nn.Module], saved_forward: tuple[bool, Any]):
+        self.module = module
+        self.poolings = poolings
+        self.saved_forward = saved_forward
+
+    def __call__(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
+        if features.get("modality", "text") != "text":
+            raise ValueError(f"a patched SentenceTransformer encodes text only, got modality {features['modality']!r}")
+        model = self.module.model
+        names = _model_input_names(model)
+        inputs = {key: value for key, value in {**features, **kwargs}.items() if key in names}
+        input_mask = inputs.get("attention_mask")
+        out = model(**inputs, return_dict=True)
+        mask = out["kept_mask"]
+        prompt_length = features.get("prompt_length")
+        if prompt_length is not None and self._excludes_prompt():
+            mask = self._drop_prompt(mask, out["kept_positions"], input_mask, prompt_length)
+            features["prompt_length"] = 0  # done here: Pooling would count slots, not input positions
+        features[self.module.module_output_name] = out["last_hidden_state"]
+        features["attention_mask"] = mask.to(torch.int64 if input_mask is None else input_mask.dtype)
+        features["kept_positions"] = out["kept_positions"]
+        if getattr(model.config, "output_hidden_states", False) and out.get("hidden_states") is not None:
+            features["all_layer_embeddings"] = out["hidden_states"]
+        return features
+
+    def _excludes_prompt(self) -> bool:
+        flags = {bool(pooling.include_prompt) for pooling in self.poolings}
+        if len(flags) > 1:
+            raise ValueError("Pooling modules disagree on include_prompt; a patched model needs one setting")
+        return flags == {False}
+
+    @staticmethod
+    def _drop_prompt(mask, positions, input_mask, prompt_length) -> torch.Tensor:
+        """Survivors whose token is one of the first ``prompt_length`` real tokens are not pooled
+        (what ``Pooling(include_prompt=False)`` does to the stock mask, on survivors)."""
+        length = int(prompt_length[0]) if isinstance(prompt_length, torch.Tensor) else int(prompt_length)
+        if input_mask is None:
+            rank = positions
+        else:  # a token's rank among its row's real tokens, any padding side
+            rank = torch.gather(input_mask.long().cumsum(dim=1) - 1, 1, positions)
+        return mask & (rank >= length)
+
+
+def _patched_transformers(model: nn.Module) -> list[nn.Module]:
+    from powerbert.patch import is_patched
+
+    return [module for module in _transformer_modules(model) if is_patched(module.model)]
+
+
+def patch_sentence(model: nn.Module, retention=None, **options) -> nn.Module:
+    """``powerbert.patch`` for a ``SentenceTransformer`` or ``CrossEncoder`` (see the module docstring).
+
+    Every ``Transformer`` module's Hugging Face model is patched with ``retention`` and
+    ``options`` (``powerbert.patch``'s keywords); None reads each model's ``config.json``
+    (``powerbert_retention``, written by ``model.save`` after an earlier patch).
+
+    Raises:
+        TypeError: no Transformer module, a model or module elimination does not support
+            (bare encoders for embeddings, [CLS] heads for cross-encoders), or a pooling mode
+            that depends on token positions. RuntimeError: already patched. ValueError: as
+            ``powerbert.patch``.
+    """
+    from powerbert.families import resolve
+    from powerbert.patch import patch, unpatch
+
+    kind = KINDS[_sentence_class(model)]
+    modules = _transformer_modules(model)
+    if not modules:
+        raise TypeError(f"{type(model).__name__} holds no sentence_transformers Transformer module to patch")
+    if _patched_transformers(model):
+        raise RuntimeError("model is already patched by powerbert; call powerbert.unpatch(model) first")
+    poolings = _check_followers(model, modules) if kind == "embedding" else []
+    for module in modules:
+        _check_modality(module, kind)
+        _, base, cls_only = resolve(module.model)
+        if kind == "embedding" and base is not module.model:
+            raise TypeError(f"a SentenceTransformer's Transformer must hold a bare encoder model, got "
+                            f"{type(module.model).__name__}")
+        if kind == "cross-encoder" and not cls_only:
+            raise TypeError(f"a CrossEncoder's model must be a head that reads [CLS] alone (sequence "
+                            f"classification), got {type(module.model).__name__}")
+    done = []
+    try:
+        for module in modules:
+            patch(module.model, retention, **options)
+            done.append(module)
+            if kind == "embedding":
+                module.forward = TokenEmbeddingsForward(module, poolings, saved_attribute(module, "forward"))
+    except BaseException:
+        for module in done:
+            _unpatch_module(module, unpatch)
+        raise
+    return model
+
+
+def _unpatch_module(module: nn.Module, unpatch) -> None:
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, TokenEmbeddingsForward):
+        restore_attribute(module, "forward", forward.saved_forward)
+    unpatch(module.model)
+
+
+def unpatch_sentence(model: nn.Module) -> nn.Module:
+    """Undo ``patch_sentence`` exactly: every Transformer module's forward and model as before."""
+    from powerbert.patch import unpatch
+
+    modules = _patched_transformers(model)
+    if not modules:
+        raise RuntimeError("model is not patched by powerbert; nothing to unpatch")
+    for module in modules:
+        _unpatch_module(module, unpatch)
+    return model
+
+
+def is_sentence_patched(model: nn.Module) -> bool:
+    return bool(_patched_transformers(model))
+
+
+def sentence_patch_state(model: nn.Module):
+    """The ``HardExtract`` of the (first) patched Transformer module's model."""
+    from powerbert.patch import patch_state
+
+    modules = _patched_transformers(model)
+    if not modules:
+        raise RuntimeError("model is not patched by powerbert")
+    return patch_state(modules[0].model)
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a sentence-transformers model (the first Transformer module's)."""
+    modules = _transformer_modules(model)
+    if not modules:
+        raise TypeError(f"{type(model).__name__} holds no sentence_transformers Transformer module")
+    return modules[0].model
