@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_with_significance", "attention_with_significance_ref", "aot_specs"]
+__all__ = ["attention_with_significance", "attention_with_significance_ref"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the Triton kernels
 # The reference (backend "torch", and None for float64 inputs) takes float64 too.
@@ -277,12 +277,13 @@ def _block_sizes(n: int, d: int, dtype: torch.dtype, interpret: bool):
     return max(16, min(cap_m, p2)), max(16, min(cap_n, p2)), 4
 
 
-def _colsum_block_n(n: int, B: int, block: int, device) -> int:
+def _colsum_block_n(n: int, B: int, block: int, device, num_sms: int | None = None) -> int:
     """Pass 2 runs only B * cdiv(n, BLOCK_N) programs (each loops over every head and query
-    block); halve BLOCK_N, down to 16, until they fill one wave of the GPU's SMs."""
-    if device.type != "cuda":
+    block); halve BLOCK_N, down to 16, until they fill one wave of the GPU's SMs.
+    ``num_sms`` stands in for the device's SM count (kernels.aot compiles for GPUs it lacks)."""
+    if num_sms is None and device.type != "cuda":
         return block
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = num_sms or torch.cuda.get_device_properties(device).multi_processor_count
     while block > 16 and B * triton.cdiv(n, block) < sms:
         block //= 2
     return block
@@ -294,10 +295,11 @@ def _new_output(shape, dtype, device):
 
 
 def _attention_triton(q, k, v, mask, scale, need_scores, block_m=None, block_n=None,
-                      dot_in_input_dtype=None):
+                      dot_in_input_dtype=None, num_sms=None):
     """Launch both passes. ``block_m`` / ``block_n`` override the heuristic (tests use small
     ones); ``dot_in_input_dtype`` overrides the GPU/interpreter choice of tl.dot operand dtype
-    (tests run the GPU variant under the interpreter for fp16/fp32, where that is exact)."""
+    (tests run the GPU variant under the interpreter for fp16/fp32, where that is exact);
+    ``num_sms`` the SM count that sizes pass 2 (kernels.aot)."""
     B, H, n, d = q.shape
     interpret = _interpreting()
     bm, bn, num_warps = _block_sizes(n, d, q.dtype, interpret)
@@ -326,7 +328,7 @@ def _attention_triton(q, k, v, mask, scale, need_scores, block_m=None, block_n=N
     if not need_scores:
         return out, None
     scores = _new_output((B, n), torch.float32, q.device)
-    cb_n = _colsum_block_n(n, B, block_n, q.device)
+    cb_n = _colsum_block_n(n, B, block_n, q.device, num_sms)
     _attn_colsum_kernel[(triton.cdiv(n, cb_n), B)](
         q, k, mask_i8, lse, scores,
         *q.stride(), *k.stride(), *mask_i8.stride(),
@@ -378,40 +380,3 @@ def attention_with_significance(q, k, v, mask, scale=None, *, need_scores=True, 
     if q.dtype != torch.float64:
         scores = scores.float()
     return context.contiguous(), (scores if need_scores else None)
-
-
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (used by kernels/aot.py)
-# --------------------------------------------------------------------------------------------
-_AOT_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def aot_specs():
-    """``[(name, jit_fn, signature, constexprs)]`` for ``triton.compile(ASTSource(...))``:
-    both kernels x (fp32, fp16, bf16) x head dim (32, 64, 128), with the GPU launch settings
-    (``_block_sizes`` for a long sequence, DOT_IN_INPUT_DTYPE=True, num_warps 4 = triton's
-    default). Strides are typed i64 (the runtime may specialise them to i32)."""
-    specs = []
-    for dtype, ty in _AOT_TY.items():
-        for d in HEAD_DIMS:
-            block_m, block_n, _ = _block_sizes(512, d, dtype, interpret=False)
-            const = {"HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                     "DOT_IN_INPUT_DTYPE": True}
-            sig = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "mask_ptr": "*i8",
-                   "out_ptr": f"*{ty}", "lse_ptr": "*fp32"}
-            for t in "qkvo":
-                sig.update({f"stride_{t}{s}": "i64" for s in "bhnd"})
-            sig.update({"stride_mb": "i64", "stride_mn": "i64", "H": "i32", "N": "i32",
-                        "qk_scale": "fp32"})
-            sig.update({c: "constexpr" for c in const})
-            specs.append((f"attn_fwd_{ty}_d{d}", _attn_fwd_kernel, sig, dict(const)))
-
-            sig = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "mask_ptr": "*i8", "lse_ptr": "*fp32",
-                   "scores_ptr": "*fp32"}
-            for t in "qk":
-                sig.update({f"stride_{t}{s}": "i64" for s in "bhnd"})
-            sig.update({"stride_mb": "i64", "stride_mn": "i64", "H": "i32", "N": "i32",
-                        "qk_scale": "fp32"})
-            sig.update({c: "constexpr" for c in const})
-            specs.append((f"attn_colsum_{ty}_d{d}", _attn_colsum_kernel, sig, dict(const)))
-    return specs
