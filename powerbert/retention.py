@@ -164,16 +164,28 @@ def flops_ideal(retention: Sequence, seq_len: int, hidden: int, intermediate: in
 
 
 def ideal_vs_dynamic_padding(retention: Sequence, batches: Sequence[Sequence[int]],
-                             minimum: Sequence[int] | None = None) -> float:
+                             minimum: Sequence[int] | None = None, *, layout: str = "packed") -> float:
     """The ideal speedup against stock with dynamic padding (ALGORITHM.md §8): stock token-layers,
-    each batch padded to its longest, over the patched token-layers ``sum_i sum_l k_{l,i}``.
+    each batch padded to its longest, over the patched token-layers.
 
     Args:
         batches: the real lengths of the sequences of each batch, as the caller batches them.
+        layout: how the patched model lays out a batch's survivors. ``"packed"`` (varlen): every
+            sequence costs its own ``sum_l k_{l,i}``. ``"padded"`` (what ``patch`` runs): after
+            layer l every row of a batch is as wide as its widest, ``B * max_i k_{l,i}``; with
+            rows of unequal length (unsorted batches) this is the lower, reachable bound.
     """
+    if layout not in ("packed", "padded"):
+        raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
     layers = len(retention)
     stock = sum(layers * max(lengths) * len(lengths) for lengths in batches)
-    patched = sum(sum(keep_counts(retention, length, minimum)) for lengths in batches for length in lengths)
+    patched = 0
+    for lengths in batches:
+        counts = [keep_counts(retention, length, minimum) for length in lengths]
+        if layout == "packed":
+            patched += sum(sum(c) for c in counts)
+        else:
+            patched += len(lengths) * sum(max(c[layer] for c in counts) for layer in range(layers))
     return stock / patched
 
 

@@ -139,3 +139,15 @@ def test_flops_ideal_vs_dynamic_padding_counts_the_first_attention():
     assert flops_ideal_vs_dynamic_padding((0.5, 0.25), [[8, 4]], 4, 8) == pytest.approx(stock / patched)
     # keeping everything on equal lengths is no speedup
     assert flops_ideal_vs_dynamic_padding((1.0, 1.0), [[6, 6]], 4, 8) == pytest.approx(1.0)
+
+
+def test_padded_layout_ideal_counts_each_batch_at_its_widest_row():
+    # (0.5, 0.25) on lengths 8 and 2: rows keep (4, 2) and (1, 1); padded to the widest: 2 * (4 + 2)
+    stock = 2 * 8 * 2
+    assert ideal_vs_dynamic_padding((0.5, 0.25), [[8, 2]], layout="padded") == pytest.approx(stock / 12)
+    assert ideal_vs_dynamic_padding((0.5, 0.25), [[8, 2]], layout="packed") == pytest.approx(stock / 8)
+    # equal lengths: both layouts agree
+    assert ideal_vs_dynamic_padding((0.5, 0.25), [[8, 8]], layout="padded") == pytest.approx(
+        ideal_vs_dynamic_padding((0.5, 0.25), [[8, 8]]))
+    with pytest.raises(ValueError, match="layout"):
+        ideal_vs_dynamic_padding((0.5,), [[8]], layout="ragged")

@@ -14,6 +14,9 @@ MACHINE = ("cpu", "cores", "torch_threads", "torch", "transformers")
 TASK = ("title", "spec", "splits", "timing_setup", "baseline", "powerbert", "goal")
 BASELINE = ("test_accuracy", "time_padded_s", "time_dynamic_s", "padded", "dynamic", "dev_best")
 TIMED = ("test_accuracy", "delta_points", "time_s", "speedup_vs_padded", "speedup_vs_dynamic")
+PROPORTIONAL = ("lambda", "configuration", "ideal_vs_dynamic", "flops_ideal_vs_dynamic", "test_accuracy",
+                "speedup_vs_dynamic", "padded", "dynamic")
+HEADLINE = ("delta_points", "speedup_vs_dynamic", "ideal_vs_dynamic", "flops_ideal_vs_dynamic")
 POWER = ("lambda", "configuration", "vectors_kept", "vectors_total", "vector_ratio", "flops_ideal", "test_accuracy",
          "speedup_vs_padded", "speedup_vs_dynamic", "padded", "dynamic", "ablation")
 
@@ -63,6 +66,26 @@ def problems(out: Path) -> list[str]:
                 v = p.get(k)
                 if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                     found.append(f"{name}.powerbert[{i}].{k} = {v!r} is not a positive number")
+        proportional = t.get("proportional", [])
+        if len(proportional) != len(spec.get("proportional_targets", [])):
+            found.append(f"{name}: {len(proportional)} proportional points, expected {len(spec['proportional_targets'])}")
+        for i, p in enumerate(proportional):
+            found += [f"{name}.proportional[{i}]: no key {k!r}" for k in PROPORTIONAL if k not in p]
+            for batching in ("padded", "dynamic"):
+                found += [f"{name}.proportional[{i}].{batching}: no key {k!r}" for k in TIMED
+                          if k not in p.get(batching, {})]
+        if spec.get("headline_seeds"):
+            h = t.get("headline") or {}
+            if h.get("seeds") != [spec["seed"], *spec["headline_seeds"]]:
+                found.append(f"{name}.headline: seeds {h.get('seeds')!r}, expected {[spec['seed'], *spec['headline_seeds']]}")
+            for mode in ("baseline", "fixed", "proportional"):
+                row = h.get("rows", {}).get(mode)
+                if row is None or len(row.get("per_seed", [])) != len(h.get("seeds") or []):
+                    found.append(f"{name}.headline: no {mode} row with one entry per seed")
+                elif not all(k in row for k in ("test_accuracy",) + (() if mode == "baseline" else HEADLINE)):
+                    found.append(f"{name}.headline.{mode}: missing one of {HEADLINE}")
+            if "goal" not in h or "Headline rows over" not in markdown:
+                found.append(f"{name}.headline: no goal, or no headline section in reproduce.md")
         png = out / f"reproduce_{name}.png"
         if not png.is_file() or png.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
             found.append(f"missing or not a PNG: {png}")

@@ -9,6 +9,11 @@ Layout of a task's work folder (every step cached by the pipeline's ``done.json`
     <work>/<task>/target_<t>x/search/    step 2, lambda from the pipeline's target-speedup bisection
     <work>/<task>/target_<t>x/retrain/   step 3, attention-based selection (PoWER-BERT)
     <work>/<task>/target_<t>x/retrain_first/, retrain_random/   the Head-WS / Rand-WS ablations
+    <work>/<task>/proportional_<t>x/     search + re-train with proportional retention (§8), target
+                                         ratio over the dev set's real lengths
+    <work>/<task>/seed_<s>/              the headline rows at training seed s: base/finetune,
+                                         target_<t>x/, proportional_<t>x/ (the targets chosen at seed 0)
+    <work>/<task>/test_accuracy.json     test accuracy of every trained model (chooses the headline rows)
     <work>/<task>/timing.json            test predictions and timed passes of every model
 
 The ablations are re-trained exactly like step 3 (same search weights, configuration, epochs,
@@ -32,7 +37,7 @@ from powerbert import data as D
 from powerbert import pipeline as P
 
 from . import data as reproduce_data
-from .timing import Candidate, measure, padding_stats
+from .timing import Candidate, make_batches, measure, padding_stats
 
 log = logging.getLogger("powerbert.reproduce")
 
@@ -73,17 +78,30 @@ def base_config(spec, task_dir: Path) -> P.PipelineConfig:
     )
 
 
-def target_dir(task_dir: Path, target: float) -> Path:
-    return task_dir / f"target_{target:g}x"
+MODES = ("fixed", "proportional")
 
 
-def target_config(base: P.PipelineConfig, task_dir: Path, target: float) -> P.PipelineConfig:
-    out = target_dir(task_dir, target)
+def target_dir(task_dir: Path, target: float, mode: str = "fixed") -> Path:
+    """``<task_dir>/target_<t>x`` (fixed retention) or ``proportional_<t>x``."""
+    return task_dir / (f"target_{target:g}x" if mode == "fixed" else f"proportional_{target:g}x")
+
+
+def target_config(base: P.PipelineConfig, task_dir: Path, target: float, mode: str = "fixed") -> P.PipelineConfig:
+    """The pipeline configuration of one target: ``base`` (whose fine-tune lives in
+    ``<task_dir>/base/finetune``, linked, not copied) with the target ratio and retention mode."""
+    out = target_dir(task_dir, target, mode)
     out.mkdir(parents=True, exist_ok=True)
     link = out / "finetune"
     if not link.exists():
         link.symlink_to(Path("..") / "base" / "finetune", target_is_directory=True)
-    return dataclasses.replace(base, output=str(out), target_speedup=target, lam=None)
+    return dataclasses.replace(base, output=str(out), target_speedup=target, lam=None, retention_mode=mode)
+
+
+def seed_base(base: P.PipelineConfig, task_dir: Path, seed: int) -> P.PipelineConfig:
+    """``base`` at another training seed, under ``<task_dir>/seed_<seed>/`` (same data splits)."""
+    out = task_dir / f"seed_{seed}" / "base"
+    out.mkdir(parents=True, exist_ok=True)
+    return dataclasses.replace(base, output=str(out), seed=seed)
 
 
 def retrain_ablation(cfg: P.PipelineConfig, selection: str) -> dict:
@@ -120,7 +138,81 @@ def _summary(times: list[float]) -> dict:
             "min_s": ordered[0], "times_s": [round(t, 4) for t in times]}
 
 
-def time_models(spec, budget, task_dir: Path, steps: dict) -> dict:
+def load_test(spec, task_dir: Path):
+    """The test split tokenised at N, with the baseline's tokenizer and label space."""
+    finetuned = task_dir / "base" / "finetune"
+    labels = P.label_space_from_config(P.load_model(finetuned).config)
+    return D.encode(D.load_examples(task_dir / "data" / "test.csv"), P.load_tokenizer(finetuned), labels,
+                    spec.max_length)
+
+
+def trained_models(spec, task_dir: Path, steps: dict, proportional: dict, seeds: dict) -> dict:
+    """``{name: (model folder, configuration or None)}`` of every model whose test accuracy counts:
+    each seed's baseline, the PoWER-BERT re-trains (fixed ``<t>x``, proportional ``p<t>x``)."""
+    models = {"baseline": (task_dir / "base" / "finetune", None)}
+    for target in spec.targets:
+        models[f"{target:g}x"] = (target_dir(task_dir, target) / "retrain", steps[f"{target:g}"]["search"]["configuration"])
+    for target in spec.proportional_targets:
+        models[f"p{target:g}x"] = (target_dir(task_dir, target, "proportional") / "retrain",
+                                   proportional[f"{target:g}"]["search"]["configuration"])
+    for seed, record in seeds.items():
+        seed_dir = task_dir / f"seed_{seed}"
+        models[f"seed{seed}/baseline"] = (seed_dir / "base" / "finetune", None)
+        for mode in MODES:
+            if mode in record:
+                target = record[mode]["target"]
+                models[f"seed{seed}/{mode}"] = (target_dir(seed_dir, target, mode) / "retrain",
+                                               record[mode]["search"]["configuration"])
+    return models
+
+
+def test_accuracies(task_dir: Path, test, models: dict) -> dict:
+    """``{name: test accuracy}`` of ``models`` (``trained_models``), each computed once and cached
+    in ``test_accuracy.json`` (a model's folder never changes once its step is done)."""
+    path = task_dir / "test_accuracy.json"
+    cached = _read_json(path) or {}
+    for name, (folder, configuration) in models.items():
+        if name in cached:
+            continue
+        model = P.load_model(folder).eval() if configuration is None else _load_patched(folder, configuration, "attention")
+        metrics = P.evaluate_model(model, test, P.label_space_from_config(model.config))
+        cached[name] = metrics["value"]
+        log.info("test accuracy of %s: %.4f", name, metrics["value"])
+        _write_json(path, cached)
+    return {name: cached[name] for name in models}
+
+
+def choose_headline(spec, accuracy: dict, steps: dict, proportional: dict, batch_lengths) -> dict:
+    """The headline models at seed 0 (no timing needed): per retention mode, among the targets
+    within 1 point of the baseline's test accuracy, the one with the highest ideal speedup against
+    dynamic padding (vectors processed in the padded layout, ``ideal_vs_dynamic_padding``); when
+    none is within 1 point, the most accurate (``within_1_point`` False)."""
+    base = accuracy["baseline"]
+    chosen = {}
+    for mode, targets, records, prefix in (("fixed", spec.targets, steps, ""),
+                                           ("proportional", spec.proportional_targets, proportional, "p")):
+        options = []
+        for target in targets:
+            configuration = records[f"{target:g}"]["search"]["configuration"]
+            delta = 100 * (accuracy[f"{prefix}{target:g}x"] - base)
+            ideal = powerbert.retention.ideal_vs_dynamic_padding(configuration, batch_lengths, layout="padded")
+            options.append({"target": target, "delta_points": delta, "ideal_vs_dynamic": ideal,
+                            "within_1_point": delta > -1.0})
+        if not options:
+            continue
+        within = [o for o in options if o["within_1_point"]]
+        chosen[mode] = (max(within, key=lambda o: o["ideal_vs_dynamic"]) if within
+                        else max(options, key=lambda o: o["delta_points"]))
+    return chosen
+
+
+def dynamic_batch_lengths(test, batch_size: int) -> list[list[int]]:
+    """Real lengths of the test split's dynamically padded batches (sorted by length), as timed."""
+    lengths = test.tensors[1].sum(1)
+    return [lengths[index].tolist() for index, _ in make_batches(test, batch_size, "dynamic")]
+
+
+def time_models(spec, budget, task_dir: Path, steps: dict, proportional: dict, seeds: dict) -> dict:
     """Test predictions and timed passes of the baseline and every trained model (cached)."""
     path = task_dir / "timing.json"
     cached = _read_json(path)
@@ -128,10 +220,8 @@ def time_models(spec, budget, task_dir: Path, steps: dict) -> dict:
         return cached
     start = time.perf_counter()
     finetuned = task_dir / "base" / "finetune"
-    tokenizer = P.load_tokenizer(finetuned)
     baseline = P.load_model(finetuned).eval()
-    labels = P.label_space_from_config(baseline.config)
-    test = D.encode(D.load_examples(task_dir / "data" / "test.csv"), tokenizer, labels, spec.max_length)
+    test = load_test(spec, task_dir)
     candidates = [Candidate("baseline/padded", baseline, "padded"), Candidate("baseline/dynamic", baseline, "dynamic")]
     for target in spec.targets:
         out = target_dir(task_dir, target)
@@ -142,6 +232,17 @@ def time_models(spec, budget, task_dir: Path, steps: dict) -> dict:
         for selection in budget.ablations:
             ablated = _load_patched(out / f"retrain_{selection}", configuration, selection)
             candidates.append(Candidate(f"{target:g}x/{selection}/padded", ablated, "padded"))
+    for target in spec.proportional_targets:
+        configuration = proportional[f"{target:g}"]["search"]["configuration"]
+        powered = _load_patched(target_dir(task_dir, target, "proportional") / "retrain", configuration, "attention")
+        candidates += [Candidate(f"p{target:g}x/attention/padded", powered, "padded"),
+                       Candidate(f"p{target:g}x/attention/dynamic", powered, "dynamic")]
+    for seed, record in seeds.items():
+        for mode in MODES:
+            if mode in record:
+                folder = target_dir(task_dir / f"seed_{seed}", record[mode]["target"], mode) / "retrain"
+                powered = _load_patched(folder, record[mode]["search"]["configuration"], "attention")
+                candidates.append(Candidate(f"seed{seed}/{mode}/dynamic", powered, "dynamic"))
     log.info("%s: timing %d candidates on %d test examples, batch %d, %d rounds, %d threads", spec.name,
              len(candidates), len(test), spec.eval_batch_size, budget.timing_rounds, torch.get_num_threads())
     measure(candidates, test, spec.eval_batch_size, budget.timing_rounds, seed=spec.seed, log=log)
@@ -157,17 +258,20 @@ def time_models(spec, budget, task_dir: Path, steps: dict) -> dict:
     }
     by_name = {c.name: c for c in candidates}
     for name in [c.name for c in candidates if c.batching == "dynamic"]:
-        padded = by_name[name.replace("/dynamic", "/padded")]
-        record["agreement"][name.rsplit("/", 1)[0]] = (by_name[name].predictions == padded.predictions).double().mean().item()
+        padded = by_name.get(name.replace("/dynamic", "/padded"))
+        if padded is not None:
+            record["agreement"][name.rsplit("/", 1)[0]] = (by_name[name].predictions == padded.predictions).double().mean().item()
     record["wall_s"] = round(time.perf_counter() - start, 2)
     _write_json(path, record)
     return record
 
 
-def run_task(spec, budget, data_dir: Path, work: Path, tick=lambda: None) -> dict:
+def run_task(spec, budget, data_dir: Path, work: Path, tick=lambda: None, timing: bool = True) -> dict | None:
     """Every step of one task (each skipped when cached); returns the raw records for the report.
 
-    ``tick`` is called after every finished step (the run's wall-time accounting).
+    ``tick`` is called after every finished step (the run's wall-time accounting). ``timing``
+    False stops after training and test accuracies (returns None): the timed passes then run in a
+    later invocation, on a quiet machine, from the cache.
     """
     task_dir = work / spec.name
     _check_spec(task_dir, spec)
@@ -191,6 +295,41 @@ def run_task(spec, budget, data_dir: Path, work: Path, tick=lambda: None) -> dic
             record[f"retrain_{selection}"] = retrain_ablation(cfg, selection)
             tick()
         steps[f"{target:g}"] = record
-    timing = time_models(spec, budget, task_dir, steps)
+    proportional = {}
+    for target in spec.proportional_targets:
+        cfg = target_config(base, task_dir, target, "proportional")
+        log.info("%s: proportional search + re-train for a %gx target ratio over real lengths", spec.name, target)
+        record = {"search": P.search(cfg)}
+        tick()
+        record["retrain"] = P.retrain(cfg)
+        tick()
+        proportional[f"{target:g}"] = record
+
+    test = load_test(spec, task_dir)
+    batch_lengths = dynamic_batch_lengths(test, spec.eval_batch_size)
+    accuracy = test_accuracies(task_dir, test, trained_models(spec, task_dir, steps, proportional, {}))
+    headline = choose_headline(spec, accuracy, steps, proportional, batch_lengths) if spec.headline_seeds else {}
+    seeds = {}
+    for seed in spec.headline_seeds:
+        sbase = seed_base(base, task_dir, seed)
+        seed_dir = task_dir / f"seed_{seed}"
+        log.info("%s: headline rows at seed %d: fine-tune", spec.name, seed)
+        record = {"finetune": P.finetune(sbase)}
+        tick()
+        for mode, choice in headline.items():
+            cfg = target_config(sbase, seed_dir, choice["target"], mode)
+            log.info("%s: seed %d, %s retention, %gx target: search + re-train", spec.name, seed, mode, choice["target"])
+            record[mode] = {"target": choice["target"], "search": P.search(cfg)}
+            tick()
+            record[mode]["retrain"] = P.retrain(cfg)
+            tick()
+        seeds[seed] = record
+    accuracy = test_accuracies(task_dir, test, trained_models(spec, task_dir, steps, proportional, seeds))
     tick()
-    return {"spec": spec, "splits": splits, "finetune": finetune, "steps": steps, "timing": timing}
+    if not timing:
+        return None
+    timed = time_models(spec, budget, task_dir, steps, proportional, seeds)
+    tick()
+    return {"spec": spec, "splits": splits, "finetune": finetune, "steps": steps, "proportional": proportional,
+            "headline": headline, "seeds": seeds, "test_accuracy": accuracy, "batch_lengths": batch_lengths,
+            "timing": timed}

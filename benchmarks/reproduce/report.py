@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 import powerbert
+from powerbert.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding
 
 SELECTION_NAMES = {"attention": "PoWER-BERT", "first": "Head-WS (keep first k)", "random": "Rand-WS (keep random k)"}
 
@@ -41,6 +43,15 @@ def task_result(raw: dict, work: Path, ablations) -> dict:
                 "time_s": c["median_s"], "times_s": c["times_s"], "speedup_vs_padded": t_pad / c["median_s"],
                 "speedup_vs_dynamic": t_dyn / c["median_s"]}
 
+    batch_lengths = raw["batch_lengths"]
+
+    def ideals(configuration) -> dict:
+        """Ideal speedups against the timed dynamically padded baseline (same batches)."""
+        return {"ideal_vs_dynamic": ideal_vs_dynamic_padding(configuration, batch_lengths, layout="padded"),
+                "ideal_vs_dynamic_packed": ideal_vs_dynamic_padding(configuration, batch_lengths, layout="packed"),
+                "flops_ideal_vs_dynamic": flops_ideal_vs_dynamic_padding(configuration, batch_lengths, shape["hidden"],
+                                                                         shape["intermediate"])}
+
     splits = {k: {kk: vv for kk, vv in v.items() if kk not in ("ids", "file")} for k, v in raw["splits"]["splits"].items()}
     result = {
         "title": spec.title, "spec": spec.as_dict(), "model_shape": shape,
@@ -71,7 +82,7 @@ def task_result(raw: dict, work: Path, ablations) -> dict:
             "dev_best": _best_dev(retrain), "search_wall_s": search["wall_s"], "retrain_wall_s": retrain["wall_s"],
             "padded": entry(f"{key}x/attention/padded"), "dynamic": entry(f"{key}x/attention/dynamic"),
             "agreement_padded_dynamic": timing["agreement"][f"{key}x/attention"],
-            "ablation": {},
+            "ablation": {}, **ideals(configuration),
         }
         item["test_accuracy"] = item["padded"]["test_accuracy"]
         item["speedup_vs_padded"] = item["padded"]["speedup_vs_padded"]
@@ -82,6 +93,25 @@ def task_result(raw: dict, work: Path, ablations) -> dict:
             item["ablation"][selection] = {**entry(f"{key}x/{selection}/padded"), "dev_best": _best_dev(record),
                                            "retrain_wall_s": record["wall_s"]}
         result["powerbert"].append(item)
+    result["proportional"] = []
+    for target in spec.proportional_targets:
+        key = f"{target:g}"
+        search, retrain = raw["proportional"][key]["search"], raw["proportional"][key]["retrain"]
+        configuration = search["configuration"]
+        item = {
+            "target_real_length_ratio": target, "lambda": search["lambda"], "lr_soft": search["lr_soft"],
+            "lambda_trials": search.get("lambda_trials", []), "configuration": configuration,
+            "vector_ratio": powerbert.vector_ratio(configuration, n),
+            "flops_ideal": powerbert.flops_ideal(configuration, n, shape["hidden"], shape["intermediate"]),
+            "dev_best": _best_dev(retrain), "search_wall_s": search["wall_s"], "retrain_wall_s": retrain["wall_s"],
+            "padded": entry(f"p{key}x/attention/padded"), "dynamic": entry(f"p{key}x/attention/dynamic"),
+            "agreement_padded_dynamic": timing["agreement"][f"p{key}x/attention"], **ideals(configuration),
+        }
+        item["test_accuracy"] = item["dynamic"]["test_accuracy"]
+        item["speedup_vs_padded"] = item["padded"]["speedup_vs_padded"]
+        item["speedup_vs_dynamic"] = max(item["padded"]["speedup_vs_dynamic"], item["dynamic"]["speedup_vs_dynamic"])
+        result["proportional"].append(item)
+    result["headline"] = headline_result(raw, ideals, t_dyn) if raw["seeds"] else None
     met = [p for p in result["powerbert"]
            if p["padded"]["delta_points"] > -1.0 and p["speedup_vs_padded"] >= spec.goal_speedup]
     result["goal"] = {
@@ -92,6 +122,48 @@ def task_result(raw: dict, work: Path, ablations) -> dict:
     return result
 
 
+HEADLINE_GOAL = 2.5  # the length-aware issue: proportional within 1 point (3-seed mean) at >= 2.5x vs dynamic
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def headline_result(raw: dict, ideals, t_dyn: float) -> dict:
+    """The headline rows over every training seed: per seed, the baseline's test accuracy and, per
+    retention mode, the chosen target's accuracy, its Δ against that seed's baseline, its measured
+    speedup against the (seed-0) dynamically padded baseline and its ideal; then mean ± std."""
+    spec, acc, cands = raw["spec"], raw["test_accuracy"], raw["timing"]["candidates"]
+    seeds = [spec.seed, *spec.headline_seeds]
+    rows = {"baseline": {"per_seed": [{"seed": s, "test_accuracy": acc["baseline" if s == spec.seed else f"seed{s}/baseline"]}
+                                      for s in seeds]}}
+    for mode, choice in raw["headline"].items():
+        prefix = "" if mode == "fixed" else "p"
+        target = choice["target"]
+        per_seed = []
+        for s, base in zip(seeds, rows["baseline"]["per_seed"]):
+            if s == spec.seed:
+                records = raw["steps"] if mode == "fixed" else raw["proportional"]
+                configuration = records[f"{target:g}"]["search"]["configuration"]
+                name, timed = f"{prefix}{target:g}x", f"{prefix}{target:g}x/attention/dynamic"
+            else:
+                configuration = raw["seeds"][s][mode]["search"]["configuration"]
+                name, timed = f"seed{s}/{mode}", f"seed{s}/{mode}/dynamic"
+            per_seed.append({"seed": s, "configuration": configuration, "test_accuracy": acc[name],
+                             "delta_points": 100 * (acc[name] - base["test_accuracy"]),
+                             "time_s": cands[timed]["median_s"], "speedup_vs_dynamic": t_dyn / cands[timed]["median_s"],
+                             **ideals(configuration)})
+        rows[mode] = {"target": target, "chosen_at_seed": spec.seed, "choice": choice, "per_seed": per_seed}
+    for row in rows.values():
+        keys = [k for k in row["per_seed"][0] if k not in ("seed", "configuration")]
+        row.update({k: _mean_std([p[k] for p in row["per_seed"]]) for k in keys})
+    prop = rows.get("proportional")
+    met = bool(prop and prop["delta_points"]["mean"] > -1.0 and prop["speedup_vs_dynamic"]["mean"] >= HEADLINE_GOAL)
+    return {"seeds": seeds, "rows": rows, "goal": {
+        "statement": (f"a learned proportional configuration within 1 point of the baseline (mean of {len(seeds)} "
+                      f"seeds) at >= {HEADLINE_GOAL:g}x vs dynamically padded sdpa"), "met": met}}
+
+
 # ----------------------------------------------------------------------------- Markdown
 
 
@@ -100,7 +172,43 @@ def _pct(x: float) -> str:
 
 
 def _config_str(configuration) -> str:
-    return "(" + ", ".join(str(k) for k in configuration) + ")"
+    return "(" + ", ".join(f"{k:.3g}" if isinstance(k, float) else str(k) for k in configuration) + ")"
+
+
+def _pm(stat: dict, scale: float = 1.0, digits: int = 2, sign: bool = False) -> str:
+    return f"{scale * stat['mean']:{'+' if sign else ''}.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def headline_markdown(h: dict) -> list[str]:
+    rows = h["rows"]
+    lines = ["", f"### Headline rows over {len(h['seeds'])} training seeds ({', '.join(map(str, h['seeds']))}), mean ± std",
+             "",
+             "Same splits; each seed fine-tunes, searches (same target ratio) and re-trains afresh. The targets are "
+             f"chosen at seed {h['seeds'][0]}, without timing: per mode, the target with the highest ideal speedup vs "
+             "dynamic padding among those within 1 point of the baseline's test accuracy. × vs dynamic: the seed-0 "
+             "baseline's dynamically padded median time over the model's (dynamic batching, same timed run); ideal: "
+             "vectors processed, each batch as wide as its widest row (the layout `patch` runs).",
+             "",
+             "| model | target | test acc % | Δ pts | × vs dynamic sdpa | ideal × (vectors) | FLOPs ideal × | per seed: acc % / × |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    b = rows["baseline"]
+    lines.append(f"| fine-tuned baseline (HF sdpa, dynamic) | – | {_pm(b['test_accuracy'], 100)} | – | 1.00 | 1.00 | 1.00 | "
+                 + ", ".join(f"{100 * p['test_accuracy']:.2f}" for p in b["per_seed"]) + " |")
+    for mode in ("fixed", "proportional"):
+        if mode not in rows:
+            continue
+        r = rows[mode]
+        flag = "" if r["choice"]["within_1_point"] else " (none within 1 point at seed 0: the most accurate)"
+        lines.append(f"| **PoWER-BERT {mode}**{flag} | {r['target']:g}x | {_pm(r['test_accuracy'], 100)} | "
+                     f"{_pm(r['delta_points'], sign=True)} | {_pm(r['speedup_vs_dynamic'])} | {_pm(r['ideal_vs_dynamic'])} | "
+                     f"{_pm(r['flops_ideal_vs_dynamic'])} | "
+                     + ", ".join(f"{100 * p['test_accuracy']:.2f} / {p['speedup_vs_dynamic']:.2f}" for p in r["per_seed"])
+                     + " |")
+    lines += ["", f"Goal ({h['goal']['statement']}): **{'met' if h['goal']['met'] else 'not met'}**.",
+              "Configurations per seed: " + "; ".join(
+                  f"{mode} seed {p['seed']} {_config_str(p['configuration'])}"
+                  for mode in ("fixed", "proportional") if mode in rows for p in rows[mode]["per_seed"]) + "."]
+    return lines
 
 
 def task_markdown(name: str, t: dict) -> str:
@@ -119,27 +227,39 @@ def task_markdown(name: str, t: dict) -> str:
         f"Timing: {ts['test_examples']} test examples, batch {ts['batch_size']}, median of {ts['rounds']} interleaved "
         f"passes, {ts['threads']} torch threads, fp32, stock attention `{ts['attn_implementation']}`.",
         "",
-        "| model | batching | λ | configuration | kept / L·N | FLOPs ideal | test acc % | Δ pts | median s | × vs padded sdpa | × vs dynamic sdpa |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | batching | λ | configuration | kept / L·N | FLOPs ideal (at N) | ideal × vs dynamic (vectors / FLOPs) "
+        "| test acc % | Δ pts | median s | × vs padded sdpa | × vs dynamic sdpa |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def row(model, batching, lam, configuration, kept, flops, e):
-        lines.append(f"| {model} | {batching} | {lam} | {configuration} | {kept} | {flops} | {_pct(e['test_accuracy'])} | "
-                     f"{e['delta_points']:+.2f} | {e['time_s']:.2f} | {e['speedup_vs_padded']:.2f} | "
-                     f"{e['speedup_vs_dynamic']:.2f} |")
+    def row(model, batching, lam, configuration, kept, flops, ideal, e):
+        lines.append(f"| {model} | {batching} | {lam} | {configuration} | {kept} | {flops} | {ideal} | "
+                     f"{_pct(e['test_accuracy'])} | {e['delta_points']:+.2f} | {e['time_s']:.2f} | "
+                     f"{e['speedup_vs_padded']:.2f} | {e['speedup_vs_dynamic']:.2f} |")
 
     full = f"{layers * n}/{layers * n}"
-    row("fine-tuned baseline (HF sdpa)", "padded to N", "–", "–", full, "1.00", b["padded"])
-    row("fine-tuned baseline (HF sdpa)", "dynamic", "–", "–", full, "1.00", b["dynamic"])
+    row("fine-tuned baseline (HF sdpa)", "padded to N", "–", "–", full, "1.00",
+        f"{pad['dynamic_tokens'] / pad['padded_tokens']:.2f}", b["padded"])
+    row("fine-tuned baseline (HF sdpa)", "dynamic", "–", "–", full, "1.00", "1.00", b["dynamic"])
     for p in t["powerbert"]:
         lam = f"{p['lambda']:.3g}"
         kept = f"{p['vectors_kept']}/{p['vectors_total']}"
         conf, flops = _config_str(p["configuration"]), f"{p['flops_ideal']:.2f}"
-        row(f"**PoWER-BERT** (target {p['target_vector_ratio']:g}x)", "padded to N", lam, conf, kept, flops, p["padded"])
-        row(f"**PoWER-BERT** (target {p['target_vector_ratio']:g}x)", "dynamic", lam, conf, kept, flops, p["dynamic"])
+        ideal = f"{p['ideal_vs_dynamic']:.2f} / {p['flops_ideal_vs_dynamic']:.2f}"
+        row(f"**PoWER-BERT** (target {p['target_vector_ratio']:g}x)", "padded to N", lam, conf, kept, flops, ideal,
+            p["padded"])
+        row(f"**PoWER-BERT** (target {p['target_vector_ratio']:g}x)", "dynamic", lam, conf, kept, flops, ideal,
+            p["dynamic"])
         for selection, e in p["ablation"].items():
             row(f"{SELECTION_NAMES[selection]} (target {p['target_vector_ratio']:g}x)", "padded to N", lam, conf, kept,
-                flops, e)
+                flops, ideal, e)
+    for p in t.get("proportional", []):
+        lam = f"{p['lambda']:.3g}"
+        conf, flops = _config_str(p["configuration"]), f"{p['flops_ideal']:.2f}"
+        ideal = f"{p['ideal_vs_dynamic']:.2f} / {p['flops_ideal_vs_dynamic']:.2f}"
+        for batching, e in (("padded to N", p["padded"]), ("dynamic", p["dynamic"])):
+            row(f"**PoWER-BERT proportional** (target {p['target_real_length_ratio']:g}x over real lengths)", batching,
+                lam, conf, "–", flops, ideal, e)
     goal = t["goal"]
     lines += ["", f"Issue goal ({goal['statement']}): **{'met' if goal['met'] else 'not met'}**"
               + (f" (targets {', '.join(f'{x:g}x' for x in goal['met_by_targets'])})." if goal["met"] else ".")]
@@ -158,7 +278,22 @@ def task_markdown(name: str, t: dict) -> str:
                           + ", ".join(f"{sel} {e['retrain_wall_s']:.0f}" for sel, e in p["ablation"].items())
                           for p in t["powerbert"])
               + f"; test predictions and timing {ts['wall_s']:.0f}.",
-              "", f"![{name}](reproduce_{name}.png)", ""]
+              ""]
+    if t.get("proportional"):
+        prop = t["proportional"]
+        within = [p for p in prop if p["dynamic"]["delta_points"] > -1.0]
+        best = max(within or prop, key=lambda p: p["speedup_vs_dynamic"])
+        lines += [f"Proportional retention (ALGORITHM.md §8; fractions of each input's own length): the fastest model "
+                  f"{'within 1 point' if within else '(none is within 1 point)'} is {best['speedup_vs_dynamic']:.2f}x "
+                  f"faster than the dynamically padded baseline at Δ {best['dynamic']['delta_points']:+.2f} points "
+                  f"(ideal {best['ideal_vs_dynamic']:.2f}x by vectors, {best['flops_ideal_vs_dynamic']:.2f}x by FLOPs: "
+                  f"{best['speedup_vs_dynamic'] / best['ideal_vs_dynamic']:.2f} / "
+                  f"{best['speedup_vs_dynamic'] / best['flops_ideal_vs_dynamic']:.2f} of them). Step wall times (s): "
+                  + "; ".join(f"target {p['target_real_length_ratio']:g}x: search incl. λ bisection "
+                              f"{p['search_wall_s']:.0f}, re-train {p['retrain_wall_s']:.0f}" for p in prop) + "."]
+    if t.get("headline"):
+        lines += headline_markdown(t["headline"])
+    lines += ["", f"![{name}](reproduce_{name}.png)", ""]
     return "\n".join(lines)
 
 
@@ -179,17 +314,22 @@ def markdown(result: dict) -> str:
         f"same search weights with the same epochs, learning rate and data order, only the selection differs.",
         f"- Budget `{budget['name']}`: {budget['notes']} Timing: median of {budget['timing_rounds']} passes per model.",
         f"- Wall time of the run: {wall['total_s'] / 60:.1f} min over {wall['invocations']} invocation(s) "
-        f"(this one {wall['this_invocation_s'] / 60:.1f} min).",
+        f"(this one {wall['this_invocation_s'] / 60:.1f} min; per invocation "
+        f"{', '.join(f'{x / 60:.1f}' for x in wall['per_invocation_s'])} min); budget {budget['wall_budget_min']:g} min "
+        f"({'within' if wall['total_s'] / 60 <= budget['wall_budget_min'] else 'over'} it).",
         "",
-        "| task | N | train / dev / test | batch | LR | epochs (fine-tune / search / re-train) | target vector ratios | λ trials × subset |",
-        "|---|---:|---|---:|---:|---|---|---|",
+        "| task | N | train / dev / test | batch | LR | epochs (fine-tune / search / re-train) | target vector ratios "
+        "(fixed; proportional over real lengths) | λ trials × subset | headline seeds |",
+        "|---|---:|---|---:|---:|---|---|---|---|",
     ]
     for t in result["tasks"].values():
         s, sp = t["spec"], t["splits"]
         lines.append(f"| {s['name']} | {s['max_length']} | {sp['train']['size']} / {sp['dev']['size']} / {sp['test']['size']} | "
                      f"{s['batch_size']} | {s['lr_bert']:g} | {s['finetune_epochs']} / {s['search_epochs']} / "
-                     f"{s['retrain_epochs']} | {', '.join(f'{x:g}x' for x in s['targets'])} | "
-                     f"{s['target_trials']} × {s['target_subset']} |")
+                     f"{s['retrain_epochs']} | {', '.join(f'{x:g}x' for x in s['targets'])}; "
+                     f"{', '.join(f'{x:g}x' for x in s.get('proportional_targets', [])) or '–'} | "
+                     f"{s['target_trials']} × {s['target_subset']} | "
+                     f"{', '.join(str(x) for x in [s['seed'], *s.get('headline_seeds', [])])} |")
     lines += ["", "Δ pts: test accuracy minus the baseline's, in points. × columns: the baseline's median time "
               "(padded to N, resp. dynamic padding) over the row's. FLOPs ideal: ALGORITHM.md §6. "
               "Dynamic batching sorts the test split by length and pads each batch to its longest input.", ""]
@@ -222,6 +362,13 @@ def plot(name: str, t: dict, path: Path) -> None:
     for p in pts:
         ax.annotate(f"{p['speedup_vs_padded']:.1f}x", (p["padded"]["time_s"], 100 * p["test_accuracy"]),
                     textcoords="offset points", xytext=(5, 5), fontsize=8, color="tab:blue")
+    prop = t.get("proportional", [])
+    if prop:
+        ax.plot([p["dynamic"]["time_s"] for p in prop], [100 * p["dynamic"]["test_accuracy"] for p in prop], "D-",
+                color="tab:purple", label="PoWER-BERT proportional, dynamic padding", zorder=3)
+        for p in prop:
+            ax.annotate(f"{p['speedup_vs_dynamic']:.1f}x", (p["dynamic"]["time_s"], 100 * p["dynamic"]["test_accuracy"]),
+                        textcoords="offset points", xytext=(5, -10), fontsize=8, color="tab:purple")
     for selection in (pts[0]["ablation"] if pts else {}):
         marker, color = styles.get(selection, ("d", "tab:gray"))
         ax.scatter([p["ablation"][selection]["time_s"] for p in pts],
