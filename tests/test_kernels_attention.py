@@ -247,6 +247,7 @@ def test_deterministic_and_inputs_untouched(device):
         assert torch.equal(t, b)
 
 
+@pytest.mark.interpreter  # the three backends on the same CPU tensors
 def test_backends_agree_on_cpu():
     B, H, n, d = 2, 2, 17, 32
     q, k, v = make_qkv(B, H, n, d, torch.float32, "cpu")

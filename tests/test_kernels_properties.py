@@ -13,6 +13,7 @@ Per-row k (spec §8): k_i drawn from [-1, n + 2] per row (0 and -1 count as 1) a
 Every test is derandomized (a fixed sequence of examples: deterministic in CI). The Triton ones
 run under the interpreter (~1 ms per program, tl.sort is slow), so they get few, small examples.
 """
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -171,6 +172,7 @@ def test_select_torch(case):
     _check_select(select(scores, k), scores, k)  # auto on CPU = torch path
 
 
+@pytest.mark.interpreter  # hypothesis draws CPU tensors; the GPU run has the device-fixture tests
 @TRITON
 @given(select_cases(KERNEL_DTYPES, max_n=40))
 def test_select_triton(case):
@@ -188,6 +190,7 @@ def test_significance_torch(case):
     _check_scores(significance(probs, mask, backend="torch"), probs, mask)
 
 
+@pytest.mark.interpreter  # hypothesis draws CPU tensors; the GPU run has the device-fixture tests
 @TRITON
 @given(extract_cases(KERNEL_DTYPES, max_b=3, max_n=33))
 def test_significance_triton(case):
@@ -210,6 +213,7 @@ def test_extract_torch(case):
         assert ref[2][b].tolist() == spec_keep(scores[b], k)
 
 
+@pytest.mark.interpreter  # hypothesis draws CPU tensors; the GPU run has the device-fixture tests
 @TRITON
 @given(extract_cases(KERNEL_DTYPES, max_b=3, max_n=33))
 def test_extract_triton(case):
@@ -239,6 +243,7 @@ def test_extract_from_scores_torch(case):
         assert ref[2][b].tolist() == spec_keep(masked, k)
 
 
+@pytest.mark.interpreter  # hypothesis draws CPU tensors; the GPU run has the device-fixture tests
 @TRITON
 @given(from_scores_cases(KERNEL_DTYPES, max_n=33))
 def test_extract_from_scores_triton(case):
@@ -274,6 +279,7 @@ def test_gather_torch(case):
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
+@pytest.mark.interpreter  # hypothesis draws CPU tensors; the GPU run has the device-fixture tests
 @TRITON
 @given(gather_cases(ALL_DTYPES))
 def test_gather_triton(case):
@@ -314,6 +320,7 @@ def test_select_rows_torch(case):
     _check_select_rows(select(scores, k, width=width, backend="torch"), scores, k, width)
 
 
+@pytest.mark.interpreter  # hypothesis draws CPU tensors; the GPU run has the device-fixture tests
 @TRITON_ROWS
 @given(select_rows_cases(KERNEL_DTYPES, max_n=33))
 def test_select_rows_triton(case):
@@ -338,6 +345,7 @@ def test_extract_rows_torch(case):
     check_extract_rows_independently(out, hidden, mask, significance_ref(probs, mask), k, width)
 
 
+@pytest.mark.interpreter  # hypothesis draws CPU tensors; the GPU run has the device-fixture tests
 @TRITON_ROWS
 @given(extract_rows_cases(KERNEL_DTYPES, max_b=3, max_n=33))
 def test_extract_rows_triton(case):
@@ -363,6 +371,7 @@ def test_extract_from_scores_rows_torch(case):
     check_extract_rows_independently(out, hidden, mask, seen, k, width)
 
 
+@pytest.mark.interpreter  # hypothesis draws CPU tensors; the GPU run has the device-fixture tests
 @TRITON_ROWS
 @given(from_scores_rows_cases(KERNEL_DTYPES, max_n=33))
 def test_extract_from_scores_rows_triton(case):

@@ -68,12 +68,13 @@ def test_patched_model_trains():
 
 
 @pytest.mark.parametrize("selection", ["attention", "first"])
-def test_gradients_flow_through_the_triton_gather(selection):
+def test_gradients_flow_through_the_triton_gather(selection, device):
     """Under autograd the kernels pick the rows and torch gathers them, on every selection path."""
-    model = powerbert.patch(build(BertForSequenceClassification, **WIDE), (9, 6, 3), selection=selection)
+    model = powerbert.patch(build(BertForSequenceClassification, **WIDE).to(device), (9, 6, 3), selection=selection)
     model.train()
+    inputs = {name: t.to(device) for name, t in batch().items()}
     with ops.use_backend("triton"):
-        model(**batch(), labels=torch.tensor([0, 1, 2, 1])).loss.backward()
+        model(**inputs, labels=torch.tensor([0, 1, 2, 1], device=device)).loss.backward()
     first_layer = model.bert.encoder.layer[0]
     for parameter in (first_layer.attention.self.query.weight, first_layer.intermediate.dense.weight):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
