@@ -8,6 +8,7 @@ real lengths drawn in [n/2, n].
 * CPU, fp32: ``extract(..., backend="torch")`` (vectorised) vs ``extract_ref`` (eager reference).
 * CUDA, fp16 (skipped without a GPU, and whenever TRITON_INTERPRET is set: never benchmark the
   interpreter): ``extract(..., backend="triton")`` (two launches) vs the torch path and the reference.
+  In the dry run (``gpu.sh --dry-run``) these cases run on CPU, tiny shapes, Triton interpreted.
 
 Every test also times, with the same timer in the same run (interleaved on CPU), the baseline (``extract_ref``) and a
 bytes-bound floor: one read of probs plus one copy of the kept hidden rows, which is what the op
@@ -16,7 +17,6 @@ extra_info records the ratios, the bytes, device, dtype, shapes and versions.
 """
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
@@ -24,8 +24,9 @@ import time
 import pytest
 import torch
 
-B, H, N, D, K = 16, 12, 128, 768, 77
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+from benchmarks import common
+
+B, H, N, D, K = (2, 2, 16, 32, 9) if common.DRY_RUN else (16, 12, 128, 768, 77)
 
 
 def _inputs(device, dtype):
@@ -45,7 +46,7 @@ def _bytes_moved(probs, hidden, mask):
             + B * K * (mask.element_size() + 8))
 
 
-def _same_run_ms(fns, device, reps=30):
+def _same_run_ms(fns, device, reps=1 if common.DRY_RUN else 30):
     """Median ms of each callable, same timer. On CPU the callables are timed interleaved, round
     by round, so a load change on a shared machine hits all of them alike and the ratios hold."""
     if device == "cuda":
@@ -83,10 +84,9 @@ CASES = [
 @pytest.mark.parametrize("device,dtype,impl", CASES)
 def test_extract(benchmark, device, dtype, impl):
     if device == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA GPU")
-        if INTERPRETING:
-            pytest.skip("TRITON_INTERPRET is set: never benchmark the interpreter")
+        device = common.require_gpu_case()  # CPU in the dry run
+    elif common.device() == "cuda":
+        pytest.skip("a CPU case (make bench); this machine runs the CUDA cases")
     from kernels.fused import extract, extract_ref
 
     probs, hidden, mask = _inputs(device, dtype)
@@ -100,14 +100,8 @@ def test_extract(benchmark, device, dtype, impl):
     ref = impls["eager_ref"]()
     assert torch.equal(out[2], ref[2]), "benchmarked path selects differently from the reference"
 
-    def step():
-        result = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return result
-
-    benchmark.group = f"extract {str(dtype).replace('torch.', '')} {device} B{B} H{H} n{N} D{D} k{K}"
-    benchmark.pedantic(step, rounds=20 if device == "cpu" else 50, warmup_rounds=2)
+    common.timed(benchmark, fn, dev=device, group=f"extract {str(dtype).replace('torch.', '')} {device} B{B} H{H} n{N} D{D} k{K}",
+                 impl=impl, baseline="eager_ref", sequences=B, rounds=common.rounds(50, cpu=20), warmup_rounds=2)
 
     # Same-run ratios, every number from the same timer.
     ms = _same_run_ms({"impl": fn, "base": impls["eager_ref"], "floor": _floor(probs, hidden)}, device)
@@ -116,7 +110,6 @@ def test_extract(benchmark, device, dtype, impl):
     import triton
 
     benchmark.extra_info.update(
-        impl=impl, device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         cpu_threads=torch.get_num_threads(), dtype=str(dtype), B=B, H=H, n=N, D=D, k=K,
         real_tokens=int(mask.sum()), bytes_moved=nbytes, median_ms=impl_ms, eager_ref_median_ms=base_ms,
         speedup_vs_eager_ref=base_ms / impl_ms, bytes_floor_ms=floor_ms, ratio_vs_bytes_floor=impl_ms / floor_ms,
