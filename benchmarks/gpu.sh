@@ -1,37 +1,26 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: GPU tests + every GPU benchmark, offline, then a results table.
-#   bash benchmarks/gpu.sh            (from the repo root; installs nothing from the network)
-# Uses the machine's own python (torch/triton/transformers preinstalled there). The package is
-# put on the path with PYTHONPATH instead of `pip install`, so nothing is fetched.
-set -uo pipefail
+# GPU tests and benchmarks in steps that each stand alone and end well within 10 minutes:
+#
+#   bash benchmarks/gpu.sh tests      # the suite with POWERBERT_TEST_GPU=1 (compiled kernels)
+#   bash benchmarks/gpu.sh kernels    # extract op; attention vs SDPA (FlashAttention-2, mask), varlen, nested
+#   bash benchmarks/gpu.sh model      # BERT end to end vs stock SDPA and stock without padding; families
+#   bash benchmarks/gpu.sh table      # gpu_results.md from whatever the steps above left
+#   bash benchmarks/gpu.sh all        # the four in a row (about 25 minutes on a GPU: not one lent command)
+#   bash benchmarks/gpu.sh --dry-run  # the same plumbing on CPU, tiny shapes, "DRY RUN" table (CI)
+#
+# Results go to $OUT when set, else benchmarks/results/ (dry run: work/gpu-dry-run/), at most 8
+# files. Options: --step-timeout S (default 480), and pytest arguments after `--`. Details:
+# benchmarks/gpu.py. On a GPU machine the machine's own python runs it ($PYTHON, else python3:
+# torch, triton, transformers, pytest, pytest-benchmark preinstalled); nothing is installed and
+# the package is put on the path with PYTHONPATH.
+set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-unset TRITON_INTERPRET
-
-device=$($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "none")')
-if [ "$device" = none ]; then echo "gpu.sh: no CUDA device visible" >&2; exit 2; fi
-if ! $PY -c 'import pytest, pytest_benchmark' 2>/dev/null; then
-    echo "gpu.sh: pytest and pytest-benchmark must be importable by $PY (nothing is installed from the network here)" >&2
-    exit 2
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    PY=python3
+    for arg in "$@"; do
+        [ "$arg" = "--" ] && break
+        if [ "$arg" = "--dry-run" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+    done
 fi
-versions=$($PY -c 'import torch, triton, transformers; print(f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}")')
-echo "device: $device ($versions)"
-
-# 1. Kernel and model tests on the GPU (compiled kernels, not the interpreter).
-POWERBERT_TEST_GPU=1 $PY -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
-tests_rc=${PIPESTATUS[0]}
-
-# 2. Every benchmark, GPU cases included, stored as JSON.
-$PY -m pytest -q -p no:cacheprovider benchmarks --benchmark-only -s \
-    --benchmark-json="$OUT/gpu_benchmarks.json" 2>&1 | tee "$OUT/gpu_benchmarks.log"
-bench_rc=${PIPESTATUS[0]}
-
-# 3. The table committed beside the numbers.
-$PY benchmarks/table.py "$OUT/gpu_benchmarks.json" --device "$device" --versions "$versions" \
-    > "$OUT/gpu_results.md"
-cat "$OUT/gpu_results.md"
-echo "tests rc=$tests_rc, benchmarks rc=$bench_rc"
-exit $(( tests_rc || bench_rc ))
+exec "$PY" benchmarks/gpu.py "$@"
