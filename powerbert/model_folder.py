@@ -59,6 +59,12 @@ def max_positions(config: dict) -> int | None:
     return positions
 
 
+def default_max_length(config: dict) -> int:
+    """N to run a saved model at when none is given: the N it was trained at
+    (``powerbert_max_length``), else 128 or the model's positions if fewer."""
+    return config.get(MAX_LENGTH_KEY) or min(128, max_positions(config) or 128)
+
+
 def check_model_dir(path, *, max_length: int | None = None, weights: bool = True, tokenizer: bool = True) -> Path:
     """Check a model folder before anything loads it; returns it as a Path.
 

@@ -73,8 +73,8 @@ from tqdm.auto import tqdm
 
 import powerbert
 from powerbert import data as D
-from powerbert.model_folder import (MAX_LENGTH_KEY, check_model_dir, label_space_from_config, load_model,
-                                    load_tokenizer, max_positions, read_model_config)
+from powerbert.model_folder import (MAX_LENGTH_KEY, check_model_dir, default_max_length, label_space_from_config,
+                                    load_model, load_tokenizer, max_positions, read_model_config)  # noqa: F401 (re-exported)
 from powerbert.patch import CONFIG_KEY
 from powerbert.pipeline_config import STEPS, PipelineConfig
 from powerbert.preflight import load_data, preflight
@@ -664,8 +664,7 @@ def evaluate(model_dir, data, *, text_column=None, text_pair_column=None, label_
     check_model_dir(model_dir, max_length=max_length)
     config = read_model_config(model_dir)
     if max_length is None:
-        limit = max_positions(config) or 128
-        max_length = config.get(MAX_LENGTH_KEY) or min(128, limit)
+        max_length = default_max_length(config)
     examples = D.take(D.load_examples(data, text_column, text_pair_column, label_column), max_examples, 0)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
