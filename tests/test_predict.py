@@ -149,3 +149,18 @@ def test_bad_rows_are_named_with_file_and_line(classifier, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{data}:2: no value in text column 'text'" in err
     assert f"3 bad rows in all: {data}:4, {data}:5" in err and err.count("\n") == 1
+
+
+def test_ray_engine_gives_the_same_bytes(classifier, local_output, tmp_path):
+    pytest.importorskip("ray.data", reason="Ray Data is the optional extra powerbert[ray]")
+    import ray
+
+    out = tmp_path / "ray.jsonl"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a local cluster, as on a laptop
+    try:
+        summary = predict(classifier, REVIEWS, out, batch_size=16, engine="ray", num_workers=2, threads=1,
+                          progress=False)
+    finally:
+        ray.shutdown()
+    assert summary["engine"] == "ray" and summary["workers"] == 2 and summary["rows"] == 300
+    assert out.read_bytes() == local_output[0].read_bytes()
