@@ -93,8 +93,12 @@ def _padded(ffn, work) -> None:
 @torch.inference_mode()
 def _packed(ffn, work) -> None:
     for x, mask in work:
-        out = torch.zeros_like(x)
-        out[mask] = ffn(x[mask])  # gather the real rows, FFN on [T, hidden], scatter back
+        # gather the real rows by flat index, FFN on [T, hidden], scatter back (index_select /
+        # index_copy_: 2-3x cheaper on CPU than boolean-mask indexing)
+        flat = x.view(-1, x.shape[-1])
+        index = mask.view(-1).nonzero().squeeze(1)
+        out = torch.zeros_like(flat)
+        out.index_copy_(0, index, ffn(flat.index_select(0, index)))
 
 
 def _setup(task: str, order: str):
