@@ -145,7 +145,27 @@ def environment() -> dict:
         )
         if info["driver"]:
             info["driver"] = info["driver"].splitlines()[0]
+        else:  # no nvidia-smi: the kernel module says it too
+            try:
+                line = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+                info["driver"] = next((w for w in line.split() if w.count(".") >= 1 and w[0].isdigit()), line)
+            except (OSError, IndexError):
+                pass
+        info["cuda_driver_api"] = _cuda_driver_api()
     return info
+
+
+def _cuda_driver_api() -> int | None:
+    """The CUDA version the driver supports (e.g. 12080), from libcuda itself."""
+    import ctypes
+
+    try:
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return version.value
+    except (OSError, AttributeError):
+        pass
+    return None
 
 
 if __name__ == "__main__":  # gpu.sh records this in gpu_run.json, from a process of its own

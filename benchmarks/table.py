@@ -24,7 +24,7 @@ EXPECTED = {
 }
 RECORDS = {"model_e2e": "gpu.sh model", "families_e2e": "gpu.sh model"}
 # extra_info shown in the notes column, in this order, when present.
-NOTES = ("real_tokens", "device_ms", "ideal_vectors", "attention", "max_abs_diff_vs_stock", "sdpa_backend", "packed_tokens",
+NOTES = ("real_tokens", "device_ms", "ideal_vectors", "attention", "max_abs_diff_vs_stock", "max_abs_diff_vs_eager", "sdpa_backend", "packed_tokens",
          "speedup_vs_eager_ref", "ratio_vs_bytes_floor", "effective_GBps", "paired_speedup_vs_stock-sdpa",
          "paired_speedup_vs_stock-cls-head")
 DRY_RUN_BANNER = ("> **DRY RUN**: CPU, tiny shapes, Triton interpreted. This checks that the GPU steps, their "
@@ -54,7 +54,9 @@ def _environment_lines(env: dict) -> list[str]:
         return []
     device = env.get("device", "unknown")
     details = [env.get("capability"), env.get("memory_gib") and f"{env['memory_gib']} GiB",
-               env.get("driver") and f"driver {env['driver']}", env.get("torch_cuda") and f"CUDA {env['torch_cuda']}",
+               env.get("driver") and f"driver {env['driver']}",
+               env.get("cuda_driver_api") and f"driver CUDA API {env['cuda_driver_api']}",
+               env.get("torch_cuda") and f"torch built for CUDA {env['torch_cuda']}",
                env.get("cudnn") and f"cuDNN {env['cudnn']}"]
     software = [f"{name} {env[name]}" for name in ("torch", "triton", "transformers", "python") if env.get(name)]
     rows = [("device", device + (f" ({', '.join(d for d in details if d)})" if any(details) else "")),
