@@ -15,6 +15,12 @@ bf16. Two scenarios, each with its baseline (the row ``table.py`` takes ratios a
   torch has it, nested tensors otherwise). ``patched``: the same configuration as shares of each
   sequence's own length (f_l = k_l / N, proportional retention).
 
+``stock-graph`` and ``patched-graph``: the same models captured once in a CUDA graph
+(``powerbert.CudaGraphForward``, the patched one in its static layout) and replayed: at small
+batches launch overhead, not the GPU, sets the eager times. Under capture transformers cannot
+look at the mask to drop it, so ``stock-graph`` in the ``equal`` scenario is given no mask
+(FlashAttention-2, as eager). CUDA only: the dry run skips them.
+
 Speed only: weights are random (the configuration's accuracy is ``make reproduce``'s business).
 Every model runs once and warms up before timing (Triton compiles there). Each row records the
 median, sequences/s, real tokens and the ideal (vectors processed: stock token-layers over kept
@@ -32,6 +38,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import powerbert
 from benchmarks import common
 from benchmarks.unpadded import bert_forward_unpadded, has_varlen_attn
+from powerbert.cuda_graph import CudaGraphForward
 from powerbert.retention import keep_counts
 
 RETENTION_128 = (77, 63, 56, 53, 43, 40, 36, 24, 18, 14, 11, 3)
@@ -42,7 +49,8 @@ else:
     CONFIG = {}  # BERT-base
     BATCHES, LENGTHS, BASE_RETENTION, BASE_N = (1, 8, 64), (128, 512), RETENTION_128, 128
 DTYPES = (torch.float16, torch.bfloat16)
-SCENARIOS = {"equal": ("stock-sdpa", "patched"), "ragged": ("stock-sdpa", "stock-unpadded", "patched")}
+SCENARIOS = {"equal": ("stock-sdpa", "stock-graph", "patched", "patched-graph"),
+             "ragged": ("stock-sdpa", "stock-graph", "stock-unpadded", "patched", "patched-graph")}
 CASES = [(s, impl) for s, impls in SCENARIOS.items() for impl in impls]
 # stock-unpadded must compute stock's logits: a bound far above rounding (fp16 ~1e-3, bf16 ~1e-2
 # on a random 12-layer model) and far below a wrong computation (~1). The difference is recorded.
@@ -104,6 +112,8 @@ def _ideal(scenario, retention, lengths) -> float:
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
 def test_peers(benchmark, batch, n, dtype, scenario, impl):
     dev = common.require_gpu_case()
+    if impl.endswith("-graph") and dev != "cuda":
+        pytest.skip("CUDA graphs need CUDA (the dry run runs on CPU)")
     model = _model(dtype, dev)
     inputs = _inputs(scenario, batch, n, dev)
     retention = _retention(scenario, n)
@@ -113,16 +123,29 @@ def test_peers(benchmark, batch, n, dtype, scenario, impl):
     if impl == "stock-unpadded":
         notes["attention"] = "varlen_attn" if has_varlen_attn(dev) else "nested"
 
+    graph = None
+
     def run():
+        if graph is not None:
+            return graph(**graph_inputs).logits
         with torch.inference_mode(), common.triton_path():
             if impl == "stock-unpadded":
                 return _classify_unpadded(model, inputs)
             return model(**inputs).logits
 
-    if impl == "patched":
+    if impl.startswith("patched"):
         powerbert.patch(model, retention)
         notes.update(retention=list(retention), ideal_vectors=_ideal(scenario, retention, lengths))
     try:
+        if impl.endswith("-graph"):
+            graph_inputs = dict(inputs)
+            if impl == "stock-graph" and scenario == "equal":
+                del graph_inputs["attention_mask"]  # no padding: FlashAttention-2, as eager stock-sdpa runs
+            with torch.inference_mode():
+                eager = model(**inputs).logits
+            graph = CudaGraphForward(model, **graph_inputs)
+            notes["max_abs_diff_vs_eager"] = diff = (run().float() - eager.float()).abs().max().item()
+            assert diff < LOGITS_BOUND[dtype], f"{impl} logits differ from the eager model's by {diff}"
         logits = run()
         if impl == "stock-unpadded":  # the baseline must compute what stock computes
             with torch.inference_mode():
@@ -136,7 +159,8 @@ def test_peers(benchmark, batch, n, dtype, scenario, impl):
             config=CONFIG or "bert-base", **notes,
         )
     finally:
-        if impl == "patched":
+        graph = None  # free the graph's memory pool before the next case
+        if impl.startswith("patched"):
             powerbert.unpatch(model)
     assert math.isfinite(median)
     print(f"\n{impl:>15} {scenario} B{batch} N{n} {name}: {1e3 * median:.2f} ms, {batch / median:.1f} seq/s")

@@ -3,6 +3,7 @@
     import powerbert
     powerbert.patch(model, retention=[77, 63, 56, 53, 43, 40, 36, 24, 18, 14, 11, 3])
 """
+from powerbert.cuda_graph import CudaGraphForward
 from powerbert.families import supported_models
 from powerbert.patch import is_patched, patch, patch_state, patched_retention, unpatch
 from powerbert.soft_extract import SoftExtract, attach_soft_extract
@@ -22,5 +23,6 @@ __all__ = [
     "validate_retention",
     "vector_ratio",
     "flops_ideal",
+    "CudaGraphForward",
     "__version__",
 ]
