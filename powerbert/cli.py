@@ -4,6 +4,7 @@
                     [--retention-mode fixed|proportional]
     powerbert finetune|search|retrain ...   (one step; the same flags, the same output folder)
     powerbert evaluate --model OUT --data FILE
+    powerbert calibrate --model DIR --data FILE --output DIR --min-cosine C   (no labels, no training)
     powerbert predict --model OUT --data FILE --output OUT.jsonl [--engine ray --num-workers N]
     powerbert fetch-movie-reviews --output data/movie_reviews.csv
 
@@ -139,6 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(ev)
     ev.add_argument("--max-examples", type=_positive_int, default=None)
     _add_predict_parser(sub)
+    cal = sub.add_parser(
+        "calibrate", help="no labels, no training: the fastest proportional configuration whose outputs stay "
+                          "within --min-cosine of the stock model's",
+        description="Search a small family of proportional configurations (powerbert/calibrate.py) for the fastest "
+                    "whose mean cosine to the stock embeddings (a sentence-transformers folder, or a plain encoder "
+                    "with mean pooling) or prediction agreement (a sequence classifier) on held-out texts is >= C; "
+                    "write the patched model folder and calibration.json / calibration.md")
+    cal.add_argument("--model", required=True, help="a local sentence-transformers or Hugging Face model folder")
+    cal.add_argument("--data", required=True, help="texts: .csv, .tsv or .jsonl (labels, if any, are not read)")
+    cal.add_argument("--text-column", help="text column (default: text, sentence, sentence1, ...)")
+    cal.add_argument("--output", required=True, help="folder for the patched model and the report")
+    cal.add_argument("--min-cosine", required=True, type=_number(0, low_open=True, high=1),
+                     help="C in (0, 1]: mean cosine to stock embeddings (a classifier: prediction agreement) >= C")
+    cal.add_argument("--calibration-texts", type=_positive_int, default=256, help="texts the search runs on")
+    cal.add_argument("--holdout-texts", type=_int_at_least(0), default=256,
+                     help="disjoint texts for the check, the cosine distribution and the timing")
+    cal.add_argument("--batch-size", type=_positive_int, default=32)
+    cal.add_argument("--max-length", type=_int_at_least(2), default=None, help="truncate texts to this many tokens")
+    cal.add_argument("--retention-min", type=_positive_int, default=None,
+                     help="every layer keeps at least this many vectors of a sequence (default 1)")
+    cal.add_argument("--timing-rounds", type=_int_at_least(0), default=3,
+                     help="alternated stock / patched rounds timed on the held-out texts (0: no timing)")
+    cal.add_argument("--seed", type=_int_at_least(0), default=0)
+    cal.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     fetch = sub.add_parser("fetch-movie-reviews", help="write the vaderSentiment movie-review sentences as CSV")
     fetch.add_argument("--output", default="data/movie_reviews.csv")
     fetch.add_argument("--sdist", default=None, help="a local vaderSentiment-3.3.2.tar.gz instead of pip download")
@@ -227,6 +253,8 @@ def _run(args) -> int:
                                     max_examples=args.max_examples)
         print(json.dumps(metrics, indent=2))
         return 0
+    if args.command == "calibrate":
+        return _calibrate(args)
 
     import torch
 
@@ -258,6 +286,47 @@ def _run(args) -> int:
     if args.command == "retrain":
         pipeline.export(cfg)
     log.info("%s done in %.1f s", args.command, time.perf_counter() - start)
+    return 0
+
+
+def _calibrate(args) -> int:
+    import torch
+
+    from powerbert import calibrate as C
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output, model_dir = Path(args.output), Path(args.model)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} (--output) is a file, not a folder")
+    if output.resolve() == model_dir.resolve():
+        raise ValueError(f"output {output} (--output) would overwrite the model folder {args.model} (--model)")
+    if (output / "config.json").is_file() and not (output / C.REPORT_JSON).is_file():
+        raise ValueError(f"output {output} (--output) holds a model that powerbert calibrate did not write; "
+                         f"choose another output folder")
+    texts = C.texts_from_file(args.data, args.text_column)
+    model, tokenizer = C.load_for_calibration(model_dir)
+    try:
+        result = C.calibrate(model, texts, min_cosine=args.min_cosine, tokenizer=tokenizer,
+                             batch_size=args.batch_size, calibration_texts=args.calibration_texts,
+                             holdout_texts=args.holdout_texts, max_length=args.max_length,
+                             retention_min=args.retention_min, timing_rounds=args.timing_rounds, seed=args.seed,
+                             progress=not args.no_progress)
+    except TypeError as error:  # a model calibrate cannot compare (one line, like every bad input)
+        raise ValueError(str(error)) from None
+    C.save(result, model, output, tokenizer)
+    chosen = result.report["chosen"]
+    if chosen is None:
+        print(f"powerbert calibrate: no configuration reached mean {result.report['metric']} >= {args.min_cosine:g}; "
+              f"report in {output / C.REPORT_MD}", file=sys.stderr)
+        return 1
+    summary = {key: chosen.get(key) for key in ("retention", "calibration_mean", "vector_ideal", "flops_ideal")}
+    if "holdout" in chosen:
+        summary["holdout_mean"] = chosen["holdout"]["mean"]
+    if "timing" in chosen:
+        summary["measured_speedup"] = chosen["timing"]["speedup"]
+    summary["output"] = str(output)
+    print(json.dumps(summary))
     return 0
 
 

@@ -1,0 +1,522 @@
+"""Calibrate without labels or training: the fastest proportional configuration that stays close to stock.
+
+A small family of proportional configurations (ALGORITHM.md §8) is searched on calibration texts:
+
+    f_l = a * (b / a) ** ((l - 1) / (L - 1)),   l = 1..L,   for every pair a >= b of ``shares``
+
+(geometric from a share ``a`` after the first layer to ``b`` after the last; ``a == b`` is flat).
+Each candidate's outputs on the calibration texts are compared with the unpatched model's:
+the mean cosine similarity of the embeddings (a ``SentenceTransformer``), or the share of texts
+whose predicted class is unchanged (a sequence classifier). Candidates run from the slowest to
+the fastest by the ideal speedup (vectors processed against stock with dynamic padding, texts
+batched as ``encode`` batches them); a candidate keeping no more vectors than one that already
+failed, at every layer, is skipped as failing too. The fastest passing candidate is then
+checked on held-out texts (the next one is tried if it falls short there), and timed against
+the stock model on them. Nothing here reads a label.
+
+``calibrate`` returns a :class:`Calibration` (configuration and report); ``save`` writes the
+patched model folder (``config.json`` holds ``powerbert_retention``) with ``calibration.json``
+and ``calibration.md`` beside it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from powerbert.families import resolve
+from powerbert.patch import is_patched, patch, unpatch
+from powerbert.retention import (flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding, row_keep_counts,
+                                 validate_minimum)
+from powerbert.sentence import hf_model, is_sentence_model
+
+DEFAULT_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+REPORT_JSON = "calibration.json"
+REPORT_MD = "calibration.md"
+QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5)
+
+
+def candidate_family(num_layers: int, shares=DEFAULT_SHARES) -> list[tuple[float, ...]]:
+    """Every configuration ``f_l = a (b/a)^((l-1)/(L-1))`` for shares ``a >= b`` (keep-all left out),
+    rounded to 4 decimals, without duplicates."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    shares = sorted({float(s) for s in shares}, reverse=True)
+    if not shares or any(not 0.0 < s <= 1.0 for s in shares):
+        raise ValueError(f"shares must be floats in (0, 1], got {shares}")
+    out = {}
+    for a in shares:
+        for b in shares:
+            if b > a:
+                continue
+            steps = max(num_layers - 1, 1)
+            config = tuple(round(a * (b / a) ** (layer / steps), 4) for layer in range(num_layers))
+            config = tuple(min(value, previous) for value, previous in zip(config, (1.0,) + config))
+            if all(value == 1.0 for value in config):
+                continue
+            out.setdefault(config, (a, b))
+    return list(out)
+
+
+def _dominated(config, failed) -> bool:
+    """``config`` keeps no more than a failed configuration at every layer (so it fails too)."""
+    return any(all(c <= f for c, f in zip(config, bad)) for bad in failed)
+
+
+# ----------------------------------------------------------------------------- what is compared
+
+
+class EmbeddingTarget:
+    """A ``SentenceTransformer``: per-text score = cosine similarity to the stock embedding."""
+
+    metric = "cosine"
+
+    def __init__(self, model, batch_size: int = 32):
+        self.model = model
+        self.batch_size = batch_size
+        self.hf = hf_model(model)
+
+    def outputs(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
+                                 normalize_embeddings=True, show_progress_bar=False).float().cpu()
+
+    @staticmethod
+    def scores(stock: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
+        return (stock * patched).sum(dim=1).clamp(-1.0, 1.0)
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        lengths = []
+        for start in range(0, len(texts), 256):
+            features = self.model.preprocess(texts[start:start + 256])
+            lengths += features["attention_mask"].sum(dim=1).tolist()
+        return lengths
+
+    def order(self, texts: list[str]) -> np.ndarray:
+        """The order ``encode`` runs texts in (its own sort key: longest first by characters)."""
+        return np.argsort([-len(text) for text in texts])
+
+
+class ClassifierTarget:
+    """A Hugging Face sequence classifier: per-text score = 1 if the predicted class is unchanged.
+
+    Texts run like ``encode`` runs them: sorted by length, in batches padded to their longest.
+    """
+
+    metric = "agreement"
+
+    def __init__(self, model, tokenizer, batch_size: int = 32, max_length: int | None = None):
+        if getattr(model.config, "num_labels", 0) < 2:
+            raise ValueError("calibrating a classifier compares predicted classes: the model needs num_labels >= 2 "
+                             f"(it has {getattr(model.config, 'num_labels', None)})")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length or min(getattr(tokenizer, "model_max_length", 512), 512)
+        self.hf = model
+
+    def _encode(self, texts):
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+
+    def outputs(self, texts: list[str]) -> torch.Tensor:
+        order = self.order(texts)
+        device = next(self.model.parameters()).device
+        predictions = torch.empty(len(texts), dtype=torch.long)
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                index = order[start:start + self.batch_size]
+                inputs = self._encode([texts[i] for i in index]).to(device)
+                predictions[torch.as_tensor(index)] = self.model(**inputs).logits.argmax(dim=-1).cpu()
+        return predictions
+
+    @staticmethod
+    def scores(stock: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
+        return (stock == patched).float()
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
+
+    def order(self, texts: list[str]) -> np.ndarray:
+        return np.argsort([-len(text) for text in texts])
+
+
+def target_for(model, tokenizer=None, *, batch_size: int = 32, max_length: int | None = None):
+    """The comparison for ``model``: embeddings (SentenceTransformer) or predictions (classifier)."""
+    if is_sentence_model(model):
+        if type(model).__name__ == "CrossEncoder":
+            raise TypeError("calibrate compares embeddings (SentenceTransformer) or predicted classes "
+                            "(a Hugging Face sequence classifier); a CrossEncoder's scores are neither")
+        if max_length is not None:
+            model.max_seq_length = max_length
+        return EmbeddingTarget(model, batch_size)
+    family, base, cls_only = resolve(model)
+    if base is model or not cls_only:
+        raise TypeError(f"calibrate needs a SentenceTransformer or a sequence classifier, got {type(model).__name__}; "
+                        f"wrap a bare encoder in a SentenceTransformer (mean pooling)")
+    if tokenizer is None:
+        raise ValueError("calibrating a classifier needs its tokenizer")
+    return ClassifierTarget(model, tokenizer, batch_size, max_length)
+
+
+def _num_layers(target) -> int:
+    family, base, _ = resolve(target.hf)
+    return len(family.layers(family.encoder(base)))
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+@dataclass
+class Calibration:
+    """What ``calibrate`` found.
+
+    Attributes:
+        retention: the chosen proportional configuration, or None if no candidate reached the threshold.
+        retention_min: the per-layer minimum it runs with (None: 1).
+        report: everything measured (JSON-serialisable): settings, every candidate, the held-out
+            score distribution, ideal and measured speedups.
+    """
+
+    retention: tuple[float, ...] | None
+    retention_min: tuple[int, ...] | None
+    report: dict = field(repr=False)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """``powerbert.patch(model, retention, retention_min=...)``."""
+        if self.retention is None:
+            raise ValueError("no configuration reached the threshold; nothing to apply")
+        return patch(model, list(self.retention), retention_min=self.retention_min)
+
+
+def _distribution(scores: torch.Tensor, threshold: float) -> dict:
+    values = scores.double()
+    hist, edges = np.histogram(values.numpy(), bins=10, range=(float(min(values.min(), 0.5)), 1.0))
+    return {
+        "texts": int(values.numel()),
+        "mean": float(values.mean()),
+        "min": float(values.min()),
+        "quantiles": {f"p{round(q * 100):02d}": float(torch.quantile(values, q)) for q in QUANTILES},
+        "share_below_threshold": float((values < threshold).double().mean()),
+        "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": hist.tolist()},
+    }
+
+
+def _batches(lengths: list[int], order: np.ndarray, batch_size: int) -> list[list[int]]:
+    ordered = [lengths[i] for i in order]
+    return [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
+
+
+def _evaluate(target, texts, stock, retention, retention_min) -> torch.Tensor:
+    patch(target.model, list(retention), retention_min=retention_min)
+    try:
+        return target.scores(stock, target.outputs(texts))
+    finally:
+        unpatch(target.model)
+
+
+def measure(target, texts: list[str], retention, retention_min=None, rounds: int = 3) -> dict:
+    """Time the stock and the patched model on ``texts`` (``encode`` for embeddings), alternating.
+
+    One warm-up call each, then ``rounds`` rounds of (stock, patched). Returns the medians and the
+    median of the per-round ratios (``paired``), with the threads and device they ran on.
+    """
+    stock_s, patched_s = [], []
+
+    def timed(patched: bool) -> float:
+        if patched:
+            patch(target.model, list(retention), retention_min=retention_min)
+        try:
+            start = time.perf_counter()
+            target.outputs(texts)
+            return time.perf_counter() - start
+        finally:
+            if patched:
+                unpatch(target.model)
+
+    timed(False), timed(True)
+    for _ in range(rounds):
+        stock_s.append(timed(False))
+        patched_s.append(timed(True))
+    return {
+        "rounds": rounds, "texts": len(texts), "batch_size": target.batch_size,
+        "stock_s": stock_s, "patched_s": patched_s,
+        "stock_median_s": statistics.median(stock_s), "patched_median_s": statistics.median(patched_s),
+        "speedup": statistics.median(stock_s) / statistics.median(patched_s),
+        "paired": statistics.median(s / p for s, p in zip(stock_s, patched_s)),
+        "threads": torch.get_num_threads(), "device": str(next(target.hf.parameters()).device),
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def ideals(target, retention, lengths: list[int], order: np.ndarray, minimum=None) -> dict:
+    """Ideal speedups of ``retention`` against stock with dynamic padding, texts batched in ``order``
+    (``target.batch_size`` a batch): ``vector_ideal`` (vectors processed, ALGORITHM.md §8),
+    ``flops_ideal`` (§6 per sequence) and ``layout_ideal`` (vectors processed by the padded
+    layout the patched model runs: each layer's batch padded to its largest keep count)."""
+    batches = _batches(lengths, order, target.batch_size)
+    config = target.hf.config
+    hidden, intermediate = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    stock = sum(len(retention) * max(batch) * len(batch) for batch in batches)
+    layout = 0
+    for batch in batches:
+        counts = row_keep_counts(retention, minimum, torch.tensor(batch))  # [L, B]
+        layout += int(counts.max(dim=1).values.sum()) * len(batch)
+    return {"vector_ideal": ideal_vs_dynamic_padding(retention, batches, minimum),
+            "flops_ideal": flops_ideal_vs_dynamic_padding(retention, batches, hidden, intermediate, minimum),
+            "layout_ideal": stock / layout}
+
+
+def search(target, texts: list[str], min_value: float, *, shares=DEFAULT_SHARES, retention_min=None,
+           progress: bool = True) -> list[dict]:
+    """Score the candidate family on ``texts`` against the stock outputs, slowest first.
+
+    Returns one record per candidate, sorted by ``vector_ideal``: ``retention``, the ideals
+    (``ideals``), ``status`` (``pass``, ``fail`` or skipped as dominated by a failure) and, when
+    evaluated, ``calibration_mean``. Every candidate whose mean is >= ``min_value`` is evaluated,
+    so the records answer any threshold >= ``min_value`` (``choose``).
+    """
+    from tqdm.auto import tqdm
+
+    lengths, order = target.lengths(texts), target.order(texts)
+    records = [{"retention": list(retention), **ideals(target, retention, lengths, order, retention_min)}
+               for retention in candidate_family(_num_layers(target), shares)]
+    records.sort(key=lambda r: (r["vector_ideal"], r["retention"]))
+    stock = target.outputs(texts)
+    failed = []
+    bar = tqdm(records, desc=f"calibrate ({target.metric} >= {min_value:g})", disable=not progress, unit="config")
+    for record in bar:
+        if _dominated(record["retention"], failed):
+            record["status"] = "skipped: keeps no more than a failed configuration"
+            continue
+        mean = float(_evaluate(target, texts, stock, record["retention"], retention_min).mean())
+        record["calibration_mean"] = mean
+        record["status"] = "pass" if mean >= min_value else "fail"
+        if mean < min_value:
+            failed.append(record["retention"])
+        bar.set_postfix(last=f"{mean:.4f}", ideal=f"{record['vector_ideal']:.2f}x")
+    bar.close()
+    return records
+
+
+def choose(records: list[dict], threshold: float) -> dict | None:
+    """The fastest record (by ``vector_ideal``) whose ``calibration_mean`` is >= ``threshold``."""
+    passing = [r for r in records if r.get("calibration_mean", -math.inf) >= threshold]
+    return max(passing, key=lambda r: (r["vector_ideal"], -sum(r["retention"])), default=None)
+
+
+def calibrate(model, texts: list[str], *, min_cosine: float, tokenizer=None, batch_size: int = 32,
+              calibration_texts: int = 256, holdout_texts: int = 256, max_length: int | None = None,
+              retention_min=None, shares=DEFAULT_SHARES, timing_rounds: int = 3, seed: int = 0,
+              progress: bool = True) -> Calibration:
+    """Find the fastest proportional configuration whose outputs stay within ``min_cosine`` of stock.
+
+    Args:
+        model: an unpatched ``SentenceTransformer`` (score: cosine of each text's embedding to
+            the stock one) or Hugging Face sequence classifier with ``tokenizer`` (score: 1 where
+            the predicted class is unchanged, so the mean is the agreement).
+        texts: unlabelled texts; a seeded shuffle gives ``calibration_texts`` for the search and the
+            next ``holdout_texts`` (disjoint) for the check, the score distribution and the timing.
+        min_cosine: C in (0, 1]: the mean score must be >= C on both sets.
+        retention_min: per-layer minimum kept (``powerbert.patch``'s ``retention_min``).
+        shares: the grid of a and b (module docstring).
+        timing_rounds: rounds of stock / patched timing on the held-out texts (0: no timing).
+
+    Returns:
+        A :class:`Calibration`; its ``retention`` is None when no candidate reaches C.
+    """
+    if not (isinstance(min_cosine, (int, float)) and 0.0 < min_cosine <= 1.0):
+        raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine!r}")
+    texts = [text for text in texts if isinstance(text, str) and text.strip()]
+    if len(texts) < 2:
+        raise ValueError(f"calibrate needs at least 2 non-empty texts, got {len(texts)}")
+    if is_patched(model):
+        raise RuntimeError("calibrate compares against the stock model: call powerbert.unpatch(model) first")
+    target = target_for(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    minimum = validate_minimum(retention_min, _num_layers(target))
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_cal = min(calibration_texts, len(texts) - 1)
+    calibration = [texts[i] for i in order[:n_cal]]
+    holdout = [texts[i] for i in order[n_cal:n_cal + holdout_texts]]
+    records = search(target, calibration, min_cosine, shares=shares, retention_min=minimum, progress=progress)
+    cal_lengths = target.lengths(calibration)
+
+    # The fastest passing candidate that holds on the held-out texts too.
+    chosen, holdout_scores, hold_stock = None, None, None
+    for record in sorted((r for r in records if r["status"] == "pass"), key=lambda r: -r["vector_ideal"]):
+        if not holdout:
+            chosen = record
+            break
+        if hold_stock is None:
+            hold_stock = target.outputs(holdout)
+        scores = _evaluate(target, holdout, hold_stock, record["retention"], minimum)
+        record["holdout_mean"] = float(scores.mean())
+        if record["holdout_mean"] >= min_cosine:
+            chosen, holdout_scores = record, scores
+            break
+        record["status"] = "pass on calibration, fail on held-out"
+
+    report = {
+        "metric": target.metric,
+        "min_value": min_cosine,
+        "model_class": type(model).__name__,
+        "family": "f_l = a * (b / a) ** ((l - 1) / (L - 1)), a >= b in shares",
+        "shares": sorted(shares, reverse=True),
+        "retention_min": None if minimum is None else list(minimum),
+        "seed": seed, "batch_size": batch_size,
+        "calibration_texts": len(calibration), "holdout_texts": len(holdout),
+        "calibration_mean_tokens": statistics.fmean(cal_lengths),
+        "candidates": records,
+        "evaluated": sum("calibration_mean" in r for r in records),
+        "chosen": None,
+        "versions": _versions(),
+    }
+    if chosen is None:
+        return Calibration(None, minimum, report)
+    retention = tuple(chosen["retention"])
+    summary = {"retention": list(retention), "calibration_mean": chosen["calibration_mean"],
+               "vector_ideal_calibration": chosen["vector_ideal"], "flops_ideal_calibration": chosen["flops_ideal"]}
+    if holdout:
+        hold_lengths = target.lengths(holdout)
+        summary.update(holdout=_distribution(holdout_scores, min_cosine),
+                       holdout_mean_tokens=statistics.fmean(hold_lengths), **ideals(target, retention, hold_lengths, target.order(holdout), minimum))
+        if timing_rounds > 0:
+            summary["timing"] = measure(target, holdout, retention, minimum, timing_rounds)
+    report["chosen"] = summary
+    return Calibration(retention, minimum, report)
+
+
+def _versions() -> dict:
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "python": platform.python_version()}
+    try:
+        import sentence_transformers
+
+        versions["sentence_transformers"] = sentence_transformers.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+# ----------------------------------------------------------------------------- writing the result
+
+
+def save(calibration: Calibration, model, output, tokenizer=None) -> Path:
+    """Write ``calibration.json`` and ``calibration.md`` to ``output``, and, when a configuration was
+    found, the model patched with it (``model.save`` for a SentenceTransformer, ``save_pretrained``
+    and the tokenizer for a classifier). ``model`` is left unpatched."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if calibration.retention is not None:
+        calibration.apply(model)
+        try:
+            if is_sentence_model(model):
+                model.save(str(output))
+            else:
+                model.save_pretrained(output)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(output)
+        finally:
+            unpatch(model)
+    (output / REPORT_JSON).write_text(json.dumps(calibration.report, indent=1) + "\n", encoding="utf-8")
+    (output / REPORT_MD).write_text(markdown(calibration.report), encoding="utf-8")
+    return output
+
+
+def _fmt(value, digits=4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    """The report as a short Markdown page."""
+    metric, threshold = report["metric"], report["min_value"]
+    lines = [f"# powerbert calibrate: mean {metric} >= {threshold:g}", ""]
+    chosen = report["chosen"]
+    if chosen is None:
+        best = max((r for r in report["candidates"] if "calibration_mean" in r),
+                   key=lambda r: r["calibration_mean"], default=None)
+        lines += ["No configuration of the family reached the threshold on the calibration texts."
+                  + ("" if best is None else f" The closest: {best['retention']} (mean {best['calibration_mean']:.4f},"
+                                             f" ideal {best['vector_ideal']:.2f}x)."), ""]
+    else:
+        lines += [f"Chosen: `{chosen['retention']}`" + (f", retention_min {report['retention_min']}"
+                                                          if report["retention_min"] else ""), ""]
+        hold = chosen.get("holdout")
+        if hold is not None:
+            q = hold["quantiles"]
+            lines += [f"Held-out texts ({hold['texts']}, mean {chosen['holdout_mean_tokens']:.1f} tokens): mean "
+                      f"{metric} {hold['mean']:.4f}, min {hold['min']:.4f}, p01 {q['p01']:.4f}, p05 {q['p05']:.4f}, "
+                      f"median {q['p50']:.4f}; {hold['share_below_threshold'] * 100:.1f}% of texts below "
+                      f"{threshold:g}.", "",
+                      f"Ideal speedup against stock with dynamic padding (texts batched as `encode` batches them, "
+                      f"{report['batch_size']} a batch): {chosen['vector_ideal']:.2f}x by vectors processed, "
+                      f"{chosen['flops_ideal']:.2f}x by the FLOPs model (ALGORITHM.md §6, §8), "
+                      f"{chosen['layout_ideal']:.2f}x by vectors in the padded layout the patched model runs "
+                      f"(each batch padded to its largest keep count).", ""]
+        timing = chosen.get("timing")
+        if timing is not None:
+            lines += [f"Measured on the held-out texts ({timing['device']}, {timing['threads']} threads, "
+                      f"{timing['rounds']} alternated rounds): stock {timing['stock_median_s'] * 1000:.0f} ms, "
+                      f"patched {timing['patched_median_s'] * 1000:.0f} ms: **{timing['speedup']:.2f}x** "
+                      f"(paired {timing['paired']:.2f}x). On a machine shared with other work, re-measure.", ""]
+    lines += [f"Search: {report['calibration_texts']} calibration texts (mean {report['calibration_mean_tokens']:.1f}"
+              f" tokens), {report['evaluated']} of {len(report['candidates'])} candidates evaluated, family "
+              f"`{report['family']}`, shares {report['shares']}.", "",
+              f"| configuration | vector ideal | FLOPs ideal | calibration {metric} | held-out {metric} | status |",
+              "|---|---:|---:|---:|---:|---|"]
+    for r in sorted(report["candidates"], key=lambda r: -r["vector_ideal"]):
+        lines.append(f"| {r['retention']} | {r['vector_ideal']:.2f}x | {r['flops_ideal']:.2f}x | "
+                     f"{_fmt(r.get('calibration_mean'))} | {_fmt(r.get('holdout_mean'))} | {r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def load_for_calibration(path, *, device: str | None = None):
+    """``(model, tokenizer)`` from a local folder: a sentence-transformers folder (``modules.json``)
+    or a plain encoder folder as a ``SentenceTransformer`` (mean pooling), or a sequence classifier
+    (``*ForSequenceClassification`` in ``config.json``'s ``architectures``) with its tokenizer."""
+    from powerbert.model_folder import check_model_dir, read_model_config
+
+    path = check_model_dir(path)
+    config = read_model_config(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    architectures = config.get("architectures") or []
+    if not (path / "modules.json").is_file() and any(a.endswith("ForSequenceClassification") for a in architectures):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
+        return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ValueError(f"{path} is an embedding model: calibrating it needs sentence-transformers "
+                         f"(pip install sentence-transformers)") from None
+    return SentenceTransformer(str(path), device=device, local_files_only=True), None
+
+
+def texts_from_file(path, text_column: str | None = None) -> list[str]:
+    """The non-empty texts of a CSV/TSV/JSONL file's text column (default: text, sentence, ...)."""
+    from powerbert.data import DEFAULT_TEXT_COLUMNS, read_table
+
+    table = read_table(path)
+    if text_column is None:
+        found = [c for c in DEFAULT_TEXT_COLUMNS if c in table.columns]
+        if not found:
+            raise ValueError(f"no text column in {path} (tried {', '.join(DEFAULT_TEXT_COLUMNS)}); pass "
+                             f"--text-column; available columns: {', '.join(table.columns)}")
+        text_column = found[0]
+    if text_column not in table.columns:
+        raise ValueError(f"text column {text_column!r} not found in {path}; available columns: "
+                         f"{', '.join(table.columns)}")
+    texts = [str(row[text_column]) for row in table.rows if row.get(text_column) is not None]
+    texts = [text for text in texts if text.strip()]
+    if len(texts) < 2:
+        raise ValueError(f"{path} holds {len(texts)} non-empty texts in column {text_column!r}; calibrate needs >= 2")
+    return texts
