@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     print(f"== {len(files)} files in {out}: {', '.join(files)}")
-    if len(files) > MAX_FILES:
+    if len(files) > MAX_FILES and os.environ.get("OUT"):  # benchmarks/results/ holds committed files too
         print(f"gpu.sh: {len(files)} files in {out}, more than the {MAX_FILES} a lent machine sends back", file=sys.stderr)
     rc = max(rcs, default=0)
     if args.dry_run:
