@@ -213,9 +213,14 @@ def _config(args):
 
 
 def _setup_logging(output: Path | None) -> None:
-    """Log to stderr and ``<output>/powerbert.log``; ``main`` undoes this when it returns."""
+    """Log to stderr and ``<output>/powerbert.log``; ``main`` undoes this when it returns.
+    Under ``torchrun`` only rank 0 logs and writes the file (the other ranks log errors only)."""
+    from powerbert.distributed import is_main_process
+
     logger = logging.getLogger("powerbert")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if is_main_process() else logging.ERROR)
+    if not is_main_process():
+        output = None
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(formatter)
@@ -279,8 +284,11 @@ def _run(args) -> int:
                  metrics["vector_ratio"], "" if real is None else f" ({real:.2f}x over the dev set's real lengths)",
                  metrics["flops_ideal"], metrics["steps"]["retrain"]["best"]["metric"],
                  metrics["steps"]["finetune"]["best"]["value"], metrics["steps"]["retrain"]["best"]["value"])
-        print(json.dumps({k: metrics[k] for k in ("configuration", "retention_mode", "vector_ratio", "flops_ideal",
-                                                  "dev_real_lengths", "warnings") if k in metrics}))
+        from powerbert.distributed import is_main_process
+
+        if is_main_process():  # one summary per run, not per process
+            print(json.dumps({k: metrics[k] for k in ("configuration", "retention_mode", "vector_ratio",
+                                                      "flops_ideal", "dev_real_lengths", "warnings") if k in metrics}))
         return 0
     getattr(pipeline, args.command)(cfg)
     if args.command == "retrain":

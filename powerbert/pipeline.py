@@ -28,11 +28,20 @@ range), the output folder (not a file, not the model folder), the model folder
 its positions) and the data (format, finite labels, classification or regression from the whole
 label column) before any training, and raises ValueError or SystemExit with a one-line message.
 
+Training runs on ``transformers.Trainer`` (``train_model``; the search on
+``powerbert.trainer.SearchTrainer``): logging, checkpoints, the optimiser and its schedule, and
+data parallelism are the Trainer's. ``torchrun --nproc_per_node P -m powerbert.cli train ...``
+(or ``accelerate launch``) runs every step on P processes: ``batch_size`` stays the batch of one
+optimiser step (``batch_size / P`` per process, so the schedule and the default ``lr_soft`` do
+not depend on P), only rank 0 writes, and the records say ``world_size``. What this module adds:
+the step cache, the best dev checkpoint (``_StepRecord``), the per-epoch history (with the
+retention vectors' masses during the search) and ``metrics.json``.
+
 Cache (``powerbert.step_cache``): each step's key is the settings that shaped it (content hashes
 of the data, dev data and model weights; columns, task, N, learning rates, epochs, lambda, seed,
 ...) plus the digest of the previous step's key. A rerun skips a finished step whose key matches
-and resumes an interrupted one from the ``checkpoint.pt`` it writes after every epoch (model,
-retention vectors, optimiser, scheduler). A step whose key differs stops the run with a message
+and resumes an interrupted one from the Trainer checkpoint it writes after every epoch to
+``<step>/checkpoints/`` (model, retention vectors, optimiser, scheduler, RNG states, history). A step whose key differs stops the run with a message
 naming the changed settings, unless ``overwrite`` is set: then that step and the later ones (and
 the exported model and ``metrics.json``) are removed and recomputed. Step folders written before
 keys existed are reused with a warning.
@@ -55,12 +64,14 @@ so the final ratio is only about the target: the full search trains longer on mo
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import json
 import logging
 import math
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +80,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 import powerbert
 from powerbert import data as D
@@ -80,35 +93,21 @@ from powerbert.pipeline_config import STEPS, PipelineConfig
 from powerbert.preflight import load_data, preflight
 from powerbert.retention import is_proportional, keep_counts, row_keep_counts
 from powerbert.soft_extract import attach_soft_extract, fractions_from_shares
-from powerbert.step_cache import (CHECKPOINT, DONE, LAMBDA, METRICS, begin_step, discard, exported_files, need_done,
-                                  read_key, stale_step, step_folder, write_json)
+from powerbert.distributed import is_main_process, per_process_batch, use_cpu, wait_for_everyone, world_size
+from powerbert.step_cache import (CHECKPOINT, DONE, LAMBDA, LEGACY_CHECKPOINT, METRICS, begin_step, discard,
+                                  exported_files, finish_step, need_done, read_key, stale_step, step_folder,
+                                  write_json)
+from powerbert.trainer import LR_SOFT_MAX, LR_SOFT_MIN, FiniteLossTrainer, SearchTrainer, default_lr_soft, task_metrics
 
 log = logging.getLogger("powerbert")
 
-# The learning rate of the retention vectors when none is given: 3 / search steps, so that
-# r can travel about 1.5 over the warm-up/decay schedule (which averages half the peak rate),
-# bounded to [LR_SOFT_MIN, LR_SOFT_MAX]. Adam moves r by about lr per step whatever the size of
-# its gradient, so lambda acts through the *sign* of the gradient summed over many steps: a rate
-# near 1 (3 / steps on a few hundred examples) saturates r at 0 or 1 within a step or two and
-# lambda stops mattering (1e-6 and 1e-3 gave the same configuration). The cap 0.05 leaves at
-# least 20 peak-rate steps between r = 1 and r = 0; it is 15x the paper's largest LR_SOFT
-# (2e-4 .. 3e-3 over thousands of steps, ALGORITHM.md §4) and above the 0.024 / 0.034 that the
-# reproduce study's 88-125 search steps gave. The floor 1e-3 is within the paper's range.
-# On a small data set the cap leaves r near 1, and a warning says that the search had too few
-# steps to learn a configuration (rather than hiding it behind a saturated one).
-LR_SOFT_MIN = 1e-3
-LR_SOFT_MAX = 0.05
+# default_lr_soft, LR_SOFT_MIN and LR_SOFT_MAX (the default lr_soft and why) live in powerbert.trainer.
 # A user-given lr_soft above this saturates r at 0 or 1 in a few steps (a warning says so).
 LR_SOFT_SATURATES = 0.1
 # The lambda trials of target_speedup compress the full search's travel of r into a few steps
 # (find_lambda); 0.5 is the most the reproduce study's trials used, and their ratios still
 # followed lambda monotonically there.
 LR_SOFT_TRIAL_MAX = 0.5
-
-
-def default_lr_soft(steps: int) -> float:
-    """``lr_soft`` for a search of ``steps`` optimiser steps: 3 / steps within [1e-3, 0.05]."""
-    return min(LR_SOFT_MAX, max(LR_SOFT_MIN, 3.0 / max(1, steps)))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -240,118 +239,166 @@ def _save(model, tokenizer, step_dir: Path) -> None:
 # ----------------------------------------------------------------------------- training loop
 
 
+HISTORY = "powerbert_history.json"  # in each Trainer checkpoint: the step's history and best so far
+
+
+def collate(input_names):
+    """A ``data_collator`` for the pipeline's ``TensorDataset`` rows (ids, mask, types, target):
+    a dict batch with ``labels``, without the inputs the model does not take (DistilBERT has no
+    ``token_type_ids``)."""
+
+    def batch(rows) -> dict:
+        ids, mask, types, targets = (torch.stack(column) for column in zip(*rows))
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": targets}
+        return {k: v for k, v in inputs.items() if k == "labels" or k in input_names}
+
+    return batch
+
+
+class _QuietProgress(ProgressCallback):
+    """The Trainer's progress bars, without printing every log dict to stdout (the CLI prints JSON)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class _StepRecord(TrainerCallback):
+    """Per-epoch history, the best dev checkpoint and the step's wall time, for one ``train_model``.
+
+    At every evaluation (one per epoch, and epoch 0 with ``initial_eval``) it records the dev
+    metrics (and, in the search, the retention vectors' masses and the configuration they imply)
+    and, with ``keep_best``, saves model and tokenizer to ``step_dir`` when the dev value improves.
+    After every Trainer checkpoint it writes ``HISTORY`` into it, so a resumed step continues the
+    same history, best and wall time. Only rank 0 writes.
+    """
+
+    def __init__(self, step, task, step_dir, soft, keep_best, tokenizer, start):
+        self.step, self.task, self.step_dir, self.soft = step, task, step_dir, soft
+        self.keep_best, self.tokenizer, self.start = keep_best, tokenizer, start
+        self.history, self.best, self.elapsed_before, self.train_loss = [], None, 0.0, None
+
+    def resume(self, checkpoint: Path) -> None:
+        saved = json.loads((checkpoint / HISTORY).read_text())
+        self.history, self.best, self.elapsed_before = saved["history"], saved["best"], saved["elapsed"]
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.train_loss = logs["loss"]  # the epoch's mean training objective, logged just before evaluation
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        epoch = int(round(state.epoch or 0))
+        dev = {"loss": metrics["eval_loss"], "examples": len(self.task.dev),
+               "metric": "pearson" if self.task.labels.regression else "accuracy", "value": metrics["eval_value"]}
+        if "eval_mse" in metrics:
+            dev["mse"] = metrics["eval_mse"]
+        entry = {"epoch": epoch, "train_loss": None if epoch == 0 else self.train_loss, "dev": dev}
+        if self.soft is not None:
+            entry["masses"] = [round(m, 3) for m in self.soft.masses().tolist()]
+            if self.soft.mode == "proportional":
+                entry["shares"] = [round(f, 4) for f in self.soft.shares().tolist()]
+            entry["configuration"] = list(self.soft.configuration())
+        self.history.append(entry)
+        extra = f" configuration {entry['configuration']}" if self.soft is not None else ""
+        log.info("%s epoch %d: train loss %s, dev %s %.4f%s", self.step, epoch,
+                 "-" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}", dev["metric"], dev["value"], extra)
+        if self.keep_best and (self.best is None or dev["value"] > self.best["value"]):
+            self.best = {"epoch": epoch, **dev}
+            if self.step_dir is not None and is_main_process():
+                _save(model, self.tokenizer, self.step_dir)
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if is_main_process() and checkpoint.is_dir():
+            write_json(checkpoint / HISTORY, {"history": self.history, "best": self.best, "elapsed": self.elapsed()})
+
+
 def train_model(model, task: Task, cfg: PipelineConfig, *, step: str, step_dir: Path | None, epochs: int,
                 soft=None, lam: float = 0.0, lr_soft: float | None = None, keep_best: bool = True,
                 initial_eval: bool = False, tokenizer=None) -> dict:
-    """Train ``model`` (optionally with a soft extract ``soft``) and checkpoint per epoch.
+    """Train ``model`` (optionally with a soft extract ``soft``) on ``transformers.Trainer``,
+    checkpointing every epoch.
+
+    AdamW at ``cfg.lr_bert`` (weight decay except on biases and norms), ``cfg.warmup`` of the
+    steps linear warm-up then linear decay, gradients clipped to ``cfg.max_grad_norm``, dev
+    evaluation after every epoch, batches of ``cfg.batch_size`` per optimiser step (split over
+    the processes of a data-parallel run).
 
     Args:
         step: name for logs and progress bars.
-        step_dir: where the best (``keep_best``) or final model and ``checkpoint.pt`` go; None
-            trains in memory only (no saving, no resume; used by lambda trials).
-        soft: a ``SoftExtract`` attached to ``model``, trained at ``lr_soft`` and projected
-            onto [0, 1] after every optimiser step; adds ``lam * sum_l l * mass(l)`` to the loss
-            (proportional mode: mass(l) at the batch's mean real length, ``SoftExtract.masses``).
+        step_dir: where the best (``keep_best``) or final model and the Trainer checkpoints go;
+            None trains in memory only (no saving, no resume; used by lambda trials).
+        soft: a ``SoftExtract`` attached to ``model``: trained on ``SearchTrainer`` at ``lr_soft``,
+            projected onto [0, 1] after every optimiser step, ``lam * sum_l l * mass(l)`` added to
+            the loss (proportional mode: mass(l) at the batch's mean real length).
         keep_best: save the model whenever the dev metric improves (else save the final one).
         initial_eval: evaluate before training; that state counts as a candidate (epoch 0).
 
     Returns:
-        ``{"history": [per-epoch dev metrics], "best": {...} | None, "wall_s": seconds}``.
+        ``{"history": [per-epoch dev metrics], "best": {...} | None, "wall_s": seconds,
+        "world_size": processes}``.
     """
-    from transformers import get_linear_schedule_with_warmup
-
     start = time.perf_counter()
-    loader_gen = torch.Generator()
-    steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
-    total = max(1, steps_per_epoch * epochs)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(p)  # no decay on biases and norms
-    groups = [{"params": decay, "lr": cfg.lr_bert, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "lr": cfg.lr_bert, "weight_decay": 0.0}]
+    processes = world_size()
+    per_process = per_process_batch(cfg.batch_size, processes)
+    total = max(1, math.ceil(len(task.train) / cfg.batch_size) * epochs)
+    checkpoints = None if step_dir is None else step_dir / CHECKPOINT
+    scratch = None if checkpoints is not None else tempfile.mkdtemp(prefix="powerbert-")
+    if step_dir is not None and (step_dir / LEGACY_CHECKPOINT).is_file() and is_main_process():
+        log.warning("%s: %s is a checkpoint of the loop before transformers.Trainer; restarting the step", step,
+                    step_dir / LEGACY_CHECKPOINT)
+        (step_dir / LEGACY_CHECKPOINT).unlink()
+    resume = None
+    if checkpoints is not None and checkpoints.is_dir():
+        last = get_last_checkpoint(str(checkpoints))
+        resume = None if last is None or not (Path(last) / HISTORY).is_file() else Path(last)
+    args = TrainingArguments(
+        output_dir=str(checkpoints or scratch), num_train_epochs=epochs, per_device_train_batch_size=per_process,
+        per_device_eval_batch_size=max(1, 2 * per_process), learning_rate=cfg.lr_bert, weight_decay=cfg.weight_decay,
+        lr_scheduler_type="linear", warmup_steps=int(cfg.warmup * total), max_grad_norm=cfg.max_grad_norm,
+        eval_strategy="epoch", logging_strategy="epoch", save_strategy="epoch" if checkpoints else "no",
+        save_total_limit=1, eval_on_start=initial_eval and resume is None, seed=cfg.seed, report_to="none",
+        disable_tqdm=not cfg.progress, remove_unused_columns=False, dataloader_pin_memory=False, use_cpu=use_cpu(),
+    )
+    record = _StepRecord(step, task, step_dir, soft, keep_best, tokenizer, start)
+    if resume is not None:
+        record.resume(resume)
+        log.info("%s: resuming after epoch %d from %s", step, record.history[-1]["epoch"] if record.history else 0,
+                 resume)
+    common = dict(model=model, args=args, train_dataset=task.train, eval_dataset=task.dev,
+                  data_collator=collate(set(inspect.signature(type(model).forward).parameters)),  # patched: *args
+                  compute_metrics=task_metrics(task.labels.regression), callbacks=[record])
     if soft is not None:
-        groups.append({"params": list(soft.parameters()), "lr": lr_soft, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * total), total)
-
-    history, best, first_epoch, elapsed_before = [], None, 1, 0.0
-    checkpoint_path = None if step_dir is None else step_dir / CHECKPOINT
-    if checkpoint_path is not None and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        if soft is not None:
-            soft.load_state_dict(state["soft"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best, elapsed_before = state["history"], state["best"], state["elapsed"]
-        first_epoch = state["epoch"] + 1
-        torch.set_rng_state(state["rng"])
-        log.info("%s: resuming after epoch %d from %s", step, state["epoch"], checkpoint_path)
-
-    def record(epoch: int, loss: float | None) -> None:
-        nonlocal best
-        metrics = evaluate_model(model, task.dev, task.labels, cfg.batch_size * 2)
-        entry = {"epoch": epoch, "train_loss": loss, "dev": metrics}
-        if soft is not None:
-            entry["masses"] = [round(m, 3) for m in soft.masses().tolist()]
-            if soft.mode == "proportional":
-                entry["shares"] = [round(f, 4) for f in soft.shares().tolist()]
-            entry["configuration"] = list(soft.configuration())
-        history.append(entry)
-        extra = f" configuration {entry['configuration']}" if soft is not None else ""
-        log.info("%s epoch %d: train loss %s, dev %s %.4f%s", step, epoch,
-                 "-" if loss is None else f"{loss:.4f}", metrics["metric"], metrics["value"], extra)
-        if keep_best and (best is None or metrics["value"] > best["value"]):
-            best = {"epoch": epoch, **metrics}
-            if step_dir is not None:
-                _save(model, tokenizer, step_dir)
-
-    if initial_eval and first_epoch == 1 and not history:
-        record(0, None)
-    model.train()
-    for epoch in range(first_epoch, epochs + 1):
-        loader_gen.manual_seed(cfg.seed * 1000 + epoch)  # the same order whether resumed or not
-        loader = DataLoader(task.train, batch_size=cfg.batch_size, shuffle=True, generator=loader_gen)
-        running, count = 0.0, 0
-        bar = tqdm(loader, desc=f"{step} {epoch}/{epochs}", disable=not cfg.progress, leave=False)
-        for batch in bar:
-            logits, y = _forward(model, batch)
-            loss = task_loss(logits, y, task.labels)
-            objective = loss + soft.regularizer(lam, lengths=batch[1].sum(dim=1)) if soft is not None else loss
-            if not torch.isfinite(objective):
-                raise ValueError(
-                    f"{step}: the training loss became {objective.item()} in epoch {epoch}; lower the learning "
-                    f"rates (lr_bert {cfg.lr_bert:g}{'' if soft is None else f', lr_soft {lr_soft:g}'})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            if soft is not None:
-                soft.project_()
-            scheduler.step()
-            running += loss.item() * len(y)
-            count += len(y)
-            bar.set_postfix(loss=f"{running / count:.4f}")
-        bar.close()
-        record(epoch, running / max(count, 1))
-        model.train()
-        if checkpoint_path is not None and epoch < epochs:
-            torch.save({
-                "epoch": epoch, "model": model.state_dict(),
-                "soft": None if soft is None else soft.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": history, "best": best, "rng": torch.get_rng_state(),
-                "elapsed": elapsed_before + time.perf_counter() - start,
-            }, checkpoint_path)
+        trainer = SearchTrainer(**common, soft=soft, lam=lam, lr_soft=lr_soft)
+    else:
+        trainer = FiniteLossTrainer(**common)
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_QuietProgress)
+    # accelerate's free_memory runs gc.collect() at the start of every train(): seconds over the heap of
+    # a process that imported torch, transformers and triton (3.4 s of a 7 s fine-tune here). Frozen,
+    # the objects made before are skipped; unfreezing hands them back to the collector.
+    gc.freeze()
+    try:
+        if epochs > 0:
+            trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+        elif initial_eval:
+            trainer.evaluate()
+    except ValueError as error:
+        raise ValueError(f"{step}: {error}") from None
+    finally:
+        gc.unfreeze()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     model.eval()
-    if step_dir is not None and (not keep_best or best is None):
-        _save(model, tokenizer, step_dir)
-    if checkpoint_path is not None and checkpoint_path.is_file():
-        checkpoint_path.unlink()
-    return {"history": history, "best": best, "wall_s": elapsed_before + time.perf_counter() - start}
+    if step_dir is not None and is_main_process():
+        if not keep_best or record.best is None:
+            _save(model, tokenizer, step_dir)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    wait_for_everyone()
+    return {"history": record.history, "best": record.best, "wall_s": record.elapsed(), "world_size": processes}
 
 
 # ----------------------------------------------------------------------------- steps
@@ -384,8 +431,7 @@ def _finetune(cfg: PipelineConfig, key: dict) -> dict:
     result = train_model(model, task, cfg, step="finetune", step_dir=step_dir, epochs=cfg.epochs_for("finetune"),
                          tokenizer=tokenizer, initial_eval=cfg.epochs_for("finetune") == 0)
     record = {"step": "finetune", "train_examples": len(task.train), "dev_examples": len(task.dev), **result}
-    write_json(step_dir / DONE, record)
-    return record
+    return finish_step(step_dir, record)
 
 
 def _search_lr_soft(cfg: PipelineConfig, train_size: int, epochs: int) -> float:
@@ -537,8 +583,7 @@ def _search(cfg: PipelineConfig, key: dict) -> dict:
               "configuration": list(configuration), **result, "lambda_search_s": lambda_search_s,
               "warnings": warnings}
     record["wall_s"] += lambda_search_s  # the step's wall time includes the lambda bisection
-    write_json(step_dir / DONE, record)
-    return record
+    return finish_step(step_dir, record)
 
 
 def retrain(cfg: PipelineConfig) -> dict:
@@ -564,8 +609,7 @@ def _retrain(cfg: PipelineConfig, key: dict) -> dict:
     record = {"step": "retrain", "configuration": configuration, **result,
               "dev_real_lengths": {"examples": len(lengths), "mean": round(lengths.double().mean().item(), 3),
                                    "vector_ratio": real_length_ratio(configuration, lengths)}}
-    write_json(step_dir / DONE, record)
-    return record
+    return finish_step(step_dir, record)
 
 
 def export(cfg: PipelineConfig, records: dict | None = None) -> dict:
@@ -573,9 +617,18 @@ def export(cfg: PipelineConfig, records: dict | None = None) -> dict:
 
     ``metrics.json`` goes first (and comes back last), so it never sits beside a model it does
     not describe; its ``settings`` are those recorded by the steps (their keys), not ``cfg``.
+    In a data-parallel run rank 0 writes, and the other ranks return what it wrote.
     """
     output = Path(cfg.output)
-    records = records or {step: need_done(cfg, step) for step in STEPS}
+    if not is_main_process():
+        wait_for_everyone()
+        return json.loads((output / METRICS).read_text())
+    metrics = _export(cfg, output, records or {step: need_done(cfg, step) for step in STEPS})
+    wait_for_everyone()
+    return metrics
+
+
+def _export(cfg: PipelineConfig, output: Path, records: dict) -> dict:
     (output / METRICS).unlink(missing_ok=True)
     retrained = step_folder(cfg, "retrain")
     for item in exported_files(retrained):
@@ -632,11 +685,20 @@ def export(cfg: PipelineConfig, records: dict | None = None) -> dict:
         "dev_examples": records["finetune"].get("dev_examples"),
         "steps": {step: step_summary(records[step]) for step in STEPS},
         "wall_s_total": round(sum(records[step]["wall_s"] for step in STEPS), 2),
+        # processes of each step (torchrun / accelerate launch); steps cached from before the move to
+        # transformers.Trainer ran in one
+        "world_size": _one_or_each({step: records[step].get("world_size", 1) for step in STEPS}),
         "warnings": records["search"].get("warnings", []),
         "settings": settings,
     }
     write_json(output / METRICS, metrics)
     return metrics
+
+
+def _one_or_each(values: dict):
+    """The value when every entry has the same one, else ``values`` (``{step: value}``)."""
+    distinct = {json.dumps(v, sort_keys=True) for v in values.values()}
+    return next(iter(values.values())) if len(distinct) == 1 else values
 
 
 def run(cfg: PipelineConfig) -> dict:
@@ -645,7 +707,8 @@ def run(cfg: PipelineConfig) -> dict:
     Everything is validated first (``preflight``); returns metrics.json's content.
     """
     keys = _prepare(cfg, STEPS)
-    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
     records = {"finetune": _finetune(cfg, keys["finetune"]), "search": _search(cfg, keys["search"]),
                "retrain": _retrain(cfg, keys["retrain"])}
     return export(cfg, records)

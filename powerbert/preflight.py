@@ -1,6 +1,7 @@
 """Pre-flight checks: everything a pipeline run needs, checked before any training.
 
-``preflight`` checks the settings (``PipelineConfig.check``: finite, in range), the output
+``preflight`` checks the settings (``PipelineConfig.check``: finite, in range; under ``torchrun``,
+a batch size the processes divide), the output
 folder (``check_output``: not a file, not the model folder), the model folder
 (``model_folder.check_model_dir``: config, supported architecture, weights, tokenizer files, N
 within its positions), the data (``load_data``: format, finite labels; classification or
@@ -14,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from powerbert import data as D
+from powerbert.distributed import per_process_batch
 from powerbert.model_folder import check_model_dir, load_tokenizer
 from powerbert.pipeline_config import STEPS, PipelineConfig
 from powerbert.retention import is_proportional
@@ -84,6 +86,7 @@ def preflight(cfg: PipelineConfig, steps=STEPS) -> dict[str, dict]:
     """
     steps = tuple(steps)
     cfg.check()
+    per_process_batch(cfg.batch_size)  # a data-parallel run splits each batch over its processes
     check_output(cfg)
     first = steps[0]
     if first == "finetune":

@@ -1,8 +1,9 @@
 """The step folders under a pipeline's output and the cache that decides which steps to reuse.
 
 Layout: each step writes ``<output>/<step>/`` holding its model and tokenizer, ``settings.json``
-(``KEY``: the step's cache key), ``checkpoint.pt`` (``CHECKPOINT``: written after every epoch,
-removed when the step finishes) and ``done.json`` (``DONE``: the step's record, written last);
+(``KEY``: the step's cache key), ``checkpoints/`` (``CHECKPOINT``: the Trainer's checkpoint of
+the last epoch, removed when the step finishes) and ``done.json`` (``DONE``: the step's record,
+written last);
 the export writes the re-trained model and ``metrics.json`` (``METRICS``) to ``<output>/``.
 
 Cache key of a step (``expected_keys``): the settings that shaped it (``step_settings``: content
@@ -13,6 +14,9 @@ step's key. A finished step whose recorded key matches is reused, a started one 
 either refused or, with ``overwrite``, removed with the later steps (``discard``). Step folders
 written before keys existed are reused with a warning; a setting added to the keys later
 (``LEGACY_DEFAULTS``) reads as the value older folders were made with.
+
+In a data-parallel run (``powerbert.distributed``) only rank 0 writes; ``begin_step``,
+``finish_step`` and ``discard`` end with a barrier, so no rank reads a file before it is complete.
 
 Nothing here imports ``powerbert.pipeline``: the pipeline and the pre-flight checks use this.
 """
@@ -25,6 +29,7 @@ import os
 import shutil
 from pathlib import Path
 
+from powerbert.distributed import is_main_process, wait_for_everyone
 from powerbert.pipeline_config import STEPS, PipelineConfig
 
 log = logging.getLogger("powerbert")
@@ -32,7 +37,8 @@ log = logging.getLogger("powerbert")
 DONE = "done.json"
 KEY = "settings.json"
 METRICS = "metrics.json"
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoints"  # transformers.Trainer's output_dir: checkpoint-<step>/ of the last epoch
+LEGACY_CHECKPOINT = "checkpoint.pt"  # the hand-written loop's checkpoint (before the move to Trainer)
 LAMBDA = "lambda.json"  # the search's lambda bisection (target_speedup), reused on resume
 
 # Settings added to the keys after step folders were first written, with the value those folders
@@ -50,10 +56,20 @@ def step_folder(cfg: PipelineConfig, step: str) -> Path:
 
 
 def write_json(path: Path, value) -> None:
-    """Write ``value`` as indented JSON to ``path`` atomically (a temporary file, then a rename)."""
+    """Write ``value`` as indented JSON to ``path`` atomically (a temporary file, then a rename);
+    in a data-parallel run only rank 0 writes."""
+    if not is_main_process():
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
     os.replace(tmp, path)  # atomic: an interrupt never leaves a half-written marker
+
+
+def finish_step(step_dir: Path, record: dict) -> dict:
+    """Write the step's record (``DONE``, last) and wait for every rank; returns ``record``."""
+    write_json(step_dir / DONE, record)
+    wait_for_everyone()
+    return record
 
 
 def read_done(step_dir: Path) -> dict | None:
@@ -73,7 +89,8 @@ def need_done(cfg: PipelineConfig, step: str) -> dict:
 def exported_files(step_dir: Path) -> list[Path]:
     """The files of a step folder that the export copies to the output: all but the step's own
     markers (``DONE``, ``CHECKPOINT``, ``KEY``)."""
-    return [item for item in step_dir.iterdir() if item.is_file() and item.name not in (DONE, CHECKPOINT, KEY)]
+    return [item for item in step_dir.iterdir()
+            if item.is_file() and item.name not in (DONE, CHECKPOINT, LEGACY_CHECKPOINT, KEY)]
 
 
 # ----------------------------------------------------------------------------- cache keys
@@ -165,7 +182,7 @@ def read_key(step_dir: Path) -> dict | None:
 
 
 def _has_state(step_dir: Path) -> bool:
-    return any((step_dir / name).exists() for name in (DONE, CHECKPOINT, LAMBDA))
+    return any((step_dir / name).exists() for name in (DONE, CHECKPOINT, LEGACY_CHECKPOINT, LAMBDA))
 
 
 def _short(name: str, value) -> str:
@@ -227,6 +244,9 @@ def stale_step(cfg: PipelineConfig, keys: dict[str, dict]) -> tuple[str, dict, d
 
 def discard(cfg: PipelineConfig, step: str) -> None:
     """``overwrite``: remove ``step``, the later steps, the exported model and metrics.json."""
+    if not is_main_process():
+        wait_for_everyone()
+        return
     out = Path(cfg.output)
     (out / METRICS).unlink(missing_ok=True)
     retrained = step_folder(cfg, "retrain")
@@ -242,6 +262,7 @@ def discard(cfg: PipelineConfig, step: str) -> None:
             shutil.rmtree(step_dir)
     log.warning("overwrite: removed %s and the later steps (made with other settings); recomputing",
                 step_folder(cfg, step))
+    wait_for_everyone()
 
 
 def begin_step(cfg: PipelineConfig, step: str, key: dict) -> tuple[Path, dict | None]:
@@ -260,7 +281,9 @@ def begin_step(cfg: PipelineConfig, step: str, key: dict) -> tuple[Path, dict | 
     if done is not None:
         log.info("%s: already done with these settings (%s), skipping", step, step_dir / DONE)
         return step_dir, done
-    step_dir.mkdir(parents=True, exist_ok=True)
-    if recorded is None and not _has_state(step_dir):
-        write_json(step_dir / KEY, key)
+    if is_main_process():
+        step_dir.mkdir(parents=True, exist_ok=True)
+        if recorded is None and not _has_state(step_dir):
+            write_json(step_dir / KEY, key)
+    wait_for_everyone()
     return step_dir, None

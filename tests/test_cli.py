@@ -40,7 +40,8 @@ def test_train_writes_model_metrics_and_log(tmp_path, model_dir):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     assert "search: learned configuration" in (out / "powerbert.log").read_text()
     for step in ("finetune", "search", "retrain"):
-        assert (out / step / "done.json").is_file() and not (out / step / "checkpoint.pt").exists()
+        assert (out / step / "done.json").is_file() and not (out / step / "checkpoints").exists()
+    assert metrics["world_size"] == 1
     assert run_cli("evaluate", "--model", out, "--data", data) == 0
 
 

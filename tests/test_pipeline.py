@@ -148,19 +148,26 @@ def test_interrupted_step_resumes_from_epoch_checkpoint(tmp_path, monkeypatch, c
 
     straight = pipeline.finetune(config("straight"))
 
-    real_evaluate, calls = pipeline.evaluate_model, []
+    real_metrics, calls = pipeline.task_metrics, []
 
-    def interrupt_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
+    def interrupt_in_epoch_2(regression):
+        compute = real_metrics(regression)
 
-    monkeypatch.setattr(pipeline, "evaluate_model", interrupt_in_epoch_2)
+        def metrics(prediction):
+            calls.append(1)
+            if len(calls) == 2:  # the evaluation that ends epoch 2, before its checkpoint
+                raise KeyboardInterrupt
+            return compute(prediction)
+
+        return metrics
+
+    monkeypatch.setattr(pipeline, "task_metrics", interrupt_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.finetune(config("resumed"))
-    monkeypatch.setattr(pipeline, "evaluate_model", real_evaluate)
-    assert (tmp_path / "resumed" / "finetune" / "checkpoint.pt").is_file()
+    monkeypatch.setattr(pipeline, "task_metrics", real_metrics)
+    checkpoints = tmp_path / "resumed" / "finetune" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-6"]  # epoch 1 of 6 steps; Trainer's rotation
+    assert (checkpoints / "checkpoint-6" / pipeline.HISTORY).is_file()
     assert not (tmp_path / "resumed" / "finetune" / "done.json").exists()
     with caplog.at_level("INFO", logger="powerbert"):
         resumed = pipeline.finetune(config("resumed"))
@@ -168,7 +175,8 @@ def test_interrupted_step_resumes_from_epoch_checkpoint(tmp_path, monkeypatch, c
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     for a, b in zip(straight["history"], resumed["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-    assert not (tmp_path / "resumed" / "finetune" / "checkpoint.pt").exists()
+    assert not checkpoints.exists()
+    assert resumed["best"] == straight["best"] and resumed["world_size"] == 1
 
 
 def test_regression_labels_finetune_with_mse(tmp_path):
