@@ -8,12 +8,23 @@ real query tokens of its sequence, summed over heads, without the self term:
 The eager reference materialises P (B·H·n² values). The Triton path never writes P:
 
 1. ``_attn_fwd_kernel``: flash-attention forward (online softmax), one program per
-   (query block, batch·head). Writes the context and the row log-sum-exp (base 2) ``lse``.
+   (query block, batch·head). Writes the context in ``[B, n, H, d]`` memory (returned as a
+   ``[B, H, n, d]`` view, so merging heads for the output projection is a view, not a copy) and
+   the row log-sum-exp (base 2) ``lse``, +inf on padded query rows.
 2. ``_attn_colsum_kernel``: one program per (key block, batch). It loops over heads and query
    blocks, recomputes ``P = exp2(q·kᵀ·scale·log2e − lse)`` exactly (the normaliser is known
-   now), drops padded query rows and the diagonal, and accumulates the column sums in fp32
-   registers. Each score is written once by one program: deterministic, no atomics, so ties
-   seen by the later top-k cannot flip from run to run.
+   now; padded rows have lse = +inf, so P = 0 there), and adds it elementwise into a
+   [BLOCK_M, BLOCK_N] fp32 register tile, reduced over rows once at the end. Only the query
+   blocks that overlap the key block test i != j. Each score is written once by one program:
+   deterministic, no atomics, so ties seen by the later top-k cannot flip from run to run.
+
+Padding costs no tile work past each sequence's last real token: the forward stops its key
+loop there, pass 2 its query loop, and a key block without a real key skips every head.
+
+dtypes: on CUDA the kernels take fp16 and bf16; fp32 (and fp64) inputs take the torch reference
+(``backend=None``), since fp32 ``tl.dot`` spills registers (IEEE, and tf32x3 on sm_80 at d 64 and
+128). ``python -m kernels.compiled_cost`` prints registers, spills and SASS instructions per
+tile as the JIT compiles these kernels for sm_80 and sm_90.
 
 A one-pass variant cannot produce column sums: with online softmax the normaliser of a row is
 only known after its last key block, so column partials would need a rescale per row.
@@ -33,6 +44,11 @@ import triton.language as tl
 __all__ = ["attention_with_significance", "attention_with_significance_ref"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the Triton kernels
+# On CUDA the kernels take fp16 and bf16 only. fp32 operands make tl.dot run IEEE fp32 on the
+# FMA units and the forward spills (sm_80/sm_90, d 64: 255 registers and ~3 KB of spills per
+# thread); input_precision="tf32x3" still spills on sm_80 at d 64 and 128. fp32 takes the torch
+# path there (see attention_with_significance). The interpreter computes in fp32 anyway.
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 # The reference (backend "torch", and None for float64 inputs) takes float64 too.
 _REF_DTYPES = _DTYPES + (torch.float64,)
 HEAD_DIMS = (32, 64, 128)
@@ -82,6 +98,20 @@ def attention_with_significance_ref(q, k, v, mask, scale=None):
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _real_extent(m_base, stride_mn, N, BLOCK: tl.constexpr):
+    """1 + the position of the last real token of a sequence (0 when it has none): every key
+    and query row from there on is padding. N >= 1."""
+    # A real last token (no trailing padding) needs no scan of the mask.
+    last_real = tl.load(m_base + (N - 1) * stride_mn) != 0
+    hi = tl.where(last_real, N, 0)
+    for start in range(0, tl.where(last_real, 0, N), BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        real = tl.load(m_base + offs * stride_mn, mask=offs < N, other=0) != 0
+        hi = tl.maximum(hi, tl.max(tl.where(real, offs + 1, 0), axis=0))
+    return hi
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -93,7 +123,8 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_IN_INPUT_DTYPE: tl.constexpr,
 ):
-    """Flash-attention forward: context [B,H,N,D] and base-2 row log-sum-exp lse [B*H, N]."""
+    """Flash-attention forward: the context (any strides; the launcher's [B, n, H, d] memory)
+    and the base-2 row log-sum-exp lse [B*H, N], +inf on padded query rows (no vote in pass 2)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -108,6 +139,13 @@ def _attn_fwd_kernel(
     v_base = v_ptr + b * stride_vb + h * stride_vh
     m_base = mask_ptr + b * stride_mb
 
+    # Key blocks past the last real key hold padding only; skipping them is exact (next to a
+    # real key a padded one gets probability exactly 0). A sequence without a real key keeps
+    # every block: its softmax is uniform over all n keys, as the reference's.
+    hi = _real_extent(m_base, stride_mn, N, BLOCK_N)
+    hi = tl.where(hi == 0, N, hi)
+    query_real = tl.load(m_base + offs_m * stride_mn, mask=row_ok, other=0) != 0
+
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0)
     if not DOT_IN_INPUT_DTYPE:
@@ -118,7 +156,7 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         key_real = tl.load(m_base + offs_n * stride_mn, mask=col_ok, other=0) != 0
@@ -151,8 +189,33 @@ def _attn_fwd_kernel(
     o_base = out_ptr + b * stride_ob + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    lse = m_i + tl.log2(l_i)
+    # A padded query row does not vote: pass 2 reads lse = +inf there, hence probability
+    # exactly 0 (and no overflow from the huge logits of an all-padding sequence).
+    lse = tl.where(query_real, m_i + tl.log2(l_i), float("inf"))
     tl.store(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _colsum_tile(acc, kt, q_base, lse_base, start_m, offs_n, N, qk_scale, stride_qn, stride_qd, diag,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_IN_INPUT_DTYPE: tl.constexpr):
+    """acc + P[rows start_m .. start_m + BLOCK_M, columns offs_n] of one head, recomputed from
+    q, kᵀ and lse. Rows past N read lse = +inf (probability 0), as padded rows do. ``diag``
+    (a run-time scalar): the tile holds entries i == j, which are dropped (no self vote); other
+    tiles skip the test."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    if not DOT_IN_INPUT_DTYPE:
+        q = q.to(tl.float32)
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if diag:
+        p = tl.where(offs_m[:, None] != offs_n[None, :], p, 0.0)
+    # Padded key columns are not masked here: the caller overwrites them with -inf.
+    return acc + p
 
 
 @triton.jit
@@ -166,50 +229,47 @@ def _attn_colsum_kernel(
     DOT_IN_INPUT_DTYPE: tl.constexpr,
 ):
     """Significance of one key block of one sequence: column sums of P over heads and real
-    query rows, diagonal excluded, recomputed from q, k and the forward's lse. Scores [B, N]."""
+    query rows, diagonal excluded, recomputed from q, k and the forward's lse. Scores [B, N].
+
+    P accumulates elementwise into a [BLOCK_M, BLOCK_N] fp32 register tile and is reduced over
+    rows once, after every head and query block: a reduction per tile would cross warps
+    through shared memory each time."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < N
     m_base = mask_ptr + b * stride_mb
     key_real = tl.load(m_base + offs_n * stride_mn, mask=col_ok, other=0) != 0
 
-    col_acc = tl.zeros([BLOCK_N], tl.float32)
+    # Query rows past the last real token are padding and do not vote: their blocks are skipped.
+    n_rows = _real_extent(m_base, stride_mn, N, BLOCK_M)
+    # A key block without a real key scores -inf whatever P holds: it skips every head.
+    n_heads = tl.where(tl.max(key_real.to(tl.int32), axis=0) > 0, H, 0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     # Per-head base pointers advance by one head stride per iteration; the batch offset is
     # computed once in int64.
     q_base = q_ptr + b * stride_qb
     k_base = k_ptr + b * stride_kb
     lse_base = lse_ptr + b * H * N
-    for _h in range(0, H):
+    for _h in range(0, n_heads):
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=col_ok[None, :], other=0.0)
         if not DOT_IN_INPUT_DTYPE:
             kt = kt.to(tl.float32)
-        for start_m in range(0, N, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < N
-            # Out-of-range rows read as padding, so they never vote.
-            voter = tl.load(m_base + offs_m * stride_mn, mask=row_ok, other=0) != 0
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None], other=0.0)
-            if not DOT_IN_INPUT_DTYPE:
-                q = q.to(tl.float32)
-            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-            # A non-voting row gets lse = +inf, hence probability exactly 0 (and no overflow
-            # from the huge logits of an all-padding sequence).
-            lse = tl.where(voter, lse, float("inf"))
-            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-            p = tl.exp2(s - lse[:, None])
-            # Padded key columns are not masked here: they are overwritten with -inf below.
-            p = tl.where(offs_m[:, None] != offs_n[None, :], p, 0.0)  # no self vote
-            col_acc += tl.sum(p, axis=0)
+        for start_m in range(0, n_rows, BLOCK_M):
+            # Only the blocks overlapping the key block's rows hold i == j: only they test it.
+            diag = (start_m < n0 + BLOCK_N) & (start_m + BLOCK_M > n0)
+            acc = _colsum_tile(acc, kt, q_base, lse_base, start_m, offs_n, N, qk_scale,
+                               stride_qn, stride_qd, diag, HEAD_DIM, BLOCK_M, DOT_IN_INPUT_DTYPE)
         q_base += stride_qh
         k_base += stride_kh
         lse_base += N
 
-    scores = tl.where(key_real, col_acc, float("-inf"))
+    scores = tl.where(key_real, tl.sum(acc, axis=0), float("-inf"))
     tl.store(scores_ptr + b * N + offs_n, scores, mask=col_ok)
 
 
@@ -264,17 +324,15 @@ def _check_inputs(q, k, v, mask, scale, need_scores, backend):
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
 
 
-def _block_sizes(n: int, d: int, dtype: torch.dtype, interpret: bool):
+def _block_sizes(n: int, interpret: bool):
     """(BLOCK_M, BLOCK_N, num_warps). tl.dot needs every dim >= 16.
 
-    64x64 tiles on the GPU; fp32 with d = 128 takes 32-wide key tiles, since 64-wide ones need
-    ~180 KB of shared memory at the default 3 pipeline stages (sm_80 has 164 KB).
-    The interpreter gets 32-wide tiles: less numpy work per program.
+    64x64 tiles on the GPU (fp16/bf16: no spill at d 32-128 on sm_80 and sm_90, checked by
+    tests/test_spill.py). The interpreter gets 32-wide tiles: less numpy work per program.
     """
-    cap_m = 32 if interpret else 64
-    cap_n = 32 if interpret or (dtype == torch.float32 and d == 128) else 64
-    p2 = triton.next_power_of_2(n)
-    return max(16, min(cap_m, p2)), max(16, min(cap_n, p2)), 4
+    cap = 32 if interpret else 64
+    block = max(16, min(cap, triton.next_power_of_2(n)))
+    return block, block, 4
 
 
 def _colsum_block_n(n: int, B: int, block: int, device, num_sms: int | None = None) -> int:
@@ -302,7 +360,7 @@ def _attention_triton(q, k, v, mask, scale, need_scores, block_m=None, block_n=N
     ``num_sms`` the SM count that sizes pass 2 (kernels.aot)."""
     B, H, n, d = q.shape
     interpret = _interpreting()
-    bm, bn, num_warps = _block_sizes(n, d, q.dtype, interpret)
+    bm, bn, num_warps = _block_sizes(n, interpret)
     block_m = block_m or bm
     block_n = block_n or bn
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
@@ -316,7 +374,8 @@ def _attention_triton(q, k, v, mask, scale, need_scores, block_m=None, block_n=N
         # arithmetic and bf16 tl.dot are wrong.
         dot_in_input_dtype = not interpret
 
-    out = _new_output((B, H, n, d), q.dtype, q.device)
+    # The context is written in [B, n, H, d] memory: merging heads into [B, n, H * d] is a view.
+    out = _new_output((B, n, H, d), q.dtype, q.device).transpose(1, 2)
     lse = _new_output((B * H, n), torch.float32, q.device)
     _attn_fwd_kernel[(triton.cdiv(n, block_m), B * H)](
         q, k, v, mask_i8, out, lse,
@@ -339,6 +398,31 @@ def _attention_triton(q, k, v, mask, scale, need_scores, block_m=None, block_n=N
     return out, scores
 
 
+def _resolve_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
+    """"triton" or "torch" for inputs of this device and dtype; errors name what is refused."""
+    if backend is None:
+        return "triton" if device.type == "cuda" and dtype in _CUDA_DTYPES else "torch"
+    if backend == "triton":
+        if dtype not in _DTYPES:
+            raise TypeError(f"backend='triton' does not support q of dtype {_name(dtype)}; accepted: "
+                            f"float16, bfloat16, float32 (use backend='torch' or None for float64)")
+        if device.type == "cpu" and not _interpreting():
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                             "kernels.attention is imported; use backend='torch' or CUDA tensors")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' supports CUDA tensors, got device {device}")
+        if device.type == "cuda" and dtype not in _CUDA_DTYPES:
+            raise TypeError(f"backend='triton' on CUDA takes q of dtype float16 or bfloat16, got "
+                            f"{_name(dtype)} (fp32 tl.dot spills registers); use backend=None or 'torch'")
+    return backend
+
+
+def triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels take inputs of this dtype on this device: fp16/bf16 on CUDA;
+    fp16/bf16/fp32 on CPU under the interpreter."""
+    return dtype in (_CUDA_DTYPES if device.type == "cuda" else _DTYPES)
+
+
 def attention_with_significance(q, k, v, mask, scale=None, *, need_scores=True, backend=None):
     """Bidirectional attention with a key-padding mask, plus PoWER-BERT significance scores.
 
@@ -349,12 +433,15 @@ def attention_with_significance(q, k, v, mask, scale=None, *, need_scores=True, 
         mask: ``[B, n]`` bool / integer / floating, nonzero = real token, 0 = padding.
         scale: logit scale, default ``d ** -0.5``.
         need_scores: when False, skip the significance pass and return ``None`` for scores.
-        backend: ``None`` (CUDA -> Triton, otherwise, and for float64 inputs, the torch
-            reference), ``"triton"`` (not float64; CPU tensors only under ``TRITON_INTERPRET=1``)
-            or ``"torch"``.
+        backend: ``None`` (CUDA fp16/bf16 -> Triton; otherwise the torch reference, fp32 on
+            CUDA included), ``"triton"`` (fp16/bf16 on CUDA; fp16/bf16/fp32 CPU tensors under
+            ``TRITON_INTERPRET=1``) or ``"torch"``. fp32 stays off the Triton path on CUDA:
+            IEEE fp32 ``tl.dot`` spills registers there, and so does tf32x3 on sm_80.
 
     Returns:
-        ``(context, scores)``: context ``[B, H, n, d]`` contiguous in q's dtype; scores
+        ``(context, scores)``: context ``[B, H, n, d]`` in q's dtype, laid out as
+        ``[B, n, H, d]`` in memory (``context.transpose(1, 2)`` is contiguous, so merging the
+        heads into ``[B, n, H * d]`` is a view, on both backends); scores
         ``[B, n]`` float32 (float64 for float64 inputs, computed in float64),
         ``sum_h sum_{i real, i != j} P[b, h, i, j]``, ``-inf`` at padding (``None`` when
         ``need_scores`` is False). Inputs are never modified.
@@ -363,20 +450,11 @@ def attention_with_significance(q, k, v, mask, scale=None, *, need_scores=True, 
     d = q.shape[-1]
     if scale is None:
         scale = d ** -0.5
-    if backend is None:
-        backend = "triton" if q.is_cuda and q.dtype in _DTYPES else "torch"
-    if backend == "triton":
-        if q.dtype not in _DTYPES:
-            raise TypeError(f"backend='triton' does not support q of dtype {_name(q.dtype)}; accepted: "
-                            f"float16, bfloat16, float32 (use backend='torch' or None for float64)")
-        if q.device.type == "cpu" and not _interpreting():
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                             "kernels.attention is imported; use backend='torch' or CUDA tensors")
-        if q.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='triton' supports CUDA tensors, got device {q.device}")
-        if q.numel() > 0:
-            return _attention_triton(q, k, v, mask, scale, need_scores)
+    if _resolve_backend(backend, q.device, q.dtype) == "triton" and q.numel() > 0:
+        return _attention_triton(q, k, v, mask, scale, need_scores)
     context, scores = attention_with_significance_ref(q, k, v, mask, scale)
     if q.dtype != torch.float64:
         scores = scores.float()
-    return context.contiguous(), (scores if need_scores else None)
+    # The Triton path's layout: [B, n, H, d] memory behind the [B, H, n, d] view.
+    context = context.transpose(1, 2).contiguous().transpose(1, 2)
+    return context, (scores if need_scores else None)

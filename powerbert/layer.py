@@ -28,7 +28,8 @@ def split_heads(linear: torch.nn.Linear, x: torch.Tensor, num_heads: int) -> tor
 
 
 def merge_heads(context: torch.Tensor) -> torch.Tensor:
-    """``[B, H, n, d]`` -> ``[B, n, H * d]``."""
+    """``[B, H, n, d]`` -> ``[B, n, H * d]``: a view when the heads are laid out as ``[B, n, H, d]``
+    in memory (the context of ``kernels.attention_with_significance``), a copy otherwise."""
     batch, heads, length, dim = context.shape
     return context.transpose(1, 2).reshape(batch, length, heads * dim)
 

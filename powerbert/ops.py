@@ -41,12 +41,14 @@ def _needs_autograd(*tensors: torch.Tensor) -> bool:
 def fused_attention_available(hidden: torch.Tensor, head_dim: int) -> bool:
     """True if the Triton attention + significance kernel serves this layer.
 
-    It does on CUDA (or when forced) for head dims it supports, and never under autograd
-    (the kernel has no backward; training takes the eager path), nor for float64 models.
+    It does on CUDA (or when forced) for head dims and dtypes it supports (on CUDA fp16/bf16:
+    fp32 takes the probabilities path), and never under autograd (the kernel has no backward;
+    training takes the eager path), nor for float64 models.
     """
-    from kernels.attention import HEAD_DIMS
+    from kernels.attention import HEAD_DIMS, triton_serves
 
-    if _needs_autograd(hidden) or head_dim not in HEAD_DIMS or hidden.dtype == torch.float64:
+    if (_needs_autograd(hidden) or head_dim not in HEAD_DIMS
+            or not triton_serves(hidden.device, hidden.dtype)):
         return False
     if _forced_backend is not None:
         return _forced_backend == "triton"

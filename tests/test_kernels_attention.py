@@ -21,7 +21,7 @@ TOL = {
     torch.float16: (2e-3, 2e-3, 5e-5),
     torch.bfloat16: (1.6e-2, 1.6e-2, 5e-5),
 }
-MASKS = ["none", "heavy", "cls_only"]
+MASKS = ["none", "heavy", "cls_only", "ragged", "holes"]
 
 
 def make_qkv(B, H, n, d, dtype, device, layout="bnhd"):
@@ -45,6 +45,20 @@ def make_mask(kind, B, n, device, dtype=torch.bool):
     elif kind == "cls_only":
         m = torch.zeros(B, n, dtype=torch.bool)
         m[:, 0] = True
+    elif kind == "ragged":  # right-padded to the longest row, as powerbert.layout leaves a batch
+        lengths = torch.randint(1, n + 1, (B,))
+        lengths[0] = n
+        if B > 1:
+            lengths[1] = 1
+        m = torch.arange(n)[None, :] < lengths[:, None]
+    elif kind == "holes":  # whole key blocks of padding between real tokens, and at both ends
+        m = torch.ones(B, n, dtype=torch.bool)
+        m[:, 1:] = torch.rand(B, n - 1) < 0.7
+        m[:, n // 4: n // 2] = False
+        m[:, -(n // 5):] = False
+        if B > 1:
+            m[1, :] = False
+            m[1, n // 2] = True  # a sequence whose first real token is not in its first block
     else:
         raise AssertionError(kind)
     return m.to(device=device, dtype=dtype)
@@ -64,8 +78,13 @@ def assert_scores_close(got, want, rtol):
     torch.testing.assert_close(got[finite].double(), want[finite], rtol=rtol, atol=rtol)
 
 
-def run_triton(*args, **kwargs):
-    return attention_with_significance(*args, backend="triton", **kwargs)
+def run_triton(q, k, v, mask, scale=None, need_scores=True):
+    """The Triton path. On CUDA the public function sends fp32 to the torch path and refuses it
+    for backend="triton" (fp32 tl.dot spills); the kernels still compute it, through the launcher."""
+    if q.is_cuda and q.dtype == torch.float32:
+        return attention._attention_triton(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale,
+                                           need_scores)
+    return attention_with_significance(q, k, v, mask, scale, need_scores=need_scores, backend="triton")
 
 
 @pytest.fixture
@@ -212,9 +231,11 @@ def test_mask_dtypes_and_scale(mask_dtype, device):
     assert_scores_close(scores, want_scores, srtol)
 
 
-def test_all_padding_sequence(device):
-    """A batch entry with no real token behaves like the reference (uniform, scores -inf)."""
-    B, H, n, d = 2, 2, 20, 32
+@pytest.mark.parametrize("n", [20, 70])
+def test_all_padding_sequence(n, device):
+    """A batch entry with no real token behaves like the reference (uniform over every key
+    block, none skipped; scores -inf)."""
+    B, H, d = 2, 2, 32
     q, k, v = make_qkv(B, H, n, d, torch.float32, device)
     mask = make_mask("heavy", B, n, device)
     mask[1] = False
@@ -222,6 +243,76 @@ def test_all_padding_sequence(device):
     want_ctx, want_scores = reference64(q, k, v, mask)
     torch.testing.assert_close(ctx.double(), want_ctx, atol=2e-5, rtol=2e-5)
     assert_scores_close(scores, want_scores, TOL[torch.float32][2])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_context_heads_merge_as_a_view(backend, device):
+    """context [B, H, n, d] lies in [B, n, H, d] memory on both backends, so the output
+    projection's [B, n, H * d] input is a view (powerbert.layer.merge_heads copies nothing)."""
+    from powerbert.layer import merge_heads
+
+    B, H, n, d = 2, 3, 20, 32
+    q, k, v = make_qkv(B, H, n, d, torch.float16, device)
+    mask = make_mask("heavy", B, n, device)
+    ctx, _ = attention_with_significance(q, k, v, mask, backend=backend)
+    assert ctx.shape == (B, H, n, d) and ctx.transpose(1, 2).is_contiguous()
+    merged = merge_heads(ctx)
+    assert merged.shape == (B, n, H * d) and merged.data_ptr() == ctx.data_ptr() and merged.is_contiguous()
+    want_ctx, _ = reference64(q, k, v, mask)
+    torch.testing.assert_close(merged.double(), want_ctx.transpose(1, 2).reshape(B, n, H * d),
+                               atol=TOL[torch.float16][0], rtol=TOL[torch.float16][1])
+
+
+@pytest.mark.parametrize("mask_kind", ["heavy", "ragged", "holes"])
+@pytest.mark.parametrize("num_sms", [None, 1000])
+def test_pass2_tiles_narrower_than_query_tiles(mask_kind, num_sms, device, poisoned):
+    """The launcher narrows pass 2's key tiles to fill the SMs (num_sms stands for a GPU):
+    16-wide key tiles under 32-row query tiles put the diagonal inside one query tile at
+    different offsets; several key tiles are fully padded (skipped)."""
+    B, H, n, d = 3, 2, 77, 32
+    q, k, v = make_qkv(B, H, n, d, torch.float32, device)
+    mask = make_mask(mask_kind, B, n, device)
+    ctx, scores = attention._attention_triton(q, k, v, mask, d ** -0.5, True, num_sms=num_sms)
+    want_ctx, want_scores = reference64(q, k, v, mask)
+    atol, rtol, srtol = TOL[torch.float32]
+    torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
+    assert_scores_close(scores, want_scores, srtol)
+
+
+# The forward still computes the padded query rows (their NaN q makes their row max NaN).
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+def test_padding_blocks_are_not_read(device, poisoned):
+    """Key and query blocks past a sequence's last real token are skipped, not masked: NaN there
+    in q, k and v reaches neither the real rows' context nor any score."""
+    B, H, n, d, length = 2, 2, 70, 32, 32
+    q, k, v = make_qkv(B, H, n, d, torch.float32, device)
+    mask = torch.arange(n, device=device)[None, :] < torch.tensor([[length], [5]], device=device)
+    want_ctx, want_scores = reference64(q, k, v, mask)
+    for t in (q, k, v):
+        t[:, :, length:] = float("nan")
+    ctx, scores = attention._attention_triton(q, k, v, mask, d ** -0.5, True, block_m=32, block_n=32)
+    atol, rtol, srtol = TOL[torch.float32]
+    torch.testing.assert_close(ctx[0, :, :length].double(), want_ctx[0, :, :length], atol=atol, rtol=rtol)
+    torch.testing.assert_close(ctx[1, :, :5].double(), want_ctx[1, :, :5], atol=atol, rtol=rtol)
+    assert_scores_close(scores, want_scores, srtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_uniform_attention_ties(dtype, device, poisoned):
+    """q = 0: every real query attends uniformly, so every real key of a row ties; the kernel's
+    scores are H (len - 1) / len within tolerance of each other and of the reference."""
+    B, H, n, d = 2, 2, 40, 32
+    q, k, v = make_qkv(B, H, n, d, dtype, device)
+    q = torch.zeros_like(q)
+    mask = make_mask("ragged", B, n, device)
+    ctx, scores = run_triton(q, k, v, mask)
+    want_ctx, want_scores = reference64(q, k, v, mask)
+    atol, rtol, srtol = TOL[dtype]
+    torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
+    assert_scores_close(scores, want_scores, srtol)
+    real = mask.sum(1, keepdim=True).double()
+    tied = torch.where(mask, (H * (real - 1) / real).expand(B, n), want_scores)
+    assert_scores_close(scores, tied, srtol)
 
 
 def test_need_scores_false(device, poisoned):
@@ -316,7 +407,8 @@ def test_float64_runs_the_reference(backend, mask_kind):
     mask = make_mask(mask_kind, B, n, "cpu")
     ctx, scores = attention_with_significance(q, k, v, mask, backend=backend)
     want_ctx, want_scores = attention_with_significance_ref(q, k, v, mask)
-    assert ctx.dtype == torch.float64 and scores.dtype == torch.float64 and ctx.is_contiguous()
+    assert ctx.dtype == torch.float64 and scores.dtype == torch.float64
+    assert ctx.transpose(1, 2).is_contiguous()  # the Triton path's [B, n, H, d] memory
     assert torch.equal(ctx, want_ctx) and torch.equal(scores, want_scores)
     _, none = attention_with_significance(q, k, v, mask, backend=backend, need_scores=False)
     assert none is None
@@ -335,3 +427,24 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setattr(attention, "_interpreting", lambda: False)
     with pytest.raises(ValueError, match="backend='triton' on CPU .* TRITON_INTERPRET=1"):
         attention_with_significance(**_good(), backend="triton")
+
+
+CUDA = torch.device("cuda")  # a device object only: nothing runs on it
+
+
+@pytest.mark.parametrize("dtype, backend, want", [
+    (torch.float16, None, "triton"), (torch.bfloat16, None, "triton"),
+    (torch.float32, None, "torch"), (torch.float64, None, "torch"),
+    (torch.float16, "triton", "triton"), (torch.float32, "torch", "torch"),
+], ids=str)
+def test_cuda_routes_fp32_to_torch(dtype, backend, want):
+    """On CUDA the kernels run fp16/bf16; fp32 takes the torch path (fp32 tl.dot spills)."""
+    assert attention._resolve_backend(backend, CUDA, dtype) == want
+    assert attention.triton_serves(CUDA, dtype) == (dtype in (torch.float16, torch.bfloat16))
+
+
+def test_cuda_triton_refuses_fp32():
+    with pytest.raises(TypeError, match=r"^backend='triton' on CUDA takes q of dtype float16 or bfloat16, "
+                                        r"got float32 .*backend=None or 'torch'$"):
+        attention._resolve_backend("triton", CUDA, torch.float32)
+    assert attention.triton_serves(torch.device("cpu"), torch.float32)  # the interpreter takes it
