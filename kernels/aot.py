@@ -20,7 +20,8 @@ with the registers and spills that ``ptxas -v`` (shipped inside the triton wheel
 kernel's PTX. The exit status is 1 if a compile failed or if a kernel that must not spill
 (``Launch.no_spill``: the attention kernels in fp16/bf16 at head dims 64 and 128) spills, 0
 otherwise. ``--only REGEX`` compiles the kernels whose name matches alone; ``--json FILE`` also
-writes the records (usage, warps, stages, and what the specialisation made of each argument).
+writes the records (usage, warps, stages, and what the specialisation made of each argument);
+``--maxnreg N`` caps the registers (triton's launch option) to see what a tighter budget spills.
 
 Run without TRITON_INTERPRET (under the interpreter ``@triton.jit`` yields an
 InterpretedFunction, which cannot be compiled):
@@ -50,6 +51,11 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # first layer of the paper's BERT-base configuration (k_1 = 77).
 B, H, N, D, K = 8, 12, 128, 768, 77
 ATTENTION_HEAD_DIMS = (32, 64, 128)
+# On CUDA the attention kernels take fp16/bf16 only (fp32 takes the torch path).
+ATTENTION_DTYPES = ("float16", "bfloat16")
+# A length that is a multiple of 16 and one that is not (the layers after an elimination): the
+# JIT compiles them apart (divisibility hints on N and on the mask's row stride).
+ATTENTION_LENGTHS = (N, K)
 NO_SPILL_DTYPES = ("float16", "bfloat16")
 NO_SPILL_HEAD_DIMS = (64, 128)
 
@@ -125,7 +131,7 @@ def _elimination_calls(cap: int):
     return calls
 
 
-def attention_inputs(name: str, d: int, batch: int = B, n: int = N):
+def attention_inputs(name: str, d: int, n: int = N, batch: int = B):
     """q, k, v, mask as a BERT layer hands them to the attention kernel: [B, H, n, d] views of
     three [B, n, H*d] projections (powerbert.layer.split_heads) and a [B, n] bool mask."""
     import torch
@@ -136,16 +142,19 @@ def attention_inputs(name: str, d: int, batch: int = B, n: int = N):
 
 
 def _attention_calls(cap: int):
-    """(module, name, call) per dtype and head dim: both passes of kernels.attention."""
+    """(module, name, call) per dtype, head dim and length: both passes of kernels.attention.
+    Names: ``attention[float16,d64]`` at N, ``attention[float16,d64,n77]`` at the other length."""
     from kernels import attention
 
     calls = []
-    for name in DTYPE_NAMES:
+    for name in ATTENTION_DTYPES:
         for d in ATTENTION_HEAD_DIMS:
-            q, k, v, mask = attention_inputs(name, d)
-            calls.append(("kernels.attention", f"attention[{name},d{d}]",
-                          lambda q=q, k=k, v=v, m=mask: attention._attention_triton(
-                              q, k, v, m, q.shape[-1] ** -0.5, True, num_sms=SMS[cap])))
+            for n in ATTENTION_LENGTHS:
+                q, k, v, mask = attention_inputs(name, d, n)
+                suffix = "" if n == N else f",n{n}"
+                calls.append(("kernels.attention", f"attention[{name},d{d}{suffix}]",
+                              lambda q=q, k=k, v=v, m=mask: attention._attention_triton(
+                                  q, k, v, m, q.shape[-1] ** -0.5, True, num_sms=SMS[cap])))
     return calls
 
 
@@ -157,7 +166,7 @@ KERNEL_NAMES = {"_attn_fwd_kernel": "attn_fwd", "_attn_colsum_kernel": "attn_col
 
 
 def _no_spill(name: str) -> bool:
-    m = re.fullmatch(r"attn_\w+\[(\w+),d(\d+)\]", name)
+    m = re.fullmatch(r"attn_\w+\[(\w+),d(\d+)(,n\d+)?\]", name)
     return bool(m) and m.group(1) in NO_SPILL_DTYPES and int(m.group(2)) in NO_SPILL_HEAD_DIMS
 
 
@@ -229,13 +238,17 @@ def _tool(name: str) -> str:
 
 def resource_usage(compiled, cap: int) -> dict:
     """Registers, stack frame and spill bytes of a compiled kernel, as ``ptxas -v`` reports them
-    for its PTX (the same ptxas and flags triton used to make the cubin)."""
+    for its PTX: the ptxas triton used to make the cubin, with its flags (``-lineinfo``, the
+    kernel's ``ptx_options``, e.g. from ``PTXAS_OPTIONS``, and ``--fmad=false`` without fp fusion)."""
     from triton.backends.nvidia.compiler import sm_arch_from_capability
 
+    meta = compiled.metadata
+    flags = ["-lineinfo", "-v", *(meta.ptx_options.split() if meta.ptx_options else []),
+             *([] if meta.enable_fp_fusion else ["--fmad=false"])]
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
-        proc = subprocess.run([_tool("ptxas"), "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(cap)}",
+        proc = subprocess.run([_tool("ptxas"), *flags, f"--gpu-name={sm_arch_from_capability(cap)}",
                                str(ptx), "-o", str(Path(tmp) / "kernel.cubin")],
                               capture_output=True, text=True, check=True)
     log = proc.stderr
@@ -255,24 +268,35 @@ def sass(compiled) -> str:
 
 
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", re.M)
+_BRA = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
 
 
-def innermost_loops(sass_text: str) -> list[int]:
-    """Instruction counts of the innermost loops, in code order.
+def innermost_loops(sass_text: str) -> list[tuple[int, int]]:
+    """``(instructions, shortest path)`` of each innermost loop's body, in code order.
 
     A loop is a backward branch ``BRA target`` and the instructions from target to the branch;
-    innermost ones contain no other loop. With triton's software pipelining the steady-state
-    body of a loop over tiles is one tile's work, prefetch of the next tiles included.
+    innermost ones contain no other loop. The shortest path takes every forward branch that
+    lands inside the body (skipping what it jumps over): in pass 2 of the attention that is a
+    tile off the diagonal, the whole body a tile on it. With triton's software pipelining the
+    steady-state body of a loop over tiles is one tile's work, prefetch of the next tiles included.
     """
     instrs = [(int(a, 16), text) for a, text in _INSTR.findall(sass_text)]
     index = {addr: i for i, (addr, _) in enumerate(instrs)}
-    loops = []
+    branches = []  # (from, to) as instruction indices
     for i, (addr, text) in enumerate(instrs):
-        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index:
-            loops.append((index[int(m.group(1), 16)], i))
-    inner = [(a, b) for a, b in loops if not any((a <= c and d <= b) and (c, d) != (a, b) for c, d in loops)]
-    return [b - a + 1 for a, b in sorted(inner)]
+        m = _BRA.search(text)
+        if m and int(m.group(1), 16) in index:
+            branches.append((i, index[int(m.group(1), 16)]))
+    loops = [(to, i) for i, to in branches if to < i]
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    out = []
+    for a, b in sorted(inner):
+        skipped = set()
+        for i, to in branches:
+            if a <= i < to <= b:
+                skipped.update(range(i + 1, to))
+        out.append((b - a + 1, b - a + 1 - len(skipped)))
+    return out
 
 
 def main(argv=None) -> int:
@@ -281,6 +305,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="compile only the kernels whose name matches this regular expression "
                                        "(re.search)")
     parser.add_argument("--json", type=Path, help="also write the records to this file")
+    parser.add_argument("--maxnreg", type=int, help="cap registers per thread (triton's maxnreg launch "
+                                                    "option) to see what a tighter budget spills")
     args = parser.parse_args(argv)
     archs = tuple(args.arch) if args.arch else ARCHS
 
@@ -302,6 +328,8 @@ def main(argv=None) -> int:
             traceback.print_exc()
             return 1
         for launch in launches:
+            if args.maxnreg:
+                launch = launch._replace(kwargs={**launch.kwargs, "maxnreg": args.maxnreg})
             if not isinstance(launch.jit_fn, triton.runtime.jit.JITFunction):
                 print(f"FAIL {launch.name}: {type(launch.jit_fn).__name__} is not a triton JITFunction",
                       file=sys.stderr)

@@ -12,16 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from kernels.aot import ARCHS, ATTENTION_HEAD_DIMS
+from kernels.aot import ARCHS, ATTENTION_DTYPES, ATTENTION_HEAD_DIMS, ATTENTION_LENGTHS, N
 
 REPO = Path(__file__).resolve().parents[1]
-# The elimination kernels, each in fp32/fp16/bf16, and the attention's two passes per head dim.
+# The elimination kernels, each in fp32/fp16/bf16, and the attention's two passes per dtype
+# (fp16/bf16: fp32 takes the torch path on CUDA), head dim and length.
 ELIMINATION = ["significance", "select", "gather", "score_select"]
 DTYPES = ["float32", "float16", "bfloat16"]
 # The per-row k variants (proportional retention): their code does not depend on the score dtype.
 PER_ROW = ["select_rows[bfloat16]", "score_select_rows[bfloat16]", "gather_rows[bfloat16]"]
-ATTENTION = [f"{kernel}[{dtype},d{d}]" for kernel in ("attn_fwd", "attn_colsum") for dtype in DTYPES
-             for d in ATTENTION_HEAD_DIMS]
+ATTENTION = [f"{kernel}[{dtype},d{d}{suffix}]" for kernel in ("attn_fwd", "attn_colsum")
+             for dtype in ATTENTION_DTYPES for d in ATTENTION_HEAD_DIMS
+             for suffix in ("" if n == N else f",n{n}" for n in ATTENTION_LENGTHS)]
 
 
 def run_aot(*args, timeout=900):
