@@ -229,26 +229,3 @@ def extract_from_scores_ref(scores: torch.Tensor, hidden: torch.Tensor, mask: to
     if isinstance(k, torch.Tensor):
         mask_kept = _filler_as_padding_ref(mask_kept, k)
     return hidden_kept, mask_kept, indices
-
-
-def aot_specs(n: int = 128):
-    """(name, jit_fn, signature, constexprs) of the fused kernel for kernels.aot: per probs
-    dtype, and the per-row-k variant (ROW_K) in L.AOT_ROW_K_DTYPES.
-
-    Launch 2 of the fused path is kernels.gather_rows._gather_kernel, compiled by its own specs.
-    """
-    block_i, block_n = _block_sizes(n)
-    specs = []
-    for dt in L.AOT_DTYPES:
-        sig = {
-            "probs_ptr": L.TRITON_PTR[dt], "mask_ptr": "*i64", "out_ptr": "*i64", "k_ptr": "*i64",
-            "n": "i32", "H": "i32", "k": "i32", "stride_pb": "i64", "stride_ph": "i32", "stride_pi": "i32",
-            "stride_pj": "i32", "stride_mb": "i32", "stride_mn": "i32", "stride_ob": "i32", "stride_ok": "i32",
-            "stride_k": "i32", "ROW_K": "constexpr", "BLOCK_I": "constexpr", "BLOCK_N": "constexpr",
-        }
-        consts = {"BLOCK_I": block_i, "BLOCK_N": block_n}
-        specs.append((f"score_select[{L.dtype_name(dt)}]", _score_select_kernel, sig, {**consts, "ROW_K": False}))
-        if dt in L.AOT_ROW_K_DTYPES:
-            specs.append((f"score_select_rows[{L.dtype_name(dt)}]", _score_select_kernel, sig,
-                          {**consts, "ROW_K": True}))
-    return specs

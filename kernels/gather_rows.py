@@ -126,25 +126,3 @@ def gather(hidden: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, *, b
     if L.resolve_backend(backend, device) == "triton":
         return _gather_triton(hidden, mask, indices)
     return _gather_torch(hidden, mask, indices)
-
-
-def aot_specs(k: int = 77, D: int = 768):
-    """(name, jit_fn, signature, constexprs) of every kernel here, for kernels.aot: per hidden
-    dtype, and the per-row-k variant (ROW_K: filler slots masked as padding) in
-    L.AOT_ROW_K_DTYPES."""
-    block_k, block_d = _block_sizes(k, D)
-    specs = []
-    for dt in L.AOT_DTYPES:
-        sig = {
-            "hidden_ptr": L.TRITON_PTR[dt], "mask_ptr": "*i64", "idx_ptr": "*i64",
-            "out_h_ptr": L.TRITON_PTR[dt], "out_m_ptr": "*i64", "k_ptr": "*i64", "k": "i32", "D": "i32",
-            "stride_hb": "i64", "stride_hn": "i32", "stride_hd": "i32", "stride_mb": "i32", "stride_mn": "i32",
-            "stride_ib": "i32", "stride_ik": "i32", "stride_ob": "i64", "stride_ok": "i32", "stride_od": "i32",
-            "stride_omb": "i32", "stride_omk": "i32", "stride_k": "i32",
-            "ROW_K": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr",
-        }
-        consts = {"BLOCK_K": block_k, "BLOCK_D": block_d}
-        specs.append((f"gather[{L.dtype_name(dt)}]", _gather_kernel, sig, {**consts, "ROW_K": False}))
-        if dt in L.AOT_ROW_K_DTYPES:
-            specs.append((f"gather_rows[{L.dtype_name(dt)}]", _gather_kernel, sig, {**consts, "ROW_K": True}))
-    return specs

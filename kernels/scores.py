@@ -155,19 +155,3 @@ def significance(probs: torch.Tensor, mask: torch.Tensor, *, backend: str | None
     if L.resolve_backend(backend, device, dtype=("probs", probs.dtype)) == "triton":
         return _significance_triton(probs, mask)
     return _significance_torch(probs, mask)
-
-
-def aot_specs(n: int = 128):
-    """(name, jit_fn, signature, constexprs) of every kernel here, per float dtype, for kernels.aot."""
-    block_i, block_j = _block_sizes(n)
-    specs = []
-    for dt in L.AOT_DTYPES:
-        sig = {
-            "probs_ptr": L.TRITON_PTR[dt], "mask_ptr": "*i64", "out_ptr": "*fp32", "n": "i32", "H": "i32",
-            "stride_pb": "i64", "stride_ph": "i32", "stride_pi": "i32", "stride_pj": "i32",
-            "stride_mb": "i32", "stride_mn": "i32", "stride_ob": "i32", "stride_on": "i32",
-            "BLOCK_I": "constexpr", "BLOCK_J": "constexpr",
-        }
-        specs.append((f"significance[{L.dtype_name(dt)}]", _significance_kernel, sig,
-                      {"BLOCK_I": block_i, "BLOCK_J": block_j}))
-    return specs

@@ -289,21 +289,3 @@ def select(scores: torch.Tensor, k, *, width: int | None = None, backend: str | 
     if resolved == "triton":
         return _select_triton(scores, k)
     return _select_torch(scores, k)
-
-
-def aot_specs(n: int = 128):
-    """(name, jit_fn, signature, constexprs) of every kernel here, for kernels.aot: the int-k
-    kernel per scores dtype, and the per-row-k variant (ROW_K) in L.AOT_ROW_K_DTYPES."""
-    specs = []
-    for dt in L.AOT_DTYPES:
-        sig = {
-            "scores_ptr": L.TRITON_PTR[dt], "mask_ptr": "*i64", "out_ptr": "*i64", "k_ptr": "*i64",
-            "n": "i32", "k": "i32", "stride_sb": "i32", "stride_sn": "i32", "stride_mb": "i32",
-            "stride_mn": "i32", "stride_ob": "i32", "stride_on": "i32", "stride_k": "i32",
-            "HAS_MASK": "constexpr", "ROW_K": "constexpr", "BLOCK_N": "constexpr",
-        }
-        consts = {"HAS_MASK": True, "BLOCK_N": L.next_power_of_2(n)}
-        specs.append((f"select[{L.dtype_name(dt)}]", _select_kernel, sig, {**consts, "ROW_K": False}))
-        if dt in L.AOT_ROW_K_DTYPES:
-            specs.append((f"select_rows[{L.dtype_name(dt)}]", _select_kernel, sig, {**consts, "ROW_K": True}))
-    return specs

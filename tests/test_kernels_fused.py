@@ -485,15 +485,21 @@ def test_extract_rows_errors(device):
         extract(probs, hidden, mask, k.float(), width=3)
 
 
-def test_aot_specs_declare_row_k_variants():
-    """tests/test_aot_compile.py compiles whatever the modules declare: the per-row-k variants
-    (ROW_K=True) of the three launches must be among them, beside the int-k ones (ROW_K=False)."""
-    import kernels.gather_rows
-    import kernels.topk
+def test_aot_check_compiles_row_k_variants():
+    """kernels.aot compiles what the launchers launch: the per-row-k variants (ROW_K=True) of the
+    three elimination launches are among the recorded launches, beside the int-k ones. Recording
+    needs the compiled launch path, so it runs in a subprocess without the interpreter."""
+    import json
+    import os
+    import subprocess
+    import sys
 
-    specs = {name: consts for mod in (kernels.topk, kernels.gather_rows, fused_mod)
-             for name, _, _, consts in mod.aot_specs()}
+    code = ("import json; from kernels import aot; print(json.dumps({l.name: l.kwargs.get('ROW_K') "
+            "for l in aot.collect_launches(90, only='select|gather')}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    launches = json.loads(out.stdout.strip().splitlines()[-1])
     for kernel in ("select", "gather", "score_select"):
-        assert specs[f"{kernel}_rows[bfloat16]"]["ROW_K"] is True
+        assert launches[f"{kernel}_rows[bfloat16]"] is True
         for dtype in ("float32", "float16", "bfloat16"):
-            assert specs[f"{kernel}[{dtype}]"]["ROW_K"] is False
+            assert launches[f"{kernel}[{dtype}]"] is False
