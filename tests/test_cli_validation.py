@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, GPT2Config, GPT2Model
+from transformers import BertTokenizer, GPT2Config, GPT2Model
 
 from powerbert import cli, data as D, pipeline
 from test_pipeline import VOCAB, WORDS, make_model_folder, write_marker_csv

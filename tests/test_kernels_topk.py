@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_inputs import (check_rows_independently, kept_per_row, nan_as_neginf, nan_of, nan_sign_bits, row_k,
+from kernel_inputs import (check_rows_independently, nan_as_neginf, nan_of, nan_sign_bits, row_k,
                            with_nans)
 from spec_reference import spec_keep
 

@@ -6,7 +6,7 @@ from transformers import BertModel
 
 import powerbert
 from powerbert.layout import real_tokens_first, static_shapes_now
-from test_families import CASES, FAMILIES, LENGTH
+from test_families import CASES, FAMILIES
 from test_families import batch as family_batch
 from test_families import build as family_build
 from test_patch_bert import batch, build, spec_outputs

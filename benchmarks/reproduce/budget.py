@@ -6,7 +6,7 @@ Markdown table, so the table says exactly what was trained on and for how long.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
