@@ -257,9 +257,15 @@ def plan_batches(lengths, batch_size: int) -> list[np.ndarray]:
 
 
 def _run_local(spec, corpus, batches, threads, on_batch) -> None:
-    predictor = Predictor(spec, threads)
-    for index, rows in enumerate(batches):
-        on_batch(index, predictor(*_batch_texts(corpus, rows)))
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        predictor = Predictor(spec, threads)
+        for index, rows in enumerate(batches):
+            on_batch(index, predictor(*_batch_texts(corpus, rows)))
+    finally:
+        torch.set_num_threads(before)  # ``threads`` applies to this call, not to the caller's process
 
 
 def _batch_texts(corpus: Corpus, rows) -> tuple[list[str], list[str] | None]:
