@@ -121,3 +121,38 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     assert listing(tmp_path / "two") == sorted(listing(tmp_path / "one") + ["powerbert.log"])
     log = (tmp_path / "two" / "powerbert.log").read_text()
     assert log.count("powerbert train:") == 1 and log.count("retrain epoch 2") == 1
+
+
+def test_interrupted_search_resumes_with_its_retention_vectors(tmp_path, monkeypatch):
+    """The Trainer checkpoint holds r (a submodule while training): a search stopped after epoch 1
+    and resumed learns what an uninterrupted one does."""
+    model_dir = make_model_folder(tmp_path / "model", layers=2)
+    data = write_marker_csv(tmp_path / "train.csv", 96)
+
+    def config(out):
+        return pipeline.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / out), max_length=N,
+                                       epochs=2, batch_size=16, lr_bert=1e-3, lr_soft=0.05, lam=1e-2, progress=False)
+
+    pipeline.finetune(config("straight"))
+    shutil.copytree(tmp_path / "straight" / "finetune", tmp_path / "resumed" / "finetune")
+    straight = pipeline.search(config("straight"))
+    real_metrics, calls = pipeline.task_metrics, []
+
+    def interrupt_in_epoch_2(regression):
+        compute = real_metrics(regression)
+
+        def metrics(prediction):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return compute(prediction)
+
+        return metrics
+
+    monkeypatch.setattr(pipeline, "task_metrics", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.search(config("resumed"))
+    monkeypatch.setattr(pipeline, "task_metrics", real_metrics)
+    resumed = pipeline.search(config("resumed"))
+    assert [h["masses"] for h in resumed["history"]] == [h["masses"] for h in straight["history"]]
+    assert resumed["configuration"] == straight["configuration"]
