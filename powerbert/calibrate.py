@@ -463,10 +463,12 @@ def markdown(report: dict) -> str:
                       f"(each batch padded to its largest keep count).", ""]
         timing = chosen.get("timing")
         if timing is not None:
-            lines += [f"Measured on the held-out texts ({timing['device']}, {timing['threads']} threads, "
-                      f"{timing['rounds']} alternated rounds): stock {timing['stock_median_s'] * 1000:.0f} ms, "
+            threads = f"{timing['threads']} thread" + ("s" if timing["threads"] != 1 else "")
+            lines += [f"Measured on the held-out texts ({timing['device']}, {threads}, {timing['rounds']} alternated "
+                      f"rounds of stock and patched `encode`): stock {timing['stock_median_s'] * 1000:.0f} ms, "
                       f"patched {timing['patched_median_s'] * 1000:.0f} ms: **{timing['speedup']:.2f}x** "
-                      f"(paired {timing['paired']:.2f}x). On a machine shared with other work, re-measure.", ""]
+                      f"(paired {timing['paired']:.2f}x). Timings taken while other work runs are noisy: "
+                      f"re-measure on a quiet machine.", ""]
     lines += [f"Search: {report['calibration_texts']} calibration texts (mean {report['calibration_mean_tokens']:.1f}"
               f" tokens), {report['evaluated']} of {len(report['candidates'])} candidates evaluated, family "
               f"`{report['family']}`, shares {report['shares']}.", "",
