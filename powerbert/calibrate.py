@@ -156,7 +156,7 @@ def target_for(model, tokenizer=None, *, batch_size: int = 32, max_length: int |
         if max_length is not None:
             model.max_seq_length = max_length
         return EmbeddingTarget(model, batch_size)
-    family, base, cls_only = resolve(model)
+    _, base, cls_only = resolve(model)
     if base is model or not cls_only:
         raise TypeError(f"calibrate needs a SentenceTransformer or a sequence classifier, got {type(model).__name__}; "
                         f"wrap a bare encoder in a SentenceTransformer (mean pooling)")
@@ -385,7 +385,8 @@ def calibrate(model, texts: list[str], *, min_cosine: float, tokenizer=None, bat
     if holdout:
         hold_lengths = target.lengths(holdout)
         summary.update(holdout=_distribution(holdout_scores, min_cosine),
-                       holdout_mean_tokens=statistics.fmean(hold_lengths), **ideals(target, retention, hold_lengths, target.order(holdout), minimum))
+                       holdout_mean_tokens=statistics.fmean(hold_lengths),
+                       **ideals(target, retention, hold_lengths, target.order(holdout), minimum))
         if timing_rounds > 0:
             summary["timing"] = measure(target, holdout, retention, minimum, timing_rounds)
     report["chosen"] = summary

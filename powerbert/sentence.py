@@ -103,7 +103,7 @@ def _model_input_names(model: nn.Module) -> frozenset[str]:
     bookkeeping such as ``modality`` or ``prompt_length`` is not among them)."""
     parameters = inspect.signature(type(model).forward).parameters.values()
     return frozenset(p.name for p in parameters
-                     if p.name != "self" and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL))
+                     if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
 
 
 class TokenEmbeddingsForward:
@@ -128,7 +128,7 @@ class TokenEmbeddingsForward:
             raise ValueError(f"a patched SentenceTransformer encodes text only, got modality {features['modality']!r}")
         model = self.module.model
         names = _model_input_names(model)
-        inputs = {key: value for key, value in {**features, **kwargs}.items() if key in names}
+        inputs = {key: value for key, value in {**features, **kwargs}.items() if key in names and key != "return_dict"}
         input_mask = inputs.get("attention_mask")
         out = model(**inputs, return_dict=True)
         mask = out["kept_mask"]

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     parser.add_argument("--time-rounds", type=int, default=0, help="alternated stock/patched encode rounds (0: none)")
     parser.add_argument("--time-texts", type=int, default=1000)
     parser.add_argument("--time-note", default="", help="the machine's state, stored with the timings")
-    parser.add_argument("--machine-note", default="", help="stored with the results (e.g. 'shared with a training run')")
+    parser.add_argument("--machine-note", default="", help="stored with the results (e.g. 'shared with other jobs')")
     parser.add_argument("--quick", action="store_true", help="a few dozen texts per task (smoke test)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -24,8 +24,9 @@ def markdown(results: dict) -> str:
              f"Model: {setup['model']}. {setup['device']}, {setup['threads']} thread"
              f"{'s' if setup['threads'] != 1 else ''}, {setup['dtype']}, "
              f"batch {setup['batch_size']}; torch {setup['versions']['torch']}, transformers "
-             f"{setup['versions']['transformers']}, sentence-transformers {setup['versions']['sentence_transformers']}; "
-             f"commit {setup['commit']}, {setup['date']}." + (f" {setup['machine_note']}" if setup["machine_note"] else ""),
+             f"{setup['versions']['transformers']}, sentence-transformers "
+             f"{setup['versions']['sentence_transformers']}; commit {setup['commit']}, {setup['date']}."
+             + (f" {setup['machine_note']}" if setup["machine_note"] else ""),
              "",
              "Per task: `powerbert.calibrate.search` on the calibration texts (cosine to stock, no labels), the "
              f"fastest configuration (by vectors processed) reaching each threshold C in {setup['thresholds']}, then "
