@@ -38,6 +38,24 @@ def per_process_batch(batch_size: int, processes: int | None = None) -> int:
     return batch_size // processes
 
 
+def check_devices() -> None:
+    """A data-parallel run on GPUs needs a GPU per process of the node (NCCL refuses two ranks on
+    one device, deep inside the first collective); on CPUs (gloo) any number runs.
+
+    Raises:
+        ValueError: more processes on this node (``LOCAL_WORLD_SIZE``) than CUDA devices.
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local <= 1:
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus < local:
+        raise ValueError(f"this node runs {local} processes but sees {gpus} CUDA device(s): start at most {gpus} "
+                         f"(--nproc_per_node {gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPUs")
+
+
 def wait_for_everyone() -> None:
     """A barrier across the run's processes (no-op in a single process).
 

@@ -186,7 +186,9 @@ class BaseForward:
             "kept_positions": None,
         }
         had_own, own = self.saved_forward
-        forward = own if had_own else type(self.base).forward.__get__(self.base)
+        # The class's function with the module as first argument, not bound with __get__: Dynamo
+        # (torch 2.11) cannot trace function.__get__ and breaks the graph there.
+        forward = own if had_own else functools.partial(type(self.base).forward, self.base)
         # The stock capture is switched off: its hooks sit on layer modules that no longer run.
         out = forward(*args, return_dict=True, output_hidden_states=False, output_attentions=False,
                       **{RECORD_KWARG: record}, **kwargs)
@@ -215,7 +217,7 @@ class HeadForward:
 
     def __call__(self, *args, **kwargs):
         had_own, own = self.saved_forward
-        forward = own if had_own else type(self.head).forward.__get__(self.head)
+        forward = own if had_own else functools.partial(type(self.head).forward, self.head)  # see EncoderForward
         return forward(*args, **{CLS_ONLY_KWARG: True}, **kwargs)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from powerbert import data as D
-from powerbert.distributed import per_process_batch
+from powerbert.distributed import check_devices, per_process_batch
 from powerbert.model_folder import check_model_dir, load_tokenizer
 from powerbert.pipeline_config import STEPS, PipelineConfig
 from powerbert.retention import is_proportional
@@ -87,6 +87,7 @@ def preflight(cfg: PipelineConfig, steps=STEPS) -> dict[str, dict]:
     steps = tuple(steps)
     cfg.check()
     per_process_batch(cfg.batch_size)  # a data-parallel run splits each batch over its processes
+    check_devices()
     check_output(cfg)
     first = steps[0]
     if first == "finetune":

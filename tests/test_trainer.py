@@ -12,7 +12,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 import powerbert
-from powerbert import pipeline
+from powerbert import distributed, pipeline
 from powerbert.trainer import SOFT_MODULE, SearchTrainer, task_metrics
 from test_pipeline import N, VOCAB, make_model_folder, write_marker_csv
 
@@ -87,20 +87,22 @@ def test_non_finite_loss_stops_the_search(tmp_path):
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
                     reason="torchrun (torch's launcher) is not beside this Python")
-def test_torchrun_two_processes_train_like_one(tmp_path):
+def test_torchrun_two_processes_train_like_one(tmp_path, monkeypatch):
     """2 processes (gloo) split each batch of 16 in two and average gradients: with no dropout the
     training matches the single-process run's; rank 0 alone writes and logs."""
     model_dir = make_model_folder(tmp_path / "model", layers=2)
     data = write_marker_csv(tmp_path / "train.csv", 107)  # 96 train rows: whole batches of 16
     flags = ["--model", model_dir, "--data", data, "--max-length", N, "--epochs", 2, "--batch-size", 16,
              "--lambda", "1e-2", "--lr-bert", "1e-3", "--lr-soft", "0.05", "--seed", 3, "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # gloo on CPUs: the GPU run of the suite hides its one GPU (two ranks cannot share it)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     torchrun = Path(sys.executable).parent / "torchrun"
     run = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "powerbert.cli", "train",
                           *map(str, flags), "--output", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(run.stdout.splitlines()) == 1 and json.loads(run.stdout)["configuration"]
+    monkeypatch.setattr(pipeline, "use_cpu", lambda: True)  # the one process on the CPU too, like the two
     cfg = pipeline.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "one"), max_length=N,
                                   epochs=2, batch_size=16, lam=1e-2, lr_bert=1e-3, lr_soft=0.05, seed=3,
                                   progress=False)
@@ -121,6 +123,18 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     assert listing(tmp_path / "two") == sorted(listing(tmp_path / "one") + ["powerbert.log"])
     log = (tmp_path / "two" / "powerbert.log").read_text()
     assert log.count("powerbert train:") == 1 and log.count("retrain epoch 2") == 1
+
+
+def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch):
+    """Two ranks on one GPU would fail deep inside NCCL's first collective: refused up front."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"2 processes but sees 1 CUDA device.*--nproc_per_node 1"):
+        distributed.check_devices()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPUs (gloo): any number
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    distributed.check_devices()
 
 
 def test_interrupted_search_resumes_with_its_retention_vectors(tmp_path, monkeypatch):
