@@ -413,9 +413,16 @@ def _versions() -> dict:
 def save(calibration: Calibration, model, output, tokenizer=None) -> Path:
     """Write ``calibration.json`` and ``calibration.md`` to ``output``, and, when a configuration was
     found, the model patched with it (``model.save`` for a SentenceTransformer, ``save_pretrained``
-    and the tokenizer for a classifier). ``model`` is left unpatched."""
+    and the tokenizer for a classifier). ``model`` is left unpatched.
+
+    A rerun into a folder an earlier ``save`` wrote first removes the files that run listed in its
+    report (``files``), so a rerun that finds no configuration leaves no stale model behind; any
+    other file in the folder is kept.
+    """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    before = {p for p in output.rglob("*") if p.is_file()}
+    _remove_previous(output)
     if calibration.retention is not None:
         calibration.apply(model)
         try:
@@ -427,9 +434,28 @@ def save(calibration: Calibration, model, output, tokenizer=None) -> Path:
                     tokenizer.save_pretrained(output)
         finally:
             unpatch(model)
-    (output / REPORT_JSON).write_text(json.dumps(calibration.report, indent=1) + "\n", encoding="utf-8")
-    (output / REPORT_MD).write_text(markdown(calibration.report), encoding="utf-8")
+    kept = {p for p in before if p.is_file()}  # the user's own files, still there
+    written = sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file() and p not in kept)
+    report = dict(calibration.report, files=sorted(set(written) | {REPORT_JSON, REPORT_MD}))
+    (output / REPORT_JSON).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (output / REPORT_MD).write_text(markdown(report), encoding="utf-8")
     return output
+
+
+def _remove_previous(output: Path) -> None:
+    """Delete the files an earlier ``save`` listed in ``output``'s report, then folders left empty."""
+    try:
+        listed = json.loads((output / REPORT_JSON).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    root = output.resolve()
+    for name in listed:
+        path = (output / str(name)).resolve()
+        if root in path.parents and path.is_file():  # never outside the folder
+            path.unlink()
+    for folder in sorted((p for p in output.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _fmt(value, digits=4) -> str:
