@@ -148,23 +148,9 @@ def test_interrupted_step_resumes_from_epoch_checkpoint(tmp_path, monkeypatch, c
 
     straight = pipeline.finetune(config("straight"))
 
-    real_metrics, calls = pipeline.task_metrics, []
-
-    def interrupt_in_epoch_2(regression):
-        compute = real_metrics(regression)
-
-        def metrics(prediction):
-            calls.append(1)
-            if len(calls) == 2:  # the evaluation that ends epoch 2, before its checkpoint
-                raise KeyboardInterrupt
-            return compute(prediction)
-
-        return metrics
-
-    monkeypatch.setattr(pipeline, "task_metrics", interrupt_in_epoch_2)
+    interrupt_at_evaluation(monkeypatch, 2)  # the evaluation that ends epoch 2, before its checkpoint
     with pytest.raises(KeyboardInterrupt):
         pipeline.finetune(config("resumed"))
-    monkeypatch.setattr(pipeline, "task_metrics", real_metrics)
     checkpoints = tmp_path / "resumed" / "finetune" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-6"]  # epoch 1 of 6 steps; Trainer's rotation
     assert (checkpoints / "checkpoint-6" / pipeline.HISTORY).is_file()
@@ -322,3 +308,23 @@ def test_target_speedup_in_proportional_mode_aims_at_real_lengths(proportional_r
         assert all(isinstance(f, float) for f in trial["configuration"])
         assert trial["vector_ratio"] == pytest.approx(pipeline.real_length_ratio(trial["configuration"], lengths))
     assert record["lambda"] in [t["lambda"] for t in record["lambda_trials"]]
+
+
+def interrupt_at_evaluation(monkeypatch, which: int) -> None:
+    """Make the ``which``-th dev evaluation of the next ``pipeline`` call raise KeyboardInterrupt
+    (an interruption at the end of an epoch, before its checkpoint); later calls run normally."""
+    real_metrics, calls = pipeline.task_metrics, []
+
+    def interrupting(regression):
+        compute = real_metrics(regression)
+
+        def metrics(prediction):
+            calls.append(1)
+            if len(calls) == which:
+                monkeypatch.setattr(pipeline, "task_metrics", real_metrics)
+                raise KeyboardInterrupt
+            return compute(prediction)
+
+        return metrics
+
+    monkeypatch.setattr(pipeline, "task_metrics", interrupting)

@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification, TrainingArgu
 import powerbert
 from powerbert import distributed, pipeline
 from powerbert.trainer import SOFT_MODULE, SearchTrainer, task_metrics
-from test_pipeline import N, VOCAB, make_model_folder, write_marker_csv
+from test_pipeline import N, VOCAB, interrupt_at_evaluation, make_model_folder, write_marker_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,23 +150,9 @@ def test_interrupted_search_resumes_with_its_retention_vectors(tmp_path, monkeyp
     pipeline.finetune(config("straight"))
     shutil.copytree(tmp_path / "straight" / "finetune", tmp_path / "resumed" / "finetune")
     straight = pipeline.search(config("straight"))
-    real_metrics, calls = pipeline.task_metrics, []
-
-    def interrupt_in_epoch_2(regression):
-        compute = real_metrics(regression)
-
-        def metrics(prediction):
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return compute(prediction)
-
-        return metrics
-
-    monkeypatch.setattr(pipeline, "task_metrics", interrupt_in_epoch_2)
+    interrupt_at_evaluation(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         pipeline.search(config("resumed"))
-    monkeypatch.setattr(pipeline, "task_metrics", real_metrics)
     resumed = pipeline.search(config("resumed"))
     assert [h["masses"] for h in resumed["history"]] == [h["masses"] for h in straight["history"]]
     assert resumed["configuration"] == straight["configuration"]
