@@ -69,14 +69,19 @@ class HardExtract:
         """
         if not is_proportional(self.retention):
             return None
+        # Layers of a leading run of shares 1.0 keep every real token of every row (k = len_i):
+        # an int >= n makes them run like the stock layer, fused attention and no scores.
+        keep_all = next((layer for layer, share in enumerate(self.retention) if share < 1.0), len(self.retention))
         lengths = mask.sum(dim=1)
         counts = row_keep_counts(self.retention, self.minimum, lengths)  # [L, B]
         if static:
             widths = keep_counts(self.retention, mask.shape[1], self.minimum)  # a full-length row
-            return [(counts[layer], width) for layer, width in enumerate(widths)]
-        stats = torch.stack([counts.max(dim=1).values, counts.min(dim=1).values], dim=1).tolist()
-        # Rows keeping the same count take the plain top-k path (no per-row bookkeeping).
-        return [high if high == low else (counts[layer], high) for layer, (high, low) in enumerate(stats)]
+            plan = [(counts[layer], width) for layer, width in enumerate(widths)]
+        else:
+            stats = torch.stack([counts.max(dim=1).values, counts.min(dim=1).values], dim=1).tolist()
+            # Rows keeping the same count take the plain top-k path (no per-row bookkeeping).
+            plan = [high if high == low else (counts[layer], high) for layer, (high, low) in enumerate(stats)]
+        return [mask.shape[1]] * keep_all + plan[keep_all:]
 
     def layer(self, index: int, count: int, parts: LayerParts, hidden: torch.Tensor, mask: torch.Tensor, *,
               padded: bool, need_probs: bool, cls_only_last: bool, plan: list | None = None) -> LayerOutput:

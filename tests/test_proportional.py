@@ -77,6 +77,29 @@ def test_each_row_equals_the_row_alone_through_the_spec(attn, minimum, static):
         torch.testing.assert_close(out.last_hidden_state[row][real], reference, atol=3e-5, rtol=3e-5)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_leading_shares_of_one_keep_everything_without_scoring(static, monkeypatch):
+    """Layers of a leading run of 1.0 keep every real token of every row: they run like the stock
+    layer (fused attention, no scores, no selection), and the output still follows the spec."""
+    from powerbert import ops
+
+    fractions = (1.0, 1.0, 0.45)
+    model = build(BertModel)
+    inputs = batch(sizes=SIZES)
+    expected, positions = per_sequence_reference(model, inputs, fractions)
+    powerbert.patch(model, list(fractions), static_shapes=static)
+    extractions = []
+    real_extract = ops.extract
+    monkeypatch.setattr(ops, "extract", lambda *a, **k: extractions.append(1) or real_extract(*a, **k))
+    with torch.no_grad():
+        out = model(**inputs)
+    assert len(extractions) == 1  # the third layer alone selects
+    for row, (reference, kept) in enumerate(zip(expected, positions)):
+        real = out.kept_mask[row]
+        assert out.kept_positions[row][real].tolist() == kept
+        torch.testing.assert_close(out.last_hidden_state[row][real], reference, atol=3e-5, rtol=3e-5)
+
+
 def test_batch_invariance_and_max_length_padding():
     model = powerbert.patch(build(BertModel), list(FRACTIONS))
     inputs = batch(sizes=SIZES)
