@@ -421,8 +421,8 @@ def save(calibration: Calibration, model, output, tokenizer=None) -> Path:
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    before = {p for p in output.rglob("*") if p.is_file()}
     _remove_previous(output)
+    kept = {p for p in output.rglob("*") if p.is_file()}  # the user's own files
     if calibration.retention is not None:
         calibration.apply(model)
         try:
@@ -434,7 +434,6 @@ def save(calibration: Calibration, model, output, tokenizer=None) -> Path:
                     tokenizer.save_pretrained(output)
         finally:
             unpatch(model)
-    kept = {p for p in before if p.is_file()}  # the user's own files, still there
     written = sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file() and p not in kept)
     report = dict(calibration.report, files=sorted(set(written) | {REPORT_JSON, REPORT_MD}))
     (output / REPORT_JSON).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -186,8 +186,12 @@ def test_cli_writes_the_model_folder_and_the_report(tmp_path, capsys):
     assert (out / "modules.json").is_file() and (out / C.REPORT_JSON).is_file()
     assert json.loads((out / "config.json").read_text())["powerbert_retention"] == summary["retention"]
     # a rerun into the same folder is allowed (it holds a calibration report); one that finds no
-    # configuration removes the model the first run wrote and keeps the user's own files
+    # configuration removes the model the runs before wrote and keeps the user's own files
     (out / "notes.txt").write_text("mine")
+    assert main(["calibrate", "--model", _path(), "--data", str(data), "--text-column", "sentence",
+                 "--output", str(out), "--min-cosine", "0.9", "--calibration-texts", "8", "--holdout-texts", "0",
+                 "--no-progress"]) == 0
+    assert "modules.json" in json.loads((out / C.REPORT_JSON).read_text())["files"]
     assert main(["calibrate", "--model", _path(), "--data", str(data), "--output", str(out), "--min-cosine", "1.0",
                  "--calibration-texts", "4", "--holdout-texts", "0", "--no-progress"]) == 1
     assert sorted(p.name for p in out.iterdir()) == sorted([C.REPORT_JSON, C.REPORT_MD, "notes.txt"])
