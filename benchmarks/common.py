@@ -131,8 +131,7 @@ def commit() -> str:
     sha = _command("git", "-C", root, "rev-parse", "--short", "HEAD")
     if sha is None:
         return "unknown"
-    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = _command("git", "-C", root, "status", "--porcelain", "--untracked-files=no")  # None when clean
     return sha + ("+dirty" if dirty else "")
 
 

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from powerbert.distributed import is_main_process
 from powerbert.pipeline_config import DEFAULT_RETENTION_MODE, RETENTION_MODES
 
 STEP_COMMANDS = ("train", "finetune", "search", "retrain")
@@ -215,8 +216,6 @@ def _config(args):
 def _setup_logging(output: Path | None) -> None:
     """Log to stderr and ``<output>/powerbert.log``; ``main`` undoes this when it returns.
     Under ``torchrun`` only rank 0 logs and writes the file (the other ranks log errors only)."""
-    from powerbert.distributed import is_main_process
-
     logger = logging.getLogger("powerbert")
     logger.setLevel(logging.INFO if is_main_process() else logging.ERROR)
     if not is_main_process():
@@ -284,8 +283,6 @@ def _run(args) -> int:
                  metrics["vector_ratio"], "" if real is None else f" ({real:.2f}x over the dev set's real lengths)",
                  metrics["flops_ideal"], metrics["steps"]["retrain"]["best"]["metric"],
                  metrics["steps"]["finetune"]["best"]["value"], metrics["steps"]["retrain"]["best"]["value"])
-        from powerbert.distributed import is_main_process
-
         if is_main_process():  # one summary per run, not per process
             print(json.dumps({k: metrics[k] for k in ("configuration", "retention_mode", "vector_ratio",
                                                       "flops_ideal", "dev_real_lengths", "warnings") if k in metrics}))

@@ -217,7 +217,7 @@ class HeadForward:
 
     def __call__(self, *args, **kwargs):
         had_own, own = self.saved_forward
-        forward = own if had_own else functools.partial(type(self.head).forward, self.head)  # see EncoderForward
+        forward = own if had_own else functools.partial(type(self.head).forward, self.head)  # see BaseForward
         return forward(*args, **{CLS_ONLY_KWARG: True}, **kwargs)
 
 
