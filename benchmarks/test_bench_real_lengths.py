@@ -187,7 +187,10 @@ def _write_markdown(stored: dict) -> None:
              "token-layers (dynamic padding) over the vectors the patched model keeps; FLOPs ideal (§6 per "
              "sequence) also counts that each layer's attention runs on the vectors that entered it (the first "
              "on every real token), the bound an implementation can reach. For stock padded to N both are the "
-             "ratio of tokens.", ""]
+             "ratio of tokens. Absolute times drift between runs on a shared machine, and glibc's allocator "
+             "serves a model's large temporaries from fresh pages or from its heap depending on what the process "
+             "freed before (stock BBC News took 3.4 s beside the patched model of the previous commit, 4.1 s "
+             "alone and beside this one): compare the ratios of one run.", ""]
     for task, r in stored.items():
         lines += [f"## {task}: {r['examples']} texts, mean {r['mean_real_length']:.1f} tokens, N {r['length']}, "
                   f"batch {r['batch']}, {r['threads']} threads, torch {r['torch']}", "",
