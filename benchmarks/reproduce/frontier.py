@@ -23,6 +23,7 @@ import json
 import platform
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -87,6 +88,8 @@ def main(argv=None) -> int:
                         help="JSON list of [fractions, minimums or null] (default: DEFAULT_CONFIGS)")
     parser.add_argument("--first", type=int, default=None, help="only the first N configurations (smoke runs)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of an earlier run in --out (same task and epochs) that this run did not redo")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -121,22 +124,39 @@ def main(argv=None) -> int:
             rows.append(record)
             print(f"seed {seed} {fractions} min {minimum}: test {record['test_accuracy']:.2f} "
                   f"({record['delta_points']:+.2f}) FLOPs ideal {record['flops_ideal_vs_dynamic']:.2f}x", flush=True)
-    stored = {"task": args.task, "seeds": args.seeds, "epochs": args.epochs, "spec": spec, "rows": rows,
-              "command": shlex.join(["python", "-m", "benchmarks.reproduce.frontier",
-                                     *(sys.argv[1:] if argv is None else argv)]),
-              "commit": common.commit(), "torch": torch.__version__, "machine": platform.machine(),
-              "wall_s": round(time.perf_counter() - start, 1)}
+    run = {"command": shlex.join(["python", "-m", "benchmarks.reproduce.frontier", *(sys.argv[1:] if argv is None else argv)]),
+           "commit": common.commit(), "torch": torch.__version__, "machine": platform.machine(),
+           "wall_s": round(time.perf_counter() - start, 1)}
+    stored = {"task": args.task, "epochs": args.epochs, "spec": spec, "runs": [run], "rows": rows}
+    previous = args.out / "proportional_frontier.json"
+    if args.append and previous.is_file():
+        stored = merge(json.loads(previous.read_text()), stored)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "proportional_frontier.json").write_text(json.dumps(stored, indent=2) + "\n")
     (args.out / "proportional_frontier.md").write_text(markdown(stored))
     return 0
 
 
+def merge(earlier: dict, latest: dict) -> dict:
+    """``latest`` plus the rows of ``earlier`` (same task, epochs and spec) for the (seed,
+    fractions, minimums) it did not recompute; both runs' commands are listed."""
+    for key in ("task", "epochs", "spec"):
+        if earlier.get(key) != latest[key]:
+            raise SystemExit(f"--append: the earlier results differ in {key} ({earlier.get(key)!r}); "
+                             "write to another --out")
+    done = {(r["seed"], tuple(r["fractions"]), None if r["minimum"] is None else tuple(r["minimum"]))
+            for r in latest["rows"]}
+    kept = [r for r in earlier["rows"]
+            if (r["seed"], tuple(r["fractions"]), None if r["minimum"] is None else tuple(r["minimum"])) not in done]
+    return {**latest, "runs": earlier["runs"] + latest["runs"], "rows": kept + latest["rows"]}
+
+
 def markdown(stored: dict) -> str:
     spec = stored["spec"]
     lines = ["# Proportional retention: accuracy against the FLOPs ideal vs dynamic padding", "",
-             f"`{stored['command'].strip()}` at commit `{stored['commit']}`, torch {stored['torch']}, "
-             f"{stored['wall_s'] / 60:.1f} min. Task {stored['task']} (N {spec['max_length']}, train {spec['train']}, "
+             "; ".join(f"`{r['command']}` at commit `{r['commit']}` ({r['wall_s'] / 60:.1f} min)" for r in stored["runs"])
+             + f", torch {stored['runs'][-1]['torch']}. "
+             f"Task {stored['task']} (N {spec['max_length']}, train {spec['train']}, "
              f"dev {spec['dev']}, test {spec['test']}); each configuration re-trained for {stored['epochs']} "
              f"epoch(s) (lr {spec['lr_bert']}, batch {spec['batch_size']}) from the fine-tuned model of "
              "`make reproduce`, the best dev epoch kept, as the pipeline's re-train step does. Δ pts: test accuracy "
@@ -151,6 +171,19 @@ def markdown(stored: dict) -> str:
                      f"{r['flops_ideal_vs_dynamic']:.2f} | {r['vector_ideal_vs_dynamic']:.2f} | "
                      f"{', '.join(f'{v:.1f}' for v in r['dev_history'])} | {r['test_accuracy']:.2f} | "
                      f"{r['delta_points']:+.2f} |")
+    groups: dict = {}
+    for r in stored["rows"]:
+        groups.setdefault((tuple(r["fractions"]), None if r["minimum"] is None else tuple(r["minimum"])), []).append(r)
+    several = {key: rows for key, rows in groups.items() if len(rows) > 1}
+    if several:
+        lines += ["", "Over seeds (each seed its own fine-tuned model and baseline), mean ± std:", "",
+                  "| fractions | minimums | seeds | FLOPs ideal × | Δ pts |", "|---|---|---|---:|---:|"]
+        for (fractions, minimum), rows in sorted(several.items(), key=lambda kv: kv[1][0]["flops_ideal_vs_dynamic"]):
+            deltas = [r["delta_points"] for r in rows]
+            ideal = statistics.mean(r["flops_ideal_vs_dynamic"] for r in rows)
+            lines.append(f"| {fractions} | {'–' if minimum is None else minimum} | "
+                         f"{', '.join(str(r['seed']) for r in sorted(rows, key=lambda r: r['seed']))} | {ideal:.2f} | "
+                         f"{statistics.mean(deltas):+.2f} ± {statistics.stdev(deltas):.2f} |")
     return "\n".join(lines) + "\n"
 
 
