@@ -33,6 +33,7 @@ import torch
 
 import powerbert
 from benchmarks import common
+from benchmarks.reproduce.timing import Candidate, measure
 from powerbert import data as D
 from powerbert.model_folder import label_space_from_config, load_model, load_tokenizer
 from powerbert.pipeline import evaluate_model, prepare_task, real_lengths, seed_everything, train_model
@@ -90,10 +91,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of an earlier run in --out (same task and epochs) that this run did not redo")
+    parser.add_argument("--time-rounds", type=int, default=None,
+                        help="train nothing: time every configuration of the results in --out against stock with "
+                             "dynamic padding on the test set (alternated rounds, medians), on a quiet machine")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.time_rounds is not None:
+        return time_configurations(args)
     configs = DEFAULT_CONFIGS if args.configs is None else json.loads(args.configs.read_text())
     configs = configs[:args.first]
     spec = json.loads((args.work / args.task / "spec.json").read_text())
@@ -137,6 +143,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def time_configurations(args) -> int:
+    """Time each configuration of ``--out``'s results, patched into the spec seed's fine-tuned model,
+    against that model unpatched, both on the test set sorted by length in the reproduce timing's
+    batches (dynamic padding); ``measure`` alternates them round by round. Speed does not depend on
+    the re-trained weights, only on how many vectors each layer keeps."""
+    path = args.out / "proportional_frontier.json"
+    stored = json.loads(path.read_text())
+    spec, data = stored["spec"], args.work / stored["task"] / "data"
+    folder = finetuned_folder(args.work, stored["task"], spec["seed"], spec["seed"])
+    tokenizer = load_tokenizer(folder)
+    stock = load_model(folder).eval()
+    labels = label_space_from_config(stock.config)
+    test = D.encode(D.load_examples(data / "test.csv"), tokenizer, labels, spec["max_length"])
+    configs = {(tuple(r["fractions"]), None if r["minimum"] is None else tuple(r["minimum"])) for r in stored["rows"]}
+    candidates = [Candidate("stock", stock, "dynamic")]
+    for fractions, minimum in sorted(configs):
+        model = powerbert.patch(load_model(folder).eval(), list(fractions), retention_min=minimum)
+        candidates.append(Candidate(json.dumps([list(fractions), minimum]), model, "dynamic"))
+    measure(candidates, test, spec["eval_batch_size"], args.time_rounds)
+    baseline = statistics.median(candidates[0].times)
+    stored["timing"] = {"rounds": args.time_rounds, "threads": torch.get_num_threads(), "stock_median_s": baseline,
+                        "commit": common.commit(), "configurations": [
+                            {"configuration": json.loads(c.name), "median_s": statistics.median(c.times),
+                             "speedup_vs_dynamic": baseline / statistics.median(c.times)} for c in candidates[1:]]}
+    path.write_text(json.dumps(stored, indent=2) + "\n")
+    (args.out / "proportional_frontier.md").write_text(markdown(stored))
+    return 0
+
+
 def merge(earlier: dict, latest: dict) -> dict:
     """``latest`` plus the rows of ``earlier`` (same task, epochs and spec) for the (seed,
     fractions, minimums) it did not recompute; both runs' commands are listed."""
@@ -163,9 +198,22 @@ def markdown(stored: dict) -> str:
              "minus the fine-tuned model's. Ideals against dynamic padding over the test set sorted by length in "
              f"batches of {spec['eval_batch_size']} (the reproduce timing): FLOPs per sequence (ALGORITHM.md §6, "
              "the reachable bound; the reproduce proportional models ran at 0.96-0.97 of it), vectors with each "
-             "batch as wide as its widest row (§8, the layout `patch` runs).",
-             "", "| seed | fractions | minimums | FLOPs ideal × | vector ideal × | dev by epoch % | test % | Δ pts |",
-             "|---:|---|---|---:|---:|---|---:|---:|"]
+             "batch as wide as its widest row (§8, the layout `patch` runs)."]
+    if "timing" in stored:
+        t = stored["timing"]
+        lines += ["", f"Measured against stock with dynamic padding (`--time-rounds {t['rounds']}`, {t['threads']} "
+                  f"threads, commit `{t['commit']}`, medians of alternated rounds; stock {t['stock_median_s']:.2f} s "
+                  "per test pass):", "", "| fractions | minimums | × vs dynamic padding | FLOPs ideal × | of it |",
+                  "|---|---|---:|---:|---:|"]
+        ideals = {(tuple(r["fractions"]), None if r["minimum"] is None else tuple(r["minimum"])):
+                  r["flops_ideal_vs_dynamic"] for r in stored["rows"]}
+        for c in sorted(t["configurations"], key=lambda c: c["speedup_vs_dynamic"]):
+            fractions, minimum = c["configuration"]
+            ideal = ideals[(tuple(fractions), None if minimum is None else tuple(minimum))]
+            lines.append(f"| {tuple(fractions)} | {'–' if minimum is None else tuple(minimum)} | "
+                         f"{c['speedup_vs_dynamic']:.2f}x | {ideal:.2f} | {c['speedup_vs_dynamic'] / ideal:.2f} |")
+    lines += ["", "Per seed:", "", "| seed | fractions | minimums | FLOPs ideal × | vector ideal × | dev by epoch % | "
+              "test % | Δ pts |", "|---:|---|---|---:|---:|---|---:|---:|"]
     for r in sorted(stored["rows"], key=lambda r: (r["seed"], r["flops_ideal_vs_dynamic"])):
         lines.append(f"| {r['seed']} | {tuple(r['fractions'])} | {'–' if r['minimum'] is None else tuple(r['minimum'])} | "
                      f"{r['flops_ideal_vs_dynamic']:.2f} | {r['vector_ideal_vs_dynamic']:.2f} | "
