@@ -12,9 +12,10 @@ does (same train/dev split, learning rate and batch, the untrained patched model
 best dev epoch kept), and reports test accuracy beside the FLOPs ideal against dynamic padding on
 the test set sorted by length in batches of the reproduce timing (ALGORITHM.md §6 per sequence).
 
-No timing: the proportional models of ``make reproduce`` ran at 0.96-0.97 of this FLOPs ideal
-(``benchmarks/results/reproduce.md``), so >= 2.5x measured needs an ideal of about 2.6.
-Writes ``proportional_frontier.json`` and ``.md`` into ``--out``.
+Writes ``proportional_frontier.json`` and ``.md`` into ``--out``; ``--append`` keeps an earlier
+run's rows there that this run did not redo (more seeds or configurations). Training runs time
+nothing; ``--time-rounds R`` is a separate pass, for a quiet machine, that times every configuration
+of the results against stock with dynamic padding on the test set.
 """
 from __future__ import annotations
 
@@ -51,6 +52,15 @@ DEFAULT_CONFIGS = [
     ([1.0, 0.5, 0.3, 0.1, 0.05, 0.02], None),
     ([0.3, 0.2, 0.15, 0.05, 0.03, 0.02], [22, 16, 10, 3, 2, 1]),
 ]
+
+
+def _key(fractions, minimum) -> tuple:
+    """A configuration as a hashable (fractions, minimums or None), however JSON gave it."""
+    return tuple(fractions), None if minimum is None else tuple(minimum)
+
+
+def _minimums_text(minimum) -> str:
+    return "–" if minimum is None else str(tuple(minimum))
 
 
 def finetuned_folder(work: Path, task: str, seed: int, spec_seed: int) -> Path:
@@ -156,7 +166,7 @@ def time_configurations(args) -> int:
     stock = load_model(folder).eval()
     labels = label_space_from_config(stock.config)
     test = D.encode(D.load_examples(data / "test.csv"), tokenizer, labels, spec["max_length"])
-    configs = {(tuple(r["fractions"]), None if r["minimum"] is None else tuple(r["minimum"])) for r in stored["rows"]}
+    configs = {_key(r["fractions"], r["minimum"]) for r in stored["rows"]}
     candidates = [Candidate("stock", stock, "dynamic")]
     for fractions, minimum in sorted(configs):
         model = powerbert.patch(load_model(folder).eval(), list(fractions), retention_min=minimum)
@@ -179,10 +189,8 @@ def merge(earlier: dict, latest: dict) -> dict:
         if earlier.get(key) != latest[key]:
             raise SystemExit(f"--append: the earlier results differ in {key} ({earlier.get(key)!r}); "
                              "write to another --out")
-    done = {(r["seed"], tuple(r["fractions"]), None if r["minimum"] is None else tuple(r["minimum"]))
-            for r in latest["rows"]}
-    kept = [r for r in earlier["rows"]
-            if (r["seed"], tuple(r["fractions"]), None if r["minimum"] is None else tuple(r["minimum"])) not in done]
+    done = {(r["seed"], *_key(r["fractions"], r["minimum"])) for r in latest["rows"]}
+    kept = [r for r in earlier["rows"] if (r["seed"], *_key(r["fractions"], r["minimum"])) not in done]
     return {**latest, "runs": earlier["runs"] + latest["runs"], "rows": kept + latest["rows"]}
 
 
@@ -205,23 +213,22 @@ def markdown(stored: dict) -> str:
                   f"threads, commit `{t['commit']}`, medians of alternated rounds; stock {t['stock_median_s']:.2f} s "
                   "per test pass):", "", "| fractions | minimums | × vs dynamic padding | FLOPs ideal × | of it |",
                   "|---|---|---:|---:|---:|"]
-        ideals = {(tuple(r["fractions"]), None if r["minimum"] is None else tuple(r["minimum"])):
-                  r["flops_ideal_vs_dynamic"] for r in stored["rows"]}
+        ideals = {_key(r["fractions"], r["minimum"]): r["flops_ideal_vs_dynamic"] for r in stored["rows"]}
         for c in sorted(t["configurations"], key=lambda c: c["speedup_vs_dynamic"]):
             fractions, minimum = c["configuration"]
-            ideal = ideals[(tuple(fractions), None if minimum is None else tuple(minimum))]
-            lines.append(f"| {tuple(fractions)} | {'–' if minimum is None else tuple(minimum)} | "
+            ideal = ideals[_key(fractions, minimum)]
+            lines.append(f"| {tuple(fractions)} | {_minimums_text(minimum)} | "
                          f"{c['speedup_vs_dynamic']:.2f}x | {ideal:.2f} | {c['speedup_vs_dynamic'] / ideal:.2f} |")
     lines += ["", "Per seed:", "", "| seed | fractions | minimums | FLOPs ideal × | vector ideal × | dev by epoch % | "
               "test % | Δ pts |", "|---:|---|---|---:|---:|---|---:|---:|"]
     for r in sorted(stored["rows"], key=lambda r: (r["seed"], r["flops_ideal_vs_dynamic"])):
-        lines.append(f"| {r['seed']} | {tuple(r['fractions'])} | {'–' if r['minimum'] is None else tuple(r['minimum'])} | "
+        lines.append(f"| {r['seed']} | {tuple(r['fractions'])} | {_minimums_text(r['minimum'])} | "
                      f"{r['flops_ideal_vs_dynamic']:.2f} | {r['vector_ideal_vs_dynamic']:.2f} | "
                      f"{', '.join(f'{v:.1f}' for v in r['dev_history'])} | {r['test_accuracy']:.2f} | "
                      f"{r['delta_points']:+.2f} |")
     groups: dict = {}
     for r in stored["rows"]:
-        groups.setdefault((tuple(r["fractions"]), None if r["minimum"] is None else tuple(r["minimum"])), []).append(r)
+        groups.setdefault(_key(r["fractions"], r["minimum"]), []).append(r)
     several = {key: rows for key, rows in groups.items() if len(rows) > 1}
     if several:
         lines += ["", "Over seeds (each seed its own fine-tuned model and baseline), mean ± std:", "",
@@ -229,7 +236,7 @@ def markdown(stored: dict) -> str:
         for (fractions, minimum), rows in sorted(several.items(), key=lambda kv: kv[1][0]["flops_ideal_vs_dynamic"]):
             deltas = [r["delta_points"] for r in rows]
             ideal = statistics.mean(r["flops_ideal_vs_dynamic"] for r in rows)
-            lines.append(f"| {fractions} | {'–' if minimum is None else minimum} | "
+            lines.append(f"| {fractions} | {_minimums_text(minimum)} | "
                          f"{', '.join(str(r['seed']) for r in sorted(rows, key=lambda r: r['seed']))} | {ideal:.2f} | "
                          f"{statistics.mean(deltas):+.2f} ± {statistics.stdev(deltas):.2f} |")
     return "\n".join(lines) + "\n"
