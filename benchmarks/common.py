@@ -65,7 +65,7 @@ def triton_path():
     """Context that runs a patched model's Triton code path: itself on CUDA, and in the dry run
     under the interpreter on CPU tensors (the CPU default is the torch path)."""
     if DRY_RUN and INTERPRETING:
-        from powerbert import ops
+        from powerbert.elimination import dispatch as ops
 
         return ops.use_backend("triton")
     return contextlib.nullcontext()

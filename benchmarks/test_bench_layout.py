@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from benchmarks.reproduce.data import load
-from powerbert.retention import row_keep_counts
+from powerbert.elimination.retention import row_keep_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

@@ -87,7 +87,7 @@ def test_extract(benchmark, device, dtype, impl):
         device = common.require_gpu_case()  # CPU in the dry run
     elif common.device() == "cuda":
         pytest.skip("a CPU case (make bench); this machine runs the CUDA cases")
-    from kernels.fused import extract, extract_ref
+    from kernels.extract import extract, extract_ref
 
     probs, hidden, mask = _inputs(device, dtype)
     impls = {

@@ -39,7 +39,7 @@ import powerbert
 from benchmarks import common
 from benchmarks.unpadded import bert_forward_unpadded, has_varlen_attn
 from powerbert.cuda_graph import CudaGraphForward
-from powerbert.retention import keep_counts
+from powerbert.elimination.retention import keep_counts
 
 RETENTION_128 = (77, 63, 56, 53, 43, 40, 36, 24, 18, 14, 11, 3)
 if common.DRY_RUN:

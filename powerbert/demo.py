@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, BertModel  # noqa: E402
 
 import powerbert  # noqa: E402
-import powerbert.retention  # noqa: E402
+import powerbert.elimination.retention  # noqa: E402
 
 LENGTH = 128
 RETENTION = (48, 32, 24, 16, 12, 8)
@@ -93,8 +93,8 @@ def main() -> None:
 
     lengths = dynamic["attention_mask"].sum(1).tolist()
     ideal = powerbert.vector_ratio(RETENTION, LENGTH)
-    ideal_fixed = powerbert.retention.ideal_vs_dynamic_padding(RETENTION, [lengths])
-    ideal_proportional = powerbert.retention.ideal_vs_dynamic_padding(PROPORTIONAL, [lengths])
+    ideal_fixed = powerbert.elimination.retention.ideal_vs_dynamic_padding(RETENTION, [lengths])
+    ideal_proportional = powerbert.elimination.retention.ideal_vs_dynamic_padding(PROPORTIONAL, [lengths])
     print(f"fixed retention {RETENTION}: {sum(RETENTION)} of {layers * LENGTH} word vectors at N "
           f"(vector-ratio ideal {ideal:.2f}x vs padded, {ideal_fixed:.2f}x vs dynamic padding)")
     print(f"proportional retention {PROPORTIONAL} of each sentence's length "

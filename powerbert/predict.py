@@ -53,8 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
-from powerbert import data as D
-from powerbert.model_folder import check_model_dir, default_max_length, read_model_config
+from powerbert.inputs import data as D
+from powerbert.inputs.model_folder import check_model_dir, default_max_length, read_model_config
 
 ENGINES = ("local", "ray")
 KINDS = {"classifier": ".jsonl", "embedding": ".npy"}  # what a model gives, and the output it is written to
@@ -187,8 +187,8 @@ class Predictor:
         from transformers import AutoTokenizer
 
         import powerbert
-        from powerbert.families import resolve
-        from powerbert.model_folder import load_model
+        from powerbert.elimination.families import resolve
+        from powerbert.inputs.model_folder import load_model
 
         if threads:
             torch.set_num_threads(threads)

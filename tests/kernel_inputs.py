@@ -79,7 +79,7 @@ def check_rows_independently(idx, scores, k, width):
     the int-k ``select_ref`` with its own k_i', and through the spec's plain-Python selection,
     equals slots 0..k_i'-1; the filler slots hold 0. ``scores`` as the selection saw them
     (padding already -inf)."""
-    from kernels.topk import select_ref
+    from kernels.select import select_ref
 
     B, n = scores.shape
     W = min(width, n)

@@ -14,7 +14,9 @@ import pytest
 import torch
 from transformers import BertTokenizer, GPT2Config, GPT2Model
 
-from powerbert import cli, data as D, pipeline
+from powerbert import cli
+from powerbert.inputs import data as D
+from powerbert.training import pipeline
 from test_pipeline import VOCAB, WORDS, make_model_folder, write_marker_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")

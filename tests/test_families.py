@@ -1,7 +1,7 @@
 """powerbert.patch across model families: ALBERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA.
 
-Every family runs through the one eliminating layer (``powerbert/layer.py``) via its entry in
-``powerbert/families.py``. Here each family gets a small *test-side* adapter that pulls the
+Every family runs through the one eliminating layer (``powerbert/elimination/layer.py``) via its entry in
+``powerbert/elimination/families.py``. Here each family gets a small *test-side* adapter that pulls the
 same modules out of the model independently and feeds them to the spec implementation
 (``spec_reference.spec_encoder``), so a wrong family description (a missed projection, a
 norm in the wrong place, a wrong number of ALBERT applications) shows up as a mismatch.
@@ -395,7 +395,7 @@ def test_supported_models_lists_every_family():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_model_types_match_configs(name):
-    from powerbert.families import resolve
+    from powerbert.elimination.families import resolve
 
     model = build(name)
     family, base, cls_only = resolve(model)
@@ -408,7 +408,7 @@ def test_family_model_types_match_configs(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_soft_extract_one_optimiser_step(name):
-    from powerbert.soft_extract import attach_soft_extract
+    from powerbert.elimination.soft_extract import attach_soft_extract
 
     case = CASES[name]
     model = build(name, case.head)

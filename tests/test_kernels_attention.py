@@ -45,7 +45,7 @@ def make_mask(kind, B, n, device, dtype=torch.bool):
     elif kind == "cls_only":
         m = torch.zeros(B, n, dtype=torch.bool)
         m[:, 0] = True
-    elif kind == "ragged":  # right-padded to the longest row, as powerbert.layout leaves a batch
+    elif kind == "ragged":  # right-padded to the longest row, as powerbert.elimination.layout leaves a batch
         lengths = torch.randint(1, n + 1, (B,))
         lengths[0] = n
         if B > 1:
@@ -248,8 +248,8 @@ def test_all_padding_sequence(n, device):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_context_heads_merge_as_a_view(backend, device):
     """context [B, H, n, d] lies in [B, n, H, d] memory on both backends, so the output
-    projection's [B, n, H * d] input is a view (powerbert.layer.merge_heads copies nothing)."""
-    from powerbert.layer import merge_heads
+    projection's [B, n, H * d] input is a view (powerbert.elimination.layer.merge_heads copies nothing)."""
+    from powerbert.elimination.layer import merge_heads
 
     B, H, n, d = 2, 3, 20, 32
     q, k, v = make_qkv(B, H, n, d, torch.float16, device)

@@ -4,11 +4,13 @@ import torch
 
 from kernel_inputs import check_extract_rows_independently, make_mask, nan_as_neginf, nan_of, row_k, with_nans
 
-import kernels.fused as fused_mod
-import kernels.gather_rows as gather_mod
-from kernels.fused import extract, extract_from_scores, extract_from_scores_ref, extract_ref
-from kernels.scores import significance_ref
-from kernels.topk import select_ref
+import importlib
+
+fused_mod = importlib.import_module("kernels.extract")
+gather_mod = importlib.import_module("kernels.gather")
+from kernels.extract import extract, extract_from_scores, extract_from_scores_ref, extract_ref
+from kernels.significance import significance_ref
+from kernels.select import select_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.gather_rows import gather, gather_ref
+from kernels.gather import gather, gather_ref
 
 
 def make_indices(B, n, k, device="cpu"):

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from kernel_inputs import check_extract_rows_independently, check_rows_independently, nan_as_neginf, nan_of
 from spec_reference import spec_keep
 
-from kernels.fused import extract, extract_from_scores, extract_from_scores_ref, extract_ref
-from kernels.gather_rows import gather, gather_ref
-from kernels.scores import significance, significance_ref
-from kernels.topk import select, select_ref
+from kernels.extract import extract, extract_from_scores, extract_from_scores_ref, extract_ref
+from kernels.gather import gather, gather_ref
+from kernels.significance import significance, significance_ref
+from kernels.select import select, select_ref
 
 
 def _settings(max_examples):

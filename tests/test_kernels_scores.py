@@ -4,7 +4,7 @@ import torch
 
 from kernel_inputs import make_mask
 
-from kernels.scores import significance, significance_ref
+from kernels.significance import significance, significance_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Inputs are cast to the dtype first and the fp64 reference reads those same rounded values,

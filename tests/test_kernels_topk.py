@@ -6,7 +6,7 @@ from kernel_inputs import (check_rows_independently, nan_as_neginf, nan_of, nan_
                            with_nans)
 from spec_reference import spec_keep
 
-from kernels.topk import select, select_ref
+from kernels.select import select, select_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -237,7 +237,7 @@ def test_select_float64_triton_refused(device):
 
 def test_select_float64_auto_picks_torch_on_cuda():
     """backend=None: float64 takes the torch path even on CUDA (the kernels are fp16/bf16/fp32)."""
-    import kernels._launch as L
+    import kernels.launch as L
     assert L.resolve_backend(None, torch.device("cuda"), 8, 512, ("scores", torch.float64)) == "torch"
     assert L.resolve_backend(None, torch.device("cuda"), 8, 512, ("scores", torch.float32)) == "triton"
     assert L.resolve_backend(None, torch.device("cpu"), 8, 512, ("scores", torch.float32)) == "torch"

@@ -6,7 +6,7 @@ import torch
 from transformers import BertForSequenceClassification, BertModel
 
 import powerbert
-from powerbert import layer
+from powerbert.elimination import layer
 from test_patch_bert import batch, build, spec_outputs
 from test_proportional import FRACTIONS, SIZES, per_sequence_reference, reference_counts
 

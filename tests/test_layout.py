@@ -5,7 +5,7 @@ import torch
 from transformers import BertModel
 
 import powerbert
-from powerbert.layout import real_tokens_first, static_shapes_now
+from powerbert.elimination.layout import real_tokens_first, static_shapes_now
 from test_families import CASES, FAMILIES
 from test_families import batch as family_batch
 from test_families import build as family_build

@@ -15,7 +15,7 @@ from transformers import (
 
 import kernels
 import powerbert
-from powerbert.layer import baseline_scores
+from powerbert.elimination.layer import baseline_scores
 from spec_reference import bert_layer_modules, head_ws_choose, spec_encoder
 
 LAYERS = 3

@@ -5,7 +5,7 @@ import torch
 from transformers import BertForSequenceClassification, BertModel
 
 import powerbert
-from powerbert import ops
+from powerbert.elimination import dispatch as ops
 from test_patch_bert import batch, build, spec_outputs
 
 # head dim 32: a size the attention kernel supports

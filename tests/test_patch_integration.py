@@ -347,7 +347,7 @@ def test_bare_model_traces_in_one_graph_with_its_extra_outputs():
 
 
 def test_float64_model_runs_when_the_triton_backend_is_forced():
-    from powerbert import ops
+    from powerbert.elimination import dispatch as ops
 
     model = powerbert.patch(build(BertModel).double(), RETENTION)
     inputs = batch()

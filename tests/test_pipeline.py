@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertTokenizer
 
 import powerbert
-from powerbert import pipeline
+from powerbert.training import pipeline
 
 N = 16
 LAYERS = 4
@@ -232,7 +232,7 @@ def proportional_run(pipeline_run, tmp_path_factory):
 
 
 def test_proportional_search_learns_fractions_and_exports_them(proportional_run):
-    from powerbert.retention import keep_counts
+    from powerbert.elimination.retention import keep_counts
 
     cfg, metrics = proportional_run
     configuration = metrics["configuration"]

@@ -8,7 +8,7 @@ import torch
 from transformers import BertForSequenceClassification, BertModel
 
 import powerbert
-from powerbert.retention import ideal_vs_dynamic_padding, keep_counts, row_keep_counts, vector_ratio
+from powerbert.elimination.retention import ideal_vs_dynamic_padding, keep_counts, row_keep_counts, vector_ratio
 from spec_reference import bert_layer_modules, spec_encoder
 from test_patch_bert import batch, build
 
@@ -81,7 +81,7 @@ def test_each_row_equals_the_row_alone_through_the_spec(attn, minimum, static):
 def test_leading_shares_of_one_keep_everything_without_scoring(static, monkeypatch):
     """Layers of a leading run of 1.0 keep every real token of every row: they run like the stock
     layer (fused attention, no scores, no selection), and the output still follows the spec."""
-    from powerbert import ops
+    from powerbert.elimination import dispatch as ops
 
     fractions = (1.0, 1.0, 0.45)
     model = build(BertModel)
@@ -154,7 +154,7 @@ def test_ideals():
 
 
 def test_flops_ideal_vs_dynamic_padding_counts_the_first_attention():
-    from powerbert.retention import flops_ideal_vs_dynamic_padding, layer_flops
+    from powerbert.elimination.retention import flops_ideal_vs_dynamic_padding, layer_flops
 
     # one batch of two sequences (8 and 4 tokens), D 4, I 8, fractions (0.5, 0.25)
     stock = 2 * 2 * layer_flops(8, 8, 4, 8)

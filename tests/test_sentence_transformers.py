@@ -120,7 +120,7 @@ def test_features_carry_the_survivor_mask_and_positions(patched):
     assert mask.dtype == features["attention_mask"].dtype
     assert out["token_embeddings"].shape[:2] == mask.shape == positions.shape
     lengths = features["attention_mask"].sum(1)
-    counts = powerbert.retention.row_keep_counts(FRACTIONS, None, lengths)[-1]
+    counts = powerbert.elimination.retention.row_keep_counts(FRACTIONS, None, lengths)[-1]
     assert mask.sum(1).tolist() == counts.tolist()
     assert (positions[:, 0] == 0).all()  # [CLS] survives, first
 

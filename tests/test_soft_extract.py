@@ -6,8 +6,8 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 import powerbert
-from powerbert.families import LayerParts
-from powerbert.soft_extract import (
+from powerbert.elimination.families import LayerParts
+from powerbert.elimination.soft_extract import (
     attach_soft_extract,
     configuration_from_masses,
     fractions_from_shares,
@@ -202,10 +202,10 @@ FAMILY_MODELS = {
 def test_every_family_all_ones_equals_stock_and_trains(family):
     import transformers
 
-    from powerbert.families import FAMILIES
+    from powerbert.elimination.families import FAMILIES
 
     if family not in {f.name for f in FAMILIES}:
-        pytest.skip(f"{family} is not in powerbert.families yet")
+        pytest.skip(f"{family} is not in powerbert.elimination.families yet")
     config_name, model_name, extra = FAMILY_MODELS[family]
     values = dict(vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=64, num_labels=2, **extra)

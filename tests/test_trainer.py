@@ -1,4 +1,4 @@
-"""PoWER-BERT on ``transformers.Trainer``: ``powerbert.trainer.SearchTrainer`` in a user's own
+"""PoWER-BERT on ``transformers.Trainer``: ``powerbert.training.trainer.SearchTrainer`` in a user's own
 script, and the pipeline data-parallel under ``torchrun`` (2 processes, gloo on this CPU)."""
 import json
 import os
@@ -12,8 +12,9 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 import powerbert
-from powerbert import distributed, pipeline
-from powerbert.trainer import SOFT_MODULE, SearchTrainer, task_metrics
+from powerbert.training import distributed
+from powerbert.training import pipeline
+from powerbert.training.trainer import SOFT_MODULE, SearchTrainer, task_metrics
 from test_pipeline import N, VOCAB, interrupt_at_evaluation, make_model_folder, write_marker_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")

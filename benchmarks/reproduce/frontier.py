@@ -35,11 +35,11 @@ import torch
 import powerbert
 from benchmarks import common
 from benchmarks.reproduce.timing import Candidate, measure
-from powerbert import data as D
-from powerbert.model_folder import label_space_from_config, load_model, load_tokenizer
-from powerbert.pipeline import evaluate_model, prepare_task, real_lengths, seed_everything, train_model
-from powerbert.pipeline_config import PipelineConfig
-from powerbert.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding
+from powerbert.inputs import data as D
+from powerbert.inputs.model_folder import label_space_from_config, load_model, load_tokenizer
+from powerbert.training.pipeline import evaluate_model, prepare_task, real_lengths, seed_everything, train_model
+from powerbert.training.config import PipelineConfig
+from powerbert.elimination.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding
 
 # (fractions, per-layer minimums or None): shapes around an ideal of 2.2-3.0 on movie reviews,
 # early layers kept whole or floored (short sentences keep more), late layers near [CLS] alone.

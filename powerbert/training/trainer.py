@@ -3,7 +3,7 @@
 The paper's three steps in your own Trainer script (``powerbert train`` runs the same classes):
 
     import powerbert
-    from powerbert.trainer import FiniteLossTrainer, SearchTrainer, task_metrics
+    from powerbert.training.trainer import FiniteLossTrainer, SearchTrainer, task_metrics
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments("out/search", num_train_epochs=3, learning_rate=3e-5, warmup_steps=0.1,
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from powerbert.soft_extract import SoftExtract, attach_soft_extract
+from powerbert.elimination.soft_extract import SoftExtract, attach_soft_extract
 
 # The model's submodule name for the retention vectors while SearchTrainer.train() runs.
 SOFT_MODULE = "powerbert_soft_extract"

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _launch as L
+from kernels import launch as L
 
 
 # ----------------------------------------------------------------------------- reference
@@ -66,7 +66,7 @@ def _gather_kernel(
     # every dtype, fp64 included), so the interpreter's bf16 arithmetic issue does not arise.
     m = tl.load(mask_ptr + b * stride_mb + rows * stride_mn, mask=r_in)
     if ROW_K:
-        k_row = tl.minimum(tl.maximum(tl.load(k_ptr + b * stride_k), 1), k)  # as kernels.topk._row_k
+        k_row = tl.minimum(tl.maximum(tl.load(k_ptr + b * stride_k), 1), k)  # as kernels.select._row_k
         m = tl.where(offs_r < k_row, m, 0)
     tl.store(out_m_ptr + b * stride_omb + offs_r.to(tl.int64) * stride_omk, m, mask=r_in)
     src = hidden_ptr + b * stride_hb + rows[:, None] * stride_hn

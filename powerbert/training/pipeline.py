@@ -1,6 +1,6 @@
 """The three-step PoWER-BERT pipeline (ALGORITHM.md §4) as a Python API.
 
-    from powerbert.pipeline import PipelineConfig, run
+    from powerbert.training.pipeline import PipelineConfig, run
     metrics = run(PipelineConfig(model="path/to/bert", data="train.csv", output="out"))
 
 Steps, each writing ``<output>/<step>/`` (the model via ``save_pretrained``, its tokenizer, a
@@ -22,14 +22,14 @@ Steps, each writing ``<output>/<step>/`` (the model via ``save_pretrained``, its
 
 ``export`` then copies the re-trained model to ``<output>/`` and writes ``metrics.json``.
 
-Validation first: ``preflight`` (``powerbert.preflight``) checks every setting (finite, in
+Validation first: ``preflight`` (``powerbert.training.preflight``) checks every setting (finite, in
 range), the output folder (not a file, not the model folder), the model folder
-(``powerbert.model_folder``: config, supported architecture, weights, tokenizer files, N within
+(``powerbert.inputs.model_folder``: config, supported architecture, weights, tokenizer files, N within
 its positions) and the data (format, finite labels, classification or regression from the whole
 label column) before any training, and raises ValueError or SystemExit with a one-line message.
 
 Training runs on ``transformers.Trainer`` (``train_model``; the search on
-``powerbert.trainer.SearchTrainer``): logging, checkpoints, the optimiser and its schedule, and
+``powerbert.training.trainer.SearchTrainer``): logging, checkpoints, the optimiser and its schedule, and
 data parallelism are the Trainer's. ``torchrun --nproc_per_node P -m powerbert.cli train ...``
 (or ``accelerate launch``) runs every step on P processes: ``batch_size`` stays the batch of one
 optimiser step (``batch_size / P`` per process, so the schedule and the default ``lr_soft`` do
@@ -37,7 +37,7 @@ not depend on P), only rank 0 writes, and the records say ``world_size``. What t
 the step cache, the best dev checkpoint (``_StepRecord``), the per-epoch history (with the
 retention vectors' masses during the search) and ``metrics.json``.
 
-Cache (``powerbert.step_cache``): each step's key is the settings that shaped it (content hashes
+Cache (``powerbert.training.step_cache``): each step's key is the settings that shaped it (content hashes
 of the data, dev data and model weights; columns, task, N, learning rates, epochs, lambda, seed,
 ...) plus the digest of the previous step's key. A rerun skips a finished step whose key matches
 and resumes an interrupted one from the Trainer checkpoint it writes after every epoch to
@@ -85,25 +85,25 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 import powerbert
-from powerbert import data as D
-from powerbert.model_folder import (MAX_LENGTH_KEY, check_model_dir, default_max_length, label_space_from_config,
+from powerbert.inputs import data as D
+from powerbert.inputs.model_folder import (MAX_LENGTH_KEY, check_model_dir, default_max_length, label_space_from_config,
                                     load_model, load_tokenizer, max_positions, read_model_config)  # noqa: F401 (re-exported)
-from powerbert.patch import CONFIG_KEY
-from powerbert.pipeline_config import STEPS, PipelineConfig
-from powerbert.preflight import load_data, preflight
-from powerbert.retention import is_proportional, keep_counts, row_keep_counts
-from powerbert.soft_extract import attach_soft_extract, fractions_from_shares
-from powerbert.distributed import is_main_process, per_process_batch, use_cpu, wait_for_everyone, world_size
+from powerbert.elimination.hard_extract import CONFIG_KEY
+from powerbert.training.config import STEPS, PipelineConfig
+from powerbert.training.preflight import load_data, preflight
+from powerbert.elimination.retention import is_proportional, keep_counts, row_keep_counts
+from powerbert.elimination.soft_extract import attach_soft_extract, fractions_from_shares
+from powerbert.training.distributed import is_main_process, per_process_batch, use_cpu, wait_for_everyone, world_size
 # DONE and LR_SOFT_MIN: re-exported (benchmarks/reproduce reads P.DONE, a test P.LR_SOFT_MIN)
-from powerbert.step_cache import (CHECKPOINT, DONE, LAMBDA, LEGACY_CHECKPOINT, METRICS,  # noqa: F401
+from powerbert.training.step_cache import (CHECKPOINT, DONE, LAMBDA, LEGACY_CHECKPOINT, METRICS,  # noqa: F401
                                   begin_step, discard, exported_files, finish_step, need_done, read_key, stale_step, step_folder,
                                   write_json)
-from powerbert.trainer import (LR_SOFT_MAX, LR_SOFT_MIN, FiniteLossTrainer, SearchTrainer,  # noqa: F401
+from powerbert.training.trainer import (LR_SOFT_MAX, LR_SOFT_MIN, FiniteLossTrainer, SearchTrainer,  # noqa: F401
                                default_lr_soft, task_metrics)
 
 log = logging.getLogger("powerbert")
 
-# default_lr_soft, LR_SOFT_MIN and LR_SOFT_MAX (the default lr_soft and why) live in powerbert.trainer.
+# default_lr_soft, LR_SOFT_MIN and LR_SOFT_MAX (the default lr_soft and why) live in powerbert.training.trainer.
 # A user-given lr_soft above this saturates r at 0 or 1 in a few steps (a warning says so).
 LR_SOFT_SATURATES = 0.1
 # The lambda trials of target_speedup compress the full search's travel of r into a few steps

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _launch as L
+from kernels import launch as L
 
 
 # ----------------------------------------------------------------------------- reference

@@ -30,8 +30,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-from powerbert.families import Family, family_named, resolve
-from powerbert.layout import real_tokens_first, static_shapes_now
+from powerbert.elimination.families import Family, family_named, resolve
+from powerbert.elimination.layout import real_tokens_first, static_shapes_now
 
 # The keyword through which BaseForward hands the encoder a record to fill (every supported
 # base model passes its **kwargs on to the encoder).

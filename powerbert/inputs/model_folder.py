@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from powerbert import data as D
-from powerbert.families import FAMILIES, resolve
+from powerbert.inputs import data as D
+from powerbert.elimination.families import FAMILIES, resolve
 
 # The N a model was trained at, recorded in its config (``evaluate`` reads it back).
 MAX_LENGTH_KEY = "powerbert_max_length"
@@ -21,7 +21,7 @@ VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
 
 
 def supported_model_types() -> list[str]:
-    """Every ``model_type`` (as in ``config.json``) that a family in ``powerbert.families`` covers."""
+    """Every ``model_type`` (as in ``config.json``) that a family in ``powerbert.elimination.families`` covers."""
     return [t for family in FAMILIES for t in family.model_types]
 
 

@@ -2,7 +2,7 @@
 
 Only settings live here (and ``PipelineConfig.check``, which validates them one by one), so that
 the pre-flight checks, the step cache and the pipeline itself can all read a configuration
-without importing each other. See ``powerbert.pipeline`` for what the settings do.
+without importing each other. See ``powerbert.training.pipeline`` for what the settings do.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from powerbert import data as D
+from powerbert.inputs import data as D
 
 # The pipeline's steps, in the order they run; each writes ``<output>/<step>/``.
 STEPS = ("finetune", "search", "retrain")

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from powerbert import data as D
-from powerbert.distributed import check_devices, per_process_batch
-from powerbert.model_folder import check_model_dir, load_tokenizer
-from powerbert.pipeline_config import STEPS, PipelineConfig
-from powerbert.retention import is_proportional
-from powerbert.step_cache import METRICS, expected_keys, need_done, stale_message, stale_step, step_folder
+from powerbert.inputs import data as D
+from powerbert.training.distributed import check_devices, per_process_batch
+from powerbert.inputs.model_folder import check_model_dir, load_tokenizer
+from powerbert.training.config import STEPS, PipelineConfig
+from powerbert.elimination.retention import is_proportional
+from powerbert.training.step_cache import METRICS, expected_keys, need_done, stale_message, stale_step, step_folder
 
 
 def check_output(cfg: PipelineConfig) -> None:

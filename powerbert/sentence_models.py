@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from powerbert.encoder import restore_attribute, saved_attribute
+from powerbert.elimination.families import resolve
+from powerbert.elimination.forwards import restore_attribute, saved_attribute
+from powerbert.elimination.hard_extract import hard_extract_of, install_hard_extract, remove_hard_extract
 
 SENTENCE_PACKAGE = "sentence_transformers"
 KINDS = {"SentenceTransformer": "embedding", "CrossEncoder": "cross-encoder"}
@@ -162,9 +164,7 @@ class TokenEmbeddingsForward:
 
 
 def _patched_transformers(model: nn.Module) -> list[nn.Module]:
-    from powerbert.patch import is_patched
-
-    return [module for module in _transformer_modules(model) if is_patched(module.model)]
+    return [module for module in _transformer_modules(model) if hard_extract_of(module.model) is not None]
 
 
 def patch_sentence(model: nn.Module, retention=None, **options) -> nn.Module:
@@ -180,9 +180,6 @@ def patch_sentence(model: nn.Module, retention=None, **options) -> nn.Module:
             that depends on token positions. RuntimeError: already patched. ValueError: as
             ``powerbert.patch``.
     """
-    from powerbert.families import resolve
-    from powerbert.patch import patch, unpatch
-
     kind = KINDS[_sentence_class(model)]
     modules = _transformer_modules(model)
     if not modules:
@@ -202,33 +199,31 @@ def patch_sentence(model: nn.Module, retention=None, **options) -> nn.Module:
     done = []
     try:
         for module in modules:
-            patch(module.model, retention, **options)
+            install_hard_extract(module.model, retention, **options)
             done.append(module)
             if kind == "embedding":
                 module.forward = TokenEmbeddingsForward(module, poolings, saved_attribute(module, "forward"))
     except BaseException:
         for module in done:
-            _unpatch_module(module, unpatch)
+            _unpatch_module(module)
         raise
     return model
 
 
-def _unpatch_module(module: nn.Module, unpatch) -> None:
+def _unpatch_module(module: nn.Module) -> None:
     forward = module.__dict__.get("forward")
     if isinstance(forward, TokenEmbeddingsForward):
         restore_attribute(module, "forward", forward.saved_forward)
-    unpatch(module.model)
+    remove_hard_extract(module.model)
 
 
 def unpatch_sentence(model: nn.Module) -> nn.Module:
     """Undo ``patch_sentence`` exactly: every Transformer module's forward and model as before."""
-    from powerbert.patch import unpatch
-
     modules = _patched_transformers(model)
     if not modules:
         raise RuntimeError("model is not patched by powerbert; nothing to unpatch")
     for module in modules:
-        _unpatch_module(module, unpatch)
+        _unpatch_module(module)
     return model
 
 
@@ -238,12 +233,10 @@ def is_sentence_patched(model: nn.Module) -> bool:
 
 def sentence_patch_state(model: nn.Module):
     """The ``HardExtract`` of the (first) patched Transformer module's model."""
-    from powerbert.patch import patch_state
-
     modules = _patched_transformers(model)
     if not modules:
         raise RuntimeError("model is not patched by powerbert")
-    return patch_state(modules[0].model)
+    return hard_extract_of(modules[0].model)
 
 
 def hf_model(model: nn.Module) -> nn.Module:

@@ -1,6 +1,8 @@
-"""``patch`` / ``unpatch``: swap word-vector elimination into a Hugging Face model in place.
+"""The hard extract: word-vector elimination installed in (and removed from) a Hugging Face model.
 
-Patching replaces two things, both instance attributes (see ``encoder.py``): the ``forward`` of
+``HardExtract`` is the layer runner of a patched model; ``install_hard_extract`` and
+``remove_hard_extract`` are ``powerbert.patch`` / ``powerbert.unpatch`` for a Hugging Face model
+(the front door, ``powerbert/front_door.py``, also serves sentence-transformers models). Installing replaces two things, both instance attributes (see ``encoder.py``): the ``forward`` of
 the model's encoder (it runs ``layer.eliminating_layer`` over the family's layers, looked up at
 every call) and the ``forward`` of its base model (it adds ``hidden_states``, ``attentions``,
 ``kept_mask`` and ``kept_positions`` to the output). Weights, modules and classes are untouched,
@@ -15,12 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from powerbert import sentence
-from powerbert.encoder import (check_model_dtype, install, installed, refuse_installed, restore_attribute,
+from powerbert.elimination.forwards import (check_model_dtype, install, installed, refuse_installed, restore_attribute,
                                saved_attribute, uninstall)
-from powerbert.families import LayerParts, resolve
-from powerbert.layer import SELECTIONS, LayerOutput, eliminating_layer
-from powerbert.retention import is_proportional, keep_counts, row_keep_counts, validate_minimum, validate_retention
+from powerbert.elimination.families import LayerParts, resolve
+from powerbert.elimination.layer import SELECTIONS, LayerOutput, eliminating_layer
+from powerbert.elimination.retention import is_proportional, keep_counts, row_keep_counts, validate_minimum, validate_retention
 
 CONFIG_KEY = "powerbert_retention"
 SELECTION_KEY = "powerbert_selection"  # stored only for the ablation strategies
@@ -93,61 +94,21 @@ class HardExtract:
         )
 
 
-def is_patched(model: nn.Module) -> bool:
-    """True if ``powerbert.patch`` has been applied to ``model`` (or the model holding it) and not undone."""
-    if sentence.is_sentence_model(model):
-        return sentence.is_sentence_patched(model)
+
+def hard_extract_of(model: nn.Module) -> HardExtract | None:
+    """The ``HardExtract`` a Hugging Face ``model`` (or the model holding it) runs with, or None."""
     forward = installed(model)
-    return forward is not None and isinstance(forward.runner, HardExtract)
+    return forward.runner if forward is not None and isinstance(forward.runner, HardExtract) else None
 
 
-def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
-          selection: str | None = None, static_shapes: bool | None = None, retention_min=None) -> nn.Module:
-    """Make ``model`` eliminate word vectors (PoWER-BERT), in place.
-
-    Args:
-        model: a supported Hugging Face model (``powerbert.supported_models()``), any
-            ``attn_implementation``; it is modified in place. A sentence-transformers
-            ``SentenceTransformer`` or ``CrossEncoder`` holding one is patched through it
-            (``powerbert/sentence.py``).
-        retention: one entry per encoder layer, non-increasing. Ints >= 1 (fixed):
-            ``retention[l]`` word vectors survive layer ``l + 1``'s attention in every sequence.
-            Floats in (0, 1] (proportional, ALGORITHM.md §8): sequence i keeps
-            ``min(k_{l-1,i}, max(m_l, ceil(f_l * len_i)))`` of its len_i real tokens. None reads
-            ``model.config.powerbert_retention`` (stored by an earlier patch + ``save_pretrained``).
-        retention_min: proportional only: the per-layer minimum m_l, an int >= 1 or one per
-            layer (default 1). None reads ``model.config.powerbert_retention_min`` if present.
-        cls_only_last_layer: for heads that read only [CLS] (sequence classification, multiple
-            choice), compute the last layer for [CLS] alone. Lossless; ignored for bare models,
-            whose ``last_hidden_state`` returns the k_L survivors.
-        selection: ``"attention"`` (PoWER-BERT, the default) or the paper's ablations
-            ``"first"`` (Head-WS) and ``"random"`` (Rand-WS). None reads
-            ``model.config.powerbert_selection`` if present, else ``"attention"``. An ablation
-            strategy is stored in the config (``powerbert_selection``) so it survives
-            ``save_pretrained``.
-        static_shapes: the token layout (``powerbert/layout.py``). Every layout moves each row's
-            real tokens to the front (left padding works like right padding). Dynamic
-            (``False``) also drops the columns that are padding in every row, so inputs padded
-            to ``max_length`` cost what dynamically padded ones cost, at one host
-            synchronisation per forward and output lengths that follow the batch. Static
-            (``True``) keeps the input's shape: no synchronisation, for CUDA graphs and
-            ``torch.compile``. None (default, CPU and CUDA): dynamic, static while
-            ``torch.compile`` traces or a CUDA graph is captured.
-
-    Returns:
-        The same ``model``. ``model.config.powerbert_retention`` holds the configuration, so
-        ``save_pretrained`` writes it to ``config.json``.
+def install_hard_extract(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
+                         selection: str | None = None, static_shapes: bool | None = None,
+                         retention_min=None) -> nn.Module:
+    """``powerbert.patch`` for a Hugging Face model: every argument as there (``front_door.patch``).
 
     Raises:
-        TypeError: unsupported model or head, or a malformed retention.
-        ValueError: retention of the wrong length, k < 1, growing, or missing when None.
-        RuntimeError: the model is already patched.
+        TypeError, ValueError, RuntimeError: as ``powerbert.patch``, before anything is changed.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"patch expects a transformers model, got {type(model).__name__}")
-    if sentence.is_sentence_model(model):
-        return sentence.patch_sentence(model, retention, cls_only_last_layer=cls_only_last_layer,
-                                       selection=selection, static_shapes=static_shapes, retention_min=retention_min)
     family, base, cls_only_head = resolve(model)
     refuse_installed(model)
     check_model_dtype(model)
@@ -192,34 +153,16 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
     return model
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo ``patch`` exactly: the encoder's and base model's forwards and the config as before.
-
-    ``model`` may be the patched model or the base model inside it.
+def remove_hard_extract(model: nn.Module) -> nn.Module:
+    """``powerbert.unpatch`` for a Hugging Face model: forwards and config exactly as before the patch.
 
     Raises:
         RuntimeError: the model is not patched.
     """
-    if sentence.is_sentence_model(model):
-        return sentence.unpatch_sentence(model)
-    if not is_patched(model):
+    if hard_extract_of(model) is None:
         raise RuntimeError("model is not patched by powerbert; nothing to unpatch")
     runner: HardExtract = uninstall(model).runner
     config = resolve(model)[1].config
     for key, saved in runner.config_saved.items():
         restore_attribute(config, key, saved)
     return model
-
-
-def patch_state(model: nn.Module) -> HardExtract:
-    """What a patched model runs with (``.retention``, ``.selection``, ``.cls_only_last_layer``)."""
-    if sentence.is_sentence_model(model):
-        return sentence.sentence_patch_state(model)
-    if not is_patched(model):
-        raise RuntimeError("model is not patched by powerbert")
-    return installed(model).runner
-
-
-def patched_retention(model: nn.Module) -> tuple:
-    """The retention configuration a patched model runs with."""
-    return patch_state(model).retention

@@ -15,10 +15,10 @@ either refused or, with ``overwrite``, removed with the later steps (``discard``
 written before keys existed are reused with a warning; a setting added to the keys later
 (``LEGACY_DEFAULTS``) reads as the value older folders were made with.
 
-In a data-parallel run (``powerbert.distributed``) only rank 0 writes; ``begin_step``,
+In a data-parallel run (``powerbert.training.distributed``) only rank 0 writes; ``begin_step``,
 ``finish_step`` and ``discard`` end with a barrier, so no rank reads a file before it is complete.
 
-Nothing here imports ``powerbert.pipeline``: the pipeline and the pre-flight checks use this.
+Nothing here imports ``powerbert.training.pipeline``: the pipeline and the pre-flight checks use this.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import os
 import shutil
 from pathlib import Path
 
-from powerbert.distributed import is_main_process, wait_for_everyone
-from powerbert.pipeline_config import STEPS, PipelineConfig
+from powerbert.training.distributed import is_main_process, wait_for_everyone
+from powerbert.training.config import STEPS, PipelineConfig
 
 log = logging.getLogger("powerbert")
 

@@ -47,9 +47,9 @@ import torch
 from torch import nn
 
 import kernels
-from powerbert.encoder import check_model_dtype, install, refuse_installed, uninstall
-from powerbert.families import LayerParts, resolve
-from powerbert.layer import LayerOutput, attention_output, attention_probs, feed_forward, split_heads
+from powerbert.elimination.forwards import check_model_dtype, install, refuse_installed, uninstall
+from powerbert.elimination.families import LayerParts, resolve
+from powerbert.elimination.layer import LayerOutput, attention_output, attention_probs, feed_forward, split_heads
 
 # The two kinds of configuration a soft extract learns (see the module docstring).
 MODES = ("fixed", "proportional")

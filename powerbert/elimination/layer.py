@@ -16,8 +16,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from powerbert import ops
-from powerbert.families import LayerParts
+from powerbert.elimination import dispatch as ops
+from powerbert.elimination.families import LayerParts
 
 
 def split_heads(linear: torch.nn.Linear, x: torch.Tensor, num_heads: int) -> torch.Tensor:

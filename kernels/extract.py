@@ -5,11 +5,11 @@ Triton path, at most two launches and no host synchronisation:
      query rows accumulate in fp32 registers ([BLOCK_N], BLOCK_N = next_power_of_2(n) <= 512),
      padding keys become -inf, and the packed-key top-k writes the [B, k] indices. The scores
      never make a [B, n] round trip through memory.
-  2. ``_gather_kernel`` (kernels.gather_rows): the kept hidden rows and mask entries.
+  2. ``_gather_kernel`` (kernels.gather): the kept hidden rows and mask entries.
 ``extract_from_scores`` starts from scores computed elsewhere (e.g. inside the attention
 kernel): launch 1 is then the plain selection kernel.
 float64 probabilities / scores take the torch path (scored and selected in float64); a NaN
-score counts as -inf on both paths (kernels.topk).
+score counts as -inf on both paths (kernels.select).
 
 A per-row k ([B] integer tensor with an output ``width``, spec §8): both launches take it. The
 selection writes row i's k_i' = min(max(k_i, 1), W) positions and 0 in its filler slots; the
@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _launch as L
-from kernels.gather_rows import _gather_torch, _gather_triton, gather_ref
-from kernels.scores import _colsum, _significance_torch, significance_ref
-from kernels.topk import (_keep_all, _row_k, _select_row, _select_torch, _select_torch_rows, _select_triton,
+from kernels import launch as L
+from kernels.gather import _gather_torch, _gather_triton, gather_ref
+from kernels.significance import _colsum, _significance_torch, significance_ref
+from kernels.select import (_keep_all, _row_k, _select_row, _select_torch, _select_torch_rows, _select_triton,
                           select_ref)
 
 
