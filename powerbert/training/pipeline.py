@@ -94,7 +94,7 @@ from powerbert.training.preflight import load_data, preflight
 from powerbert.elimination.retention import is_proportional, keep_counts, row_keep_counts
 from powerbert.elimination.soft_extract import attach_soft_extract, fractions_from_shares
 from powerbert.training.distributed import is_main_process, per_process_batch, use_cpu, wait_for_everyone, world_size
-# DONE and LR_SOFT_MIN: re-exported (benchmarks/reproduce reads P.DONE, a test P.LR_SOFT_MIN)
+# DONE and LR_SOFT_MIN: re-exported (benchmarks/studies/reproduce reads P.DONE, a test P.LR_SOFT_MIN)
 from powerbert.training.step_cache import (CHECKPOINT, DONE, LAMBDA, LEGACY_CHECKPOINT, METRICS,  # noqa: F401
                                   begin_step, discard, exported_files, finish_step, need_done, read_key, stale_step, step_folder,
                                   write_json)

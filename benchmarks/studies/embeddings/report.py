@@ -96,7 +96,7 @@ def write_report(results: dict, out: Path) -> None:
     plot(results, out / "embeddings.png")
 
 
-if __name__ == "__main__":  # python -m benchmarks.embeddings.report RESULTS.json: rewrite the .md and .png
+if __name__ == "__main__":  # python -m benchmarks.studies.embeddings.report RESULTS.json: rewrite the .md and .png
     import sys
 
     source = Path(sys.argv[1])

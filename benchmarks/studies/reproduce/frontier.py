@@ -1,6 +1,6 @@
 """How accurate can proportional retention be at a given speed against dynamic padding?
 
-    python -m benchmarks.reproduce.frontier --work work/reproduce --task movie_reviews \
+    python -m benchmarks.studies.reproduce.frontier --work work/reproduce --task movie_reviews \
         --seeds 0 --epochs 2 --out benchmarks/results
 
 ``make reproduce`` learns proportional configurations (ALGORITHM.md §8) and finds none within 1
@@ -34,7 +34,7 @@ import torch
 
 import powerbert
 from benchmarks import common
-from benchmarks.reproduce.timing import Candidate, measure
+from benchmarks.studies.reproduce.timing import Candidate, measure
 from powerbert.inputs import data as D
 from powerbert.inputs.model_folder import label_space_from_config, load_model, load_tokenizer
 from powerbert.training.pipeline import evaluate_model, prepare_task, real_lengths, seed_everything, train_model
@@ -89,7 +89,7 @@ def retrain_and_test(folder: Path, cfg: PipelineConfig, task, test, labels, frac
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.reproduce.frontier", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.reproduce.frontier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("work/reproduce"), help="a finished make reproduce work folder")
     parser.add_argument("--task", default="movie_reviews")
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             rows.append(record)
             print(f"seed {seed} {fractions} min {minimum}: test {record['test_accuracy']:.2f} "
                   f"({record['delta_points']:+.2f}) FLOPs ideal {record['flops_ideal_vs_dynamic']:.2f}x", flush=True)
-    run = {"command": shlex.join(["python", "-m", "benchmarks.reproduce.frontier", *(sys.argv[1:] if argv is None else argv)]),
+    run = {"command": shlex.join(["python", "-m", "benchmarks.studies.reproduce.frontier", *(sys.argv[1:] if argv is None else argv)]),
            "commit": common.commit(), "torch": torch.__version__, "machine": platform.machine(),
            "wall_s": round(time.perf_counter() - start, 1)}
     stored = {"task": args.task, "epochs": args.epochs, "spec": spec, "runs": [run], "rows": rows}

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.reproduce.check RESULTS_DIR``: every expected file and key exists.
+"""``python -m benchmarks.studies.reproduce.check RESULTS_DIR``: every expected file and key exists.
 
 Exits 1 naming what is missing (the quick mode's test-like check, run by ``make reproduce-quick``).
 """

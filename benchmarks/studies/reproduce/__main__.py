@@ -1,4 +1,4 @@
-"""``python -m benchmarks.reproduce [--budget full|quick] --work DIR --out DIR``: see ``__init__``."""
+"""``python -m benchmarks.studies.reproduce [--budget full|quick] --work DIR --out DIR``: see ``__init__``."""
 from __future__ import annotations
 
 import argparse
@@ -43,7 +43,7 @@ class WallClock:
 def main(argv=None) -> int:
     from .budget import BUDGETS
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.reproduce", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.reproduce", description=__doc__)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
     parser.add_argument("--work", type=Path, default=Path("work/reproduce"), help="cache of finished steps (ignored)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
@@ -96,8 +96,8 @@ def main(argv=None) -> int:
     import transformers
 
     result = {
-        "command": args.command or f"python -m benchmarks.reproduce --budget {budget.name}",
-        "python_command": shlex.join(["python", "-m", "benchmarks.reproduce", *(sys.argv[1:] if argv is None else argv)]),
+        "command": args.command or f"python -m benchmarks.studies.reproduce --budget {budget.name}",
+        "python_command": shlex.join(["python", "-m", "benchmarks.studies.reproduce", *(sys.argv[1:] if argv is None else argv)]),
         "commit": common.commit(),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"cpu": common.cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),

