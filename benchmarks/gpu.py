@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from powerbert.inputs.files import write_json_atomic  # no torch: the driver starts before any step
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("tests", "kernels", "model", "table")
 MAX_FILES = 8
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         record.update(started=datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
                       seconds=round(time.time() - started, 1))
         run.setdefault("steps", {})[step] = record
-        _write_json(out / RUN_FILE, run)
+        write_json_atomic(out / RUN_FILE, run)
         rcs.append(record["rc"])
         print(f"== {step}: rc {record['rc']} in {record['seconds']:.0f} s"
               f"{' (interrupted at the step timeout)' if record.get('timed_out') else ''}"
@@ -324,12 +326,6 @@ def _load_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

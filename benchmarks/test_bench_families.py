@@ -2,7 +2,7 @@
 
 Run: ``pytest benchmarks/test_bench_families.py --benchmark-only -s``. For each family the
 bare encoder model is timed stock and then patched (the same model object, same inputs, same
-run); the patched test prints the speedup next to both ideals of ALGORITHM.md §6 (vector ratio
+run); the patched test prints the speedup next to both ideals of powerbert/ALGORITHM.md §6 (vector ratio
 L·N/Σk and the FLOPs ideal) and stores every row in ``families_e2e_<device>.json`` under
 ``$POWERBERT_RESULTS`` (``gpu.sh`` sets it to ``$OUT``), by default ``benchmarks/results/``.
 

@@ -2,7 +2,7 @@
 
 Run: ``pytest benchmarks/test_bench_layout.py --benchmark-only -s`` (data fetched into ``data/`` as
 ``make reproduce`` does). With proportional retention the rows of a batch keep different numbers of
-vectors (ALGORITHM.md §8). Two ways to lay them out between layers:
+vectors (powerbert/ALGORITHM.md §8). Two ways to lay them out between layers:
 
 - ``padded``: ``[B, W_l, hidden]`` with ``W_l = max_i k_{l,i}`` and a mask; every row-wise op (the
   attention output projection, the FFN, their LayerNorms) also runs on the padding slots;

@@ -2,7 +2,7 @@
 
 Run: ``pytest benchmarks/test_bench_model.py --benchmark-only -s``. Every model of a case is
 timed in the same run on the same inputs; the last test of each case prints and stores the
-speedups beside both ideals of ALGORITHM.md §6 (vector ratio L·N/Σk and the FLOPs ideal) in
+speedups beside both ideals of powerbert/ALGORITHM.md §6 (vector ratio L·N/Σk and the FLOPs ideal) in
 ``model_e2e_<device>.json`` under ``$POWERBERT_RESULTS`` (``gpu.sh`` sets it to ``$OUT``), by
 default ``benchmarks/results/``.
 

@@ -12,7 +12,7 @@ real lengths drawn in [n/2, n].
 
 Every test also times, with the same timer in the same run (interleaved on CPU), the baseline (``extract_ref``) and a
 bytes-bound floor: one read of probs plus one copy of the kept hidden rows, which is what the op
-must move (ALGORITHM.md §6: no more than one pass over the probabilities and the hidden states).
+must move (powerbert/ALGORITHM.md §6: no more than one pass over the probabilities and the hidden states).
 extra_info records the ratios, the bytes, device, dtype, shapes and versions.
 """
 from __future__ import annotations

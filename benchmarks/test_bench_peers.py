@@ -39,7 +39,7 @@ import powerbert
 from benchmarks import common
 from benchmarks.unpadded import bert_forward_unpadded, has_varlen_attn
 from powerbert.cuda_graph import CudaGraphForward
-from powerbert.elimination.retention import keep_counts
+from powerbert.elimination.retention import ideal_vs_dynamic_padding
 
 RETENTION_128 = (77, 63, 56, 53, 43, 40, 36, 24, 18, 14, 11, 3)
 if common.DRY_RUN:
@@ -100,10 +100,7 @@ def _classify_unpadded(model, inputs):
 def _ideal(scenario, retention, lengths) -> float:
     """Vectors processed: stock token-layers (padded to N, as stock-sdpa runs) over the kept
     vector-layers of every sequence on its own (the patched model's counts, §6/§8)."""
-    n = max(lengths)
-    stock = len(retention) * n * len(lengths)
-    kept = sum(sum(keep_counts(retention, length)) for length in lengths)
-    return stock / kept
+    return ideal_vs_dynamic_padding(retention, [lengths])  # one batch, padded to its longest
 
 
 @pytest.mark.parametrize("scenario, impl", CASES, ids=[f"{s}-{i}" for s, i in CASES])

@@ -15,7 +15,7 @@ model of a task is timed on the same batches in the same run:
 Speed only: the configurations are not re-trained here (``make reproduce`` measures accuracy).
 Each ratio is a median over alternated rounds (every round times every model once, the order
 rotated), with its ideal beside it: stock token-layers with dynamic padding over the vectors the
-patched model keeps (ALGORITHM.md §8). Written to ``benchmarks/results/real_lengths_cpu.json``
+patched model keeps (powerbert/ALGORITHM.md §8). Written to ``benchmarks/results/real_lengths_cpu.json``
 and ``.md``.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 import powerbert
 from benchmarks.studies.data import load
 from benchmarks.studies.reproduce.timing import make_batches, run_pass
-from powerbert.elimination.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding
+from powerbert.elimination.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding, padded_vs_dynamic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -130,13 +130,11 @@ def _report(task: str, state) -> None:
     layers = len(spec["fixed"])
     base = times["stock-dynamic"]
     ideal = {
-        "stock-padded": sum(len(b) * spec["length"] for b in state["batch_lengths"])
-        / sum(len(b) * max(b) for b in state["batch_lengths"]),
+        "stock-padded": 1 / padded_vs_dynamic(state["batch_lengths"], spec["length"]),
         "fixed": ideal_vs_dynamic_padding(spec["fixed"], state["batch_lengths"]),
         "proportional": ideal_vs_dynamic_padding(state["fractions"], state["batch_lengths"]),
         "proportional-max-length": ideal_vs_dynamic_padding(state["fractions"], state["batch_lengths"]),
     }
-    ideal["stock-padded"] = 1 / ideal["stock-padded"]
     # MiniLM-L6: hidden 384, intermediate 1536
     flops = {name: flops_ideal_vs_dynamic_padding(config, state["batch_lengths"], 384, 1536)
              for name, config in (("fixed", spec["fixed"]), ("proportional", state["fractions"]),
@@ -183,7 +181,7 @@ def _write_markdown(stored: dict) -> None:
     lines = ["# Real lengths vs dynamic padding (CPU)", "",
              "`pytest benchmarks/test_bench_real_lengths.py --benchmark-only -s`; MiniLM-L6, fp32, "
              "speed only (configurations not re-trained). Ratios: medians over alternated rounds against "
-             "stock SDPA with dynamic padding in the same run. Vector ideal (ALGORITHM.md §8) = stock "
+             "stock SDPA with dynamic padding in the same run. Vector ideal (powerbert/ALGORITHM.md §8) = stock "
              "token-layers (dynamic padding) over the vectors the patched model keeps; FLOPs ideal (§6 per "
              "sequence) also counts that each layer's attention runs on the vectors that entered it (the first "
              "on every real token), the bound an implementation can reach. For stock padded to N both are the "

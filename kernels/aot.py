@@ -96,14 +96,15 @@ def _dtype(name: str):
 
 def _elimination_calls(cap: int):
     """(module, name, call) per elimination kernel and dtype: the launchers of kernels.significance,
-    .topk, .gather_rows and .fused on the tensors the model hands them (probs from softmax,
+    .select, .gather and .extract on the tensors the model hands them (probs from softmax,
     [B, n] bool mask, int64 indices, a per-row k as int64)."""
     import torch
 
     from kernels import launch as L
-    import importlib
-
-    fused, gather_rows, scores, topk = (importlib.import_module(f"kernels.{op}") for op in ("extract", "gather", "significance", "select"))
+    from kernels.extract import launch_score_select
+    from kernels.gather import launch_gather
+    from kernels.select import launch_select
+    from kernels.significance import launch_significance
 
     row_k = {L.dtype_name(d) for d in L.AOT_ROW_K_DTYPES}
     mask = torch.ones(B, N, dtype=torch.bool)
@@ -116,19 +117,19 @@ def _elimination_calls(cap: int):
         s = torch.empty(B, N, dtype=dt)
         hidden = torch.empty(B, N, D, dtype=dt)
         calls += [
-            ("kernels.significance", f"significance[{name}]", lambda p=probs: scores._significance_triton(p, mask)),
-            ("kernels.select", f"select[{name}]", lambda s=s: topk._select_triton(s, K, mask=mask)),
-            ("kernels.gather", f"gather[{name}]", lambda h=hidden: gather_rows._gather_triton(h, mask, indices)),
-            ("kernels.extract", f"score_select[{name}]", lambda p=probs: fused._score_select_triton(p, mask, K)),
+            ("kernels.significance", f"significance[{name}]", lambda p=probs: launch_significance(p, mask)),
+            ("kernels.select", f"select[{name}]", lambda s=s: launch_select(s, K, mask=mask)),
+            ("kernels.gather", f"gather[{name}]", lambda h=hidden: launch_gather(h, mask, indices)),
+            ("kernels.extract", f"score_select[{name}]", lambda p=probs: launch_score_select(p, mask, K)),
         ]
         if name in row_k:
             calls += [
                 ("kernels.select", f"select_rows[{name}]",
-                 lambda s=s: topk._select_triton(s, k_rows, mask=mask, width=K)),
+                 lambda s=s: launch_select(s, k_rows, mask=mask, width=K)),
                 ("kernels.gather", f"gather_rows[{name}]",
-                 lambda h=hidden: gather_rows._gather_triton(h, mask, indices, k_rows=k_rows)),
+                 lambda h=hidden: launch_gather(h, mask, indices, k_rows=k_rows)),
                 ("kernels.extract", f"score_select_rows[{name}]",
-                 lambda p=probs: fused._score_select_triton(p, mask, k_rows, width=K)),
+                 lambda p=probs: launch_score_select(p, mask, k_rows, width=K)),
             ]
     return calls
 
@@ -146,7 +147,7 @@ def attention_inputs(name: str, d: int, n: int = N, batch: int = B):
 def _attention_calls(cap: int):
     """(module, name, call) per dtype, head dim and length: both passes of kernels.attention.
     Names: ``attention[float16,d64]`` at N, ``attention[float16,d64,n77]`` at the other length."""
-    from kernels import attention
+    from kernels.attention import launch_attention
 
     calls = []
     for name in ATTENTION_DTYPES:
@@ -155,7 +156,7 @@ def _attention_calls(cap: int):
                 q, k, v, mask = attention_inputs(name, d, n)
                 suffix = "" if n == N else f",n{n}"
                 calls.append(("kernels.attention", f"attention[{name},d{d}{suffix}]",
-                              lambda q=q, k=k, v=v, m=mask: attention._attention_triton(
+                              lambda q=q, k=k, v=v, m=mask: launch_attention(
                                   q, k, v, m, q.shape[-1] ** -0.5, True, num_sms=SMS[cap])))
     return calls
 

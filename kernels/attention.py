@@ -1,6 +1,6 @@
 """Attention forward that also returns PoWER-BERT significance scores.
 
-The significance of key position j (ALGORITHM.md §1) is the attention it receives from the
+The significance of key position j (powerbert/ALGORITHM.md §1) is the attention it receives from the
 real query tokens of its sequence, summed over heads, without the self term:
 
     score[b, j] = sum_h sum_{i : mask[b, i] = 1, i != j} P[b, h, i, j]      (-inf where mask[b, j] = 0)
@@ -34,25 +34,24 @@ only known after its last key block, so column partials would need a rescale per
 from __future__ import annotations
 
 import math
-import os
 from numbers import Real
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels import launch as L
+
 __all__ = ["attention_with_significance", "attention_with_significance_ref"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the Triton kernels
+# The Triton kernels take L.FLOAT_DTYPES (fp16/bf16/fp32); the reference (backend "torch", and
+# None for float64 inputs) L.TORCH_DTYPES, float64 too.
 # On CUDA the kernels take fp16 and bf16 only. fp32 operands make tl.dot run IEEE fp32 on the
 # FMA units and the forward spills (sm_80/sm_90, d 64: 255 registers and ~3 KB of spills per
 # thread); input_precision="tf32x3" still spills on sm_80 at d 64 and 128. fp32 takes the torch
 # path there (see attention_with_significance). The interpreter computes in fp32 anyway.
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
-# The reference (backend "torch", and None for float64 inputs) takes float64 too.
-_REF_DTYPES = _DTYPES + (torch.float64,)
 HEAD_DIMS = (32, 64, 128)
-_BACKENDS = (None, "triton", "torch")
 _LOG2E = 1.4426950408889634
 # Finite stand-in for a padded key's logit (base-2 units). Finite rather than -inf so that a
 # sequence without any real token gets a uniform softmax, as HF eager attention does with
@@ -276,33 +275,19 @@ def _attn_colsum_kernel(
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    """True when the kernels were defined under TRITON_INTERPRET (InterpretedFunction)."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - layout of other triton versions
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return isinstance(_attn_fwd_kernel, InterpretedFunction)
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _check_inputs(q, k, v, mask, scale, need_scores, backend):
     for name, t in (("q", q), ("k", k), ("v", v), ("mask", mask)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        L.check_tensor(t, name)
     if q.dim() != 4:
         raise ValueError(f"q must be 4-D [B, H, n, d], got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-    if q.dtype not in _REF_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {_name(q.dtype)}")
+    if q.dtype not in L.TORCH_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {L.dtype_name(q.dtype)}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {_name(q.dtype)}, got {_name(t.dtype)}")
+            raise TypeError(f"{name} must have q's dtype {L.dtype_name(q.dtype)}, got {L.dtype_name(t.dtype)}")
     for name, t in (("k", k), ("v", v), ("mask", mask)):
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
@@ -320,8 +305,8 @@ def _check_inputs(q, k, v, mask, scale, need_scores, backend):
             raise ValueError(f"scale must be finite, got {scale}")
     if not isinstance(need_scores, bool):
         raise TypeError(f"need_scores must be a bool, got {type(need_scores).__name__}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in L.BACKENDS:
+        raise ValueError(f"backend must be one of {L.BACKENDS}, got {backend!r}")
 
 
 def _block_sizes(n: int, interpret: bool):
@@ -331,7 +316,7 @@ def _block_sizes(n: int, interpret: bool):
     tests/test_spill.py). The interpreter gets 32-wide tiles: less numpy work per program.
     """
     cap = 32 if interpret else 64
-    block = max(16, min(cap, triton.next_power_of_2(n)))
+    block = max(16, min(cap, L.next_power_of_2(n)))
     return block, block, 4
 
 
@@ -347,27 +332,31 @@ def _colsum_block_n(n: int, B: int, block: int, device, num_sms: int | None = No
     return block
 
 
-def _new_output(shape, dtype, device):
-    """Every buffer the kernels write comes from here (tests poison them with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def launch_attention(q, k, v, mask, scale, need_scores, block_m=None, block_n=None,
+                     dot_in_input_dtype=None, num_sms=None):
+    """Launch both passes, inputs unchecked (see :func:`attention_with_significance`).
 
-
-def _attention_triton(q, k, v, mask, scale, need_scores, block_m=None, block_n=None,
-                      dot_in_input_dtype=None, num_sms=None):
-    """Launch both passes. ``block_m`` / ``block_n`` override the heuristic (tests use small
-    ones); ``dot_in_input_dtype`` overrides the GPU/interpreter choice of tl.dot operand dtype
-    (tests run the GPU variant under the interpreter for fp16/fp32, where that is exact);
-    ``num_sms`` the SM count that sizes pass 2 (kernels.aot)."""
+    Args:
+        q, k, v: [B, H, n, d] float16/bfloat16 (float32 too: exact under the interpreter, spills
+            on CUDA), same shape, dtype and device, any strides; d in HEAD_DIMS.
+        mask: [B, n] bool/int/float, nonzero = real token. scale: the logit scale (float).
+        need_scores: False skips pass 2 (scores come back as None).
+        block_m / block_n: override the tile heuristic (powers of two >= 16; tests use small ones).
+        dot_in_input_dtype: overrides the GPU/interpreter choice of tl.dot operand dtype (tests
+            run the GPU variant under the interpreter for fp16/fp32, where that is exact).
+        num_sms: the SM count that sizes pass 2 (kernels.aot compiles for GPUs it lacks).
+    Returns:
+        (context [B, H, n, d] q.dtype, a view of [B, n, H, d] memory; scores [B, n] float32 or None).
+    """
     B, H, n, d = q.shape
-    interpret = _interpreting()
+    interpret = L.interpreting()
     bm, bn, num_warps = _block_sizes(n, interpret)
     block_m = block_m or bm
     block_n = block_n or bn
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
-    # Byte view of a bool mask needs no copy; other dtypes cost one tiny [B, n] comparison.
-    mask_i8 = mask.view(torch.int8) if mask.dtype == torch.bool else (mask != 0).view(torch.int8)
+    mask_i8 = L.mask_as_int8(mask)
     qk_scale = float(scale) * _LOG2E
     if dot_in_input_dtype is None:
         # GPU: fp16/bf16 operands feed the tensor cores. Interpreter: fp32, since its bf16
@@ -375,8 +364,8 @@ def _attention_triton(q, k, v, mask, scale, need_scores, block_m=None, block_n=N
         dot_in_input_dtype = not interpret
 
     # The context is written in [B, n, H, d] memory: merging heads into [B, n, H * d] is a view.
-    out = _new_output((B, n, H, d), q.dtype, q.device).transpose(1, 2)
-    lse = _new_output((B * H, n), torch.float32, q.device)
+    out = L.new_output((B, n, H, d), q.dtype, q.device).transpose(1, 2)
+    lse = L.new_output((B * H, n), torch.float32, q.device)
     _attn_fwd_kernel[(triton.cdiv(n, block_m), B * H)](
         q, k, v, mask_i8, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_i8.stride(),
@@ -386,7 +375,7 @@ def _attention_triton(q, k, v, mask, scale, need_scores, block_m=None, block_n=N
     )
     if not need_scores:
         return out, None
-    scores = _new_output((B, n), torch.float32, q.device)
+    scores = L.new_output((B, n), torch.float32, q.device)
     cb_n = _colsum_block_n(n, B, block_n, q.device, num_sms)
     _attn_colsum_kernel[(triton.cdiv(n, cb_n), B)](
         q, k, mask_i8, lse, scores,
@@ -403,24 +392,22 @@ def _resolve_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
     if backend is None:
         return "triton" if device.type == "cuda" and dtype in _CUDA_DTYPES else "torch"
     if backend == "triton":
-        if dtype not in _DTYPES:
-            raise TypeError(f"backend='triton' does not support q of dtype {_name(dtype)}; accepted: "
-                            f"float16, bfloat16, float32 (use backend='torch' or None for float64)")
-        if device.type == "cpu" and not _interpreting():
+        L.check_kernel_dtype("q", dtype)
+        if device.type == "cpu" and not L.interpreting():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                              "kernels.attention is imported; use backend='torch' or CUDA tensors")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='triton' supports CUDA tensors, got device {device}")
         if device.type == "cuda" and dtype not in _CUDA_DTYPES:
             raise TypeError(f"backend='triton' on CUDA takes q of dtype float16 or bfloat16, got "
-                            f"{_name(dtype)} (fp32 tl.dot spills registers); use backend=None or 'torch'")
+                            f"{L.dtype_name(dtype)} (fp32 tl.dot spills registers); use backend=None or 'torch'")
     return backend
 
 
 def triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the Triton kernels take inputs of this dtype on this device: fp16/bf16 on CUDA;
     fp16/bf16/fp32 on CPU under the interpreter."""
-    return dtype in (_CUDA_DTYPES if device.type == "cuda" else _DTYPES)
+    return dtype in (_CUDA_DTYPES if device.type == "cuda" else L.FLOAT_DTYPES)
 
 
 def attention_with_significance(q, k, v, mask, scale=None, *, need_scores=True, backend=None):
@@ -451,7 +438,7 @@ def attention_with_significance(q, k, v, mask, scale=None, *, need_scores=True, 
     if scale is None:
         scale = d ** -0.5
     if _resolve_backend(backend, q.device, q.dtype) == "triton" and q.numel() > 0:
-        return _attention_triton(q, k, v, mask, scale, need_scores)
+        return launch_attention(q, k, v, mask, scale, need_scores)
     context, scores = attention_with_significance_ref(q, k, v, mask, scale)
     if q.dtype != torch.float64:
         scores = scores.float()

@@ -35,13 +35,12 @@ def _record(call):
 
 def measure(name: str, d: int, cap: int) -> list[dict]:
     """Rows for one dtype, head dim and architecture: forward, pass 2 at 64x64, pass 2 as launched."""
-    from kernels import attention
+    from kernels.attention import launch_attention
 
     q, k, v, mask = aot.attention_inputs(name, d)
     scale = d ** -0.5
-    launched = _record(lambda: attention._attention_triton(q, k, v, mask, scale, True, num_sms=aot.SMS[cap]))
-    wide = _record(lambda: attention._attention_triton(q, k, v, mask, scale, True, block_m=64, block_n=64,
-                                                       num_sms=1))
+    launched = _record(lambda: launch_attention(q, k, v, mask, scale, True, num_sms=aot.SMS[cap]))
+    wide = _record(lambda: launch_attention(q, k, v, mask, scale, True, block_m=64, block_n=64, num_sms=1))
     rows = []
     for label, (fn, args, kwargs) in (("forward", launched[0]), ("pass 2, 64x64", wide[1]),
                                       ("pass 2, launched", launched[1])):

@@ -1,11 +1,12 @@
-"""The extract layer (spec §2): significance, top-k selection and gather, fused.
+"""The extract layer (spec §2): significance, top-k selection and gather in at most two launches.
 
 Triton path, at most two launches and no host synchronisation:
-  1. ``_score_select_kernel``, one program per batch row: the column sums over heads and real
+  1. ``_score_select_kernel`` (launched by :func:`launch_score_select`), one program per batch
+     row: the column sums (kernels.significance.column_sums) over heads and real
      query rows accumulate in fp32 registers ([BLOCK_N], BLOCK_N = next_power_of_2(n) <= 512),
      padding keys become -inf, and the packed-key top-k writes the [B, k] indices. The scores
      never make a [B, n] round trip through memory.
-  2. ``_gather_kernel`` (kernels.gather): the kept hidden rows and mask entries.
+  2. the gather kernel (kernels.gather.launch_gather): the kept hidden rows and mask entries.
 ``extract_from_scores`` starts from scores computed elsewhere (e.g. inside the attention
 kernel): launch 1 is then the plain selection kernel.
 float64 probabilities / scores take the torch path (scored and selected in float64); a NaN
@@ -23,10 +24,10 @@ import triton
 import triton.language as tl
 
 from kernels import launch as L
-from kernels.gather import _gather_torch, _gather_triton, gather_ref
-from kernels.significance import _colsum, _significance_torch, significance_ref
-from kernels.select import (_keep_all, _row_k, _select_row, _select_torch, _select_torch_rows, _select_triton,
-                          select_ref)
+from kernels.gather import gather_ref, gather_torch, launch_gather
+from kernels.select import (keep_all, launch_select, load_row_k, select_ref, select_row, select_torch,
+                            select_torch_rows)
+from kernels.significance import column_sums, significance_ref, significance_torch
 
 
 # ----------------------------------------------------------------------------- reference
@@ -58,7 +59,7 @@ def extract_ref(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k
     """
     B, _, n, _ = probs.shape
     if not isinstance(k, torch.Tensor) and k >= n:
-        return hidden, mask, _keep_all(B, n, hidden.device)
+        return hidden, mask, keep_all(B, n, hidden.device)
     row_k = {} if width is None else {"width": width}
     indices = select_ref(significance_ref(probs, mask), k, **row_k)
     hidden_kept, mask_kept = gather_ref(hidden, mask, indices)
@@ -81,17 +82,17 @@ def _score_select_kernel(
     # with ROW_K, k is the width W and row b keeps min(max(k_ptr[b], 1), W), the rest 0.
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
-    acc = _colsum(probs_ptr, mask_ptr, b, offs, n, H,
+    acc = column_sums(probs_ptr, mask_ptr, b, offs, n, H,
                   stride_pb, stride_ph, stride_pi, stride_pj, stride_mb, stride_mn,
                   BLOCK_I, BLOCK_N)
     real = tl.load(mask_ptr + b * stride_mb + offs.to(tl.int64) * stride_mn,
                    mask=offs < n, other=0).to(tl.float32) != 0
     score = tl.where(real, acc, float("-inf"))  # a padding key is never preferred to a real one
     if ROW_K:
-        _select_row(score, offs, n, _row_k(k_ptr, b, stride_k, k), k,
+        select_row(score, offs, n, load_row_k(k_ptr, b, stride_k, k), k,
                     out_ptr + b * stride_ob, stride_ok, True, BLOCK_N)
     else:
-        _select_row(score, offs, n, k, k, out_ptr + b * stride_ob, stride_ok, False, BLOCK_N)
+        select_row(score, offs, n, k, k, out_ptr + b * stride_ob, stride_ok, False, BLOCK_N)
 
 
 def _block_sizes(n: int) -> tuple[int, int]:
@@ -99,8 +100,17 @@ def _block_sizes(n: int) -> tuple[int, int]:
     return L.colsum_block_i(block_n), block_n
 
 
-def _score_select_triton(probs: torch.Tensor, mask: torch.Tensor, k, width: int | None = None) -> torch.Tensor:
-    """Launch 1: k an int < n, or a [B] integer tensor with ``width`` = W <= n slots."""
+def launch_score_select(probs: torch.Tensor, mask: torch.Tensor, k, width: int | None = None) -> torch.Tensor:
+    """Launch 1 of the extract: score and select in one kernel, inputs unchecked.
+
+    Args:
+        probs: [B, H, n, n] float16/bfloat16/float32, n <= MAX_TRITON_N, any strides.
+        mask: [B, n] bool/int/float on probs' device.
+        k: an int, 1 <= k < n; or a [B] integer tensor on probs' device with ``width``.
+        width: with a tensor k, the W <= n output slots.
+    Returns:
+        [B, k] (or [B, W]) int64 positions, ascending, as ``select(significance(probs, mask), k)``.
+    """
     B, H, n, _ = probs.shape
     row_k = width is not None
     slots = width if row_k else k
@@ -137,8 +147,8 @@ def _check_extract(first_name, first, hidden, mask, k, width, backend):
 def _extract_torch_rows(hidden, mask, scores, k, W):
     """Torch path of a per-row k: select on ``scores`` (padding already -inf), gather, and
     mark the filler slots as padding (one masked_fill on the [B, W] mask)."""
-    indices, filler = _select_torch_rows(scores, k, W)
-    hidden_kept, mask_kept = _gather_torch(hidden, mask, indices)
+    indices, filler = select_torch_rows(scores, k, W)
+    hidden_kept, mask_kept = gather_torch(hidden, mask, indices)
     return hidden_kept, mask_kept.masked_fill(filler, 0), indices
 
 
@@ -173,17 +183,17 @@ def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, *,
     k, W, resolved = _check_extract("probs", probs, hidden, mask, k, width, backend)
     if W is not None:
         if resolved == "triton":
-            indices = _score_select_triton(probs, mask, k, width=W)
-            return (*_gather_triton(hidden, mask, indices, k_rows=k), indices)
-        return _extract_torch_rows(hidden, mask, _significance_torch(probs, mask), k, W)
+            indices = launch_score_select(probs, mask, k, width=W)
+            return (*launch_gather(hidden, mask, indices, k_rows=k), indices)
+        return _extract_torch_rows(hidden, mask, significance_torch(probs, mask), k, W)
     if k >= n:
-        return hidden, mask, _keep_all(B, n, hidden.device)
+        return hidden, mask, keep_all(B, n, hidden.device)
     if resolved == "triton":
-        indices = _score_select_triton(probs, mask, k)
-        hidden_kept, mask_kept = _gather_triton(hidden, mask, indices)
+        indices = launch_score_select(probs, mask, k)
+        hidden_kept, mask_kept = launch_gather(hidden, mask, indices)
     else:
-        indices = _select_torch(_significance_torch(probs, mask), k)
-        hidden_kept, mask_kept = _gather_torch(hidden, mask, indices)
+        indices = select_torch(significance_torch(probs, mask), k)
+        hidden_kept, mask_kept = gather_torch(hidden, mask, indices)
     return hidden_kept, mask_kept, indices
 
 
@@ -203,17 +213,17 @@ def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.
     k, W, resolved = _check_extract("scores", scores, hidden, mask, k, width, backend)
     if W is not None:
         if resolved == "triton":
-            indices = _select_triton(scores, k, mask=mask, width=W)
-            return (*_gather_triton(hidden, mask, indices, k_rows=k), indices)
+            indices = launch_select(scores, k, mask=mask, width=W)
+            return (*launch_gather(hidden, mask, indices, k_rows=k), indices)
         return _extract_torch_rows(hidden, mask, scores.masked_fill(mask == 0, float("-inf")), k, W)
     if k >= n:
-        return hidden, mask, _keep_all(B, n, hidden.device)
+        return hidden, mask, keep_all(B, n, hidden.device)
     if resolved == "triton":
-        indices = _select_triton(scores, k, mask=mask)
-        hidden_kept, mask_kept = _gather_triton(hidden, mask, indices)
+        indices = launch_select(scores, k, mask=mask)
+        hidden_kept, mask_kept = launch_gather(hidden, mask, indices)
     else:
-        indices = _select_torch(scores.masked_fill(mask == 0, float("-inf")), k)
-        hidden_kept, mask_kept = _gather_torch(hidden, mask, indices)
+        indices = select_torch(scores.masked_fill(mask == 0, float("-inf")), k)
+        hidden_kept, mask_kept = gather_torch(hidden, mask, indices)
     return hidden_kept, mask_kept, indices
 
 
@@ -222,7 +232,7 @@ def extract_from_scores_ref(scores: torch.Tensor, hidden: torch.Tensor, mask: to
     """Eager reference of :func:`extract_from_scores` (same shapes and dtypes, same k / width)."""
     B, n = scores.shape
     if not isinstance(k, torch.Tensor) and k >= n:
-        return hidden, mask, _keep_all(B, n, hidden.device)
+        return hidden, mask, keep_all(B, n, hidden.device)
     row_k = {} if width is None else {"width": width}
     indices = select_ref(scores.masked_fill(mask == 0, float("-inf")), k, **row_k)
     hidden_kept, mask_kept = gather_ref(hidden, mask, indices)

@@ -3,7 +3,8 @@
     hidden_kept[b, r] = hidden[b, indices[b, r]],  mask_kept[b, r] = mask[b, indices[b, r]]
 
 The mask is gathered with the same indices, never sliced. Top to bottom: the eager reference,
-the vectorised torch path, the Triton kernel, the launcher, the public function.
+the vectorised torch path (:func:`gather_torch`), the Triton kernel, the launcher
+(:func:`launch_gather`, also used by the extract), the public function.
 """
 from __future__ import annotations
 
@@ -30,10 +31,17 @@ def gather_ref(hidden: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor):
     return torch.stack(rows), torch.stack(masks)
 
 
-def _gather_torch(hidden: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor):
-    """Vectorised torch path: one index_select over the flattened [B * n] rows (4-5x faster on
-    CPU than advanced indexing), or advanced indexing when hidden's rows cannot be flattened
-    without a copy."""
+def gather_torch(hidden: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor):
+    """Vectorised torch path of :func:`gather`, inputs unchecked.
+
+    Args:
+        hidden: [B, n, D] any dtype. mask: [B, n] any dtype. indices: [B, k] int64 in [0, n).
+    Returns:
+        (hidden_kept [B, k, D] hidden.dtype, mask_kept [B, k] mask.dtype).
+
+    One index_select over the flattened [B * n] rows (4-5x faster on CPU than advanced
+    indexing), or advanced indexing when hidden's rows cannot be flattened without a copy.
+    """
     B, n, D = hidden.shape
     k = indices.shape[1]
     flat = (indices + torch.arange(B, device=indices.device)[:, None] * n).reshape(-1)
@@ -66,7 +74,7 @@ def _gather_kernel(
     # every dtype, fp64 included), so the interpreter's bf16 arithmetic issue does not arise.
     m = tl.load(mask_ptr + b * stride_mb + rows * stride_mn, mask=r_in)
     if ROW_K:
-        k_row = tl.minimum(tl.maximum(tl.load(k_ptr + b * stride_k), 1), k)  # as kernels.select._row_k
+        k_row = tl.minimum(tl.maximum(tl.load(k_ptr + b * stride_k), 1), k)  # as kernels.select.load_row_k
         m = tl.where(offs_r < k_row, m, 0)
     tl.store(out_m_ptr + b * stride_omb + offs_r.to(tl.int64) * stride_omk, m, mask=r_in)
     src = hidden_ptr + b * stride_hb + rows[:, None] * stride_hn
@@ -84,10 +92,18 @@ def _block_sizes(k: int, D: int) -> tuple[int, int]:
     return block_k, block_d
 
 
-def _gather_triton(hidden: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor,
-                   k_rows: torch.Tensor | None = None):
-    """Launch the gather. k_rows: the [B] per-row k of a selection with filler slots (indices
-    [B, W]); slot r of row b with r >= min(max(k_rows[b], 1), W) then gets mask 0 (padding)."""
+def launch_gather(hidden: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor,
+                  k_rows: torch.Tensor | None = None):
+    """Launch the gather kernel, inputs unchecked.
+
+    Args:
+        hidden: [B, n, D] float16/bfloat16/float32/float64, any strides. mask: [B, n] bool/int/float.
+        indices: [B, k] int64 in [0, n), all on one CUDA device (or CPU under the interpreter).
+        k_rows: the [B] integer per-row k of a selection with filler slots (indices [B, W]);
+            slot r of row b with r >= min(max(k_rows[b], 1), W) then gets mask 0 (padding).
+    Returns:
+        (hidden_kept [B, k, D] hidden.dtype contiguous, mask_kept [B, k] mask.dtype).
+    """
     B, _, D = hidden.shape
     k = indices.shape[1]
     out_h = L.new_output((B, k, D), hidden.dtype, hidden.device)
@@ -124,5 +140,5 @@ def gather(hidden: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, *, b
     L.check_indices(indices, B, n)
     device = L.check_same_device(hidden=hidden, mask=mask, indices=indices)
     if L.resolve_backend(backend, device) == "triton":
-        return _gather_triton(hidden, mask, indices)
-    return _gather_torch(hidden, mask, indices)
+        return launch_gather(hidden, mask, indices)
+    return gather_torch(hidden, mask, indices)

@@ -60,11 +60,16 @@ def colsum_block_i(block_n: int) -> int:
 
 
 def interpreting() -> bool:
-    """True when the Triton interpreter is on (kernels then run on CPU tensors)."""
+    """True when the Triton interpreter is on (kernels then run on CPU tensors).
+
+    Reads TRITON_INTERPRET at call time; triton reads it when a ``@triton.jit`` function is
+    defined, so it must be set before the kernel modules are imported.
+    """
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``: the dtype as error messages name it."""
     return str(dtype).replace("torch.", "")
 
 
@@ -72,12 +77,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_tensor(x, name: str) -> torch.Tensor:
+    """x itself if it is a torch.Tensor; TypeError naming the argument otherwise."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     return x
 
 
 def check_dtype(x: torch.Tensor, name: str, allowed) -> None:
+    """TypeError naming the argument and the accepted dtypes unless x.dtype is in ``allowed``."""
     if x.dtype not in allowed:
         names = ", ".join(dtype_name(d) for d in allowed)
         raise TypeError(f"{name} has unsupported dtype {dtype_name(x.dtype)}; accepted: {names}")
@@ -198,12 +205,24 @@ def check_k_width(k, width, B: int, n: int, device: torch.device, device_of: str
 
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    """The one device of the tensors (by argument name); ValueError listing them if they differ."""
     devices = {name: t.device for name, t in tensors.items()}
     first = next(iter(devices.values()))
     if any(d != first for d in devices.values()):
         listing = ", ".join(f"{name} on {d}" for name, d in devices.items())
         raise ValueError(f"all tensors must be on the same device, got {listing}")
     return first
+
+
+def check_kernel_dtype(name: str, dtype: torch.dtype) -> None:
+    """The dtype check of ``backend='triton'``: TypeError naming the input ``name`` unless
+    ``dtype`` is one the Triton kernels take (FLOAT_DTYPES)."""
+    if dtype not in FLOAT_DTYPES:
+        names = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
+        raise TypeError(
+            f"backend='triton' does not support {name} of dtype {dtype_name(dtype)}; "
+            f"accepted: {names} (use backend='torch' or None for {dtype_name(dtype)})"
+        )
 
 
 def resolve_backend(backend, device: torch.device, n: int | None = None, max_n: int | None = None,
@@ -224,11 +243,7 @@ def resolve_backend(backend, device: torch.device, n: int | None = None, max_n: 
         return "triton" if device.type == "cuda" and fits and kernel_dtype else "torch"
     if backend == "triton":
         if not kernel_dtype:
-            names = ", ".join(dtype_name(d) for d in FLOAT_DTYPES)
-            raise TypeError(
-                f"backend='triton' does not support {dtype[0]} of dtype {dtype_name(dtype[1])}; "
-                f"accepted: {names} (use backend='torch' or None for {dtype_name(dtype[1])})"
-            )
+            check_kernel_dtype(*dtype)
         if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
@@ -263,3 +278,12 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def mask_for_kernel(mask: torch.Tensor) -> torch.Tensor:
     """Bool tensors are passed to kernels as uint8 views (same bytes, no copy)."""
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def mask_as_int8(mask: torch.Tensor) -> torch.Tensor:
+    """[B, n] mask of any dtype -> [B, n] int8, 1 = real token, 0 = padding.
+
+    A bool mask is viewed (same bytes, no copy); other dtypes cost one small [B, n] comparison.
+    The attention kernels take this one mask dtype: one compiled variant whatever the caller's mask.
+    """
+    return mask.view(torch.int8) if mask.dtype == torch.bool else (mask != 0).view(torch.int8)

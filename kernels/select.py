@@ -11,8 +11,10 @@ proportional retention): row i keeps k_i' = min(max(k_i, 1), W) positions, W = m
 in slots 0..k_i'-1 of a [B, W] output; slots k_i'..W-1 hold 0. The tensor's values are never
 read on the host (no synchronisation): the torch path and the kernels clamp them on device.
 
-Top to bottom: the eager reference, the vectorised torch path, the Triton kernel (and the
-per-row helper the fused extract kernel shares), the launcher, the public function.
+Top to bottom: the eager reference, the vectorised torch paths (:func:`select_torch`,
+:func:`select_torch_rows`), the Triton kernel and its device functions (:func:`load_row_k`,
+:func:`select_row`, shared with the extract kernel), the launcher (:func:`launch_select`), the
+public function.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from kernels import launch as L
 # ----------------------------------------------------------------------------- reference
 
 
-def _keep_all(B: int, n: int, device) -> torch.Tensor:
+def keep_all(B: int, n: int, device) -> torch.Tensor:
+    """[B, n] int64 arange(n) per row, contiguous: the selection when k >= n keeps everything."""
     return torch.arange(n, dtype=torch.int64, device=device).expand(B, n).contiguous()
 
 
@@ -56,7 +59,7 @@ def select_ref(scores: torch.Tensor, k, *, width: int | None = None) -> torch.Te
             out[b, :kb] = select_ref(scores[b:b + 1], kb)[0]
         return out
     if k >= n:
-        return _keep_all(B, n, scores.device)
+        return keep_all(B, n, scores.device)
     s = scores.double()  # exact for every accepted dtype: one rule, one comparison
     s = torch.where(torch.isnan(s), float("-inf"), s)  # NaN counts as -inf (torch.sort puts NaN first)
     s[:, 0] = float("inf")  # [CLS] is always kept
@@ -110,9 +113,17 @@ def _select_torch_fp64(scores: torch.Tensor, k: int) -> torch.Tensor:
     return out.scatter_(1, slot, pos)[:, :k]
 
 
-def _select_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Vectorised torch path: top-k of the packed keys (exact, no ties), then ascending order;
-    float64 scores go through the threshold selection (:func:`_select_torch_fp64`)."""
+def select_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Vectorised torch path of :func:`select` for an int k, inputs unchecked.
+
+    Args:
+        scores: [B, n] float16/bfloat16/float32/float64, -inf at padding. k: int, 1 <= k < n.
+    Returns:
+        [B, k] int64 positions, ascending, as :func:`select_ref`.
+
+    Top-k of the packed keys (exact, no ties), then ascending order; float64 scores go through
+    the threshold selection (:func:`_select_torch_fp64`).
+    """
     if scores.dtype == torch.float64:
         return _select_torch_fp64(scores, k)
     n = scores.shape[1]
@@ -121,9 +132,13 @@ def _select_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
     return idx.sort(dim=1).values
 
 
-def _select_torch_rows(scores: torch.Tensor, k: torch.Tensor, width: int):
-    """Vectorised torch path for a per-row k ([B] integer tensor), W = ``width`` <= n slots.
+def select_torch_rows(scores: torch.Tensor, k: torch.Tensor, width: int):
+    """Vectorised torch path of :func:`select` for a per-row k, inputs unchecked.
 
+    Args:
+        scores: [B, n] float16/bfloat16/float32/float64, -inf at padding.
+        k: [B] integer tensor on scores' device (any values: clamped to [1, width] on device).
+        width: W <= n output slots.
     Returns (indices [B, W] int64, filler [B, W] bool): row i's top-k_i' positions ascending in
     slots j < k_i' = min(max(k_i, 1), W), 0 in the filler slots j >= k_i'. No host sync.
     """
@@ -165,16 +180,18 @@ def _select_torch_fp64_rows(scores: torch.Tensor, k: torch.Tensor, width: int) -
 
 
 @triton.jit
-def _row_k(k_ptr, b, stride_k, width):
-    """Row b's k from a per-row [B] tensor, clamped to [1, width]: k < 1 keeps [CLS] alone,
-    k > width is cut to the width. Clamped in k's own integer dtype (int64: no overflow)."""
+def load_row_k(k_ptr, b, stride_k, width):
+    """Device function: row b's k (int32 scalar) from a per-row [B] integer tensor, clamped to
+    [1, width]: k < 1 keeps [CLS] alone, k > width is cut to the width. Clamped in k's own
+    integer dtype (int64: no overflow)."""
     kb = tl.load(k_ptr + b * stride_k)
     return tl.minimum(tl.maximum(kb, 1), width).to(tl.int32)
 
 
 @triton.jit
-def _select_row(score, offs, n, k, width, out_ptr, stride_on, FILL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Store the top-k lanes of ``score`` ([BLOCK_N] fp32, lanes offs >= n ignored) ascending.
+def select_row(score, offs, n, k, width, out_ptr, stride_on, FILL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Device function: store the top-k lanes of ``score`` ([BLOCK_N] fp32, lanes offs >= n
+    ignored) ascending.
 
     Writes k int64 positions to out_ptr + slot * stride_on, slot = 0..k-1. A NaN score counts
     as -inf (the rule of every selection path). FILL (a per-row k, 1 <= k <= width <= n): also
@@ -228,16 +245,24 @@ def _select_kernel(
                        mask=in_row, other=0).to(tl.float32) != 0
         score = tl.where(real, score, float("-inf"))
     if ROW_K:
-        _select_row(score, offs, n, _row_k(k_ptr, b, stride_k, k), k,
+        select_row(score, offs, n, load_row_k(k_ptr, b, stride_k, k), k,
                     out_ptr + b * stride_ob, stride_on, True, BLOCK_N)
     else:
-        _select_row(score, offs, n, k, k, out_ptr + b * stride_ob, stride_on, False, BLOCK_N)
+        select_row(score, offs, n, k, k, out_ptr + b * stride_ob, stride_on, False, BLOCK_N)
 
 
-def _select_triton(scores: torch.Tensor, k, mask: torch.Tensor | None = None,
-                   width: int | None = None) -> torch.Tensor:
-    """Launch the selection kernel (n <= MAX_TRITON_N, fp16/bf16/fp32 scores); padding forced
-    to -inf if mask given. k: an int < n, or a [B] integer tensor with ``width`` = W <= n."""
+def launch_select(scores: torch.Tensor, k, mask: torch.Tensor | None = None,
+                  width: int | None = None) -> torch.Tensor:
+    """Launch the selection kernel, inputs unchecked.
+
+    Args:
+        scores: [B, n] float16/bfloat16/float32, n <= MAX_TRITON_N, any strides.
+        k: an int, 1 <= k < n; or a [B] integer tensor on scores' device with ``width``.
+        mask: optional [B, n] bool/int/float: positions with mask == 0 count as -inf.
+        width: with a tensor k, the W <= n output slots.
+    Returns:
+        [B, k] (or [B, W]) int64 positions, as :func:`select`.
+    """
     B, n = scores.shape
     row_k = width is not None
     slots = width if row_k else k
@@ -282,10 +307,10 @@ def select(scores: torch.Tensor, k, *, width: int | None = None, backend: str | 
     resolved = L.resolve_backend(backend, scores.device, n, L.MAX_TRITON_N, ("scores", scores.dtype))
     if W is not None:
         if resolved == "triton":
-            return _select_triton(scores, k, width=W)
-        return _select_torch_rows(scores, k, W)[0]
+            return launch_select(scores, k, width=W)
+        return select_torch_rows(scores, k, W)[0]
     if k >= n:
-        return _keep_all(B, n, scores.device)
+        return keep_all(B, n, scores.device)
     if resolved == "triton":
-        return _select_triton(scores, k)
-    return _select_torch(scores, k)
+        return launch_select(scores, k)
+    return select_torch(scores, k)

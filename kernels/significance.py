@@ -2,8 +2,9 @@
 
     score[b, j] = sum_h sum_{i : mask[b, i] = 1, i != j} probs[b, h, i, j],  -inf where mask[b, j] = 0
 
-Top to bottom: the eager reference, the vectorised torch path, the Triton kernel (and the
-column-sum helper the fused extract kernel shares), the launcher, the public function.
+Top to bottom: the eager reference, the vectorised torch path (:func:`significance_torch`), the
+Triton kernel and its column-sum device function (:func:`column_sums`, shared with the extract
+kernel), the launcher (:func:`launch_significance`), the public function.
 """
 from __future__ import annotations
 
@@ -39,8 +40,16 @@ def significance_ref(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~real, float("-inf"))
 
 
-def _significance_torch(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Vectorised torch path: sum over heads first (one fp32-accumulating read of probs, no
+def significance_torch(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Vectorised torch path of :func:`significance`, inputs unchecked.
+
+    Args:
+        probs: [B, H, n, n] float16/bfloat16/float32/float64 (query i, key j).
+        mask: [B, n] bool/int/float, nonzero = real token.
+    Returns:
+        [B, n] float32 (float64 for float64 probs), -inf where mask[b, j] == 0.
+
+    Sums over heads first (one fp32-accumulating read of probs, no
     fp32 copy of it; float64 probs accumulate in float64), then drop padded query rows and the
     diagonal from the [B, n, n] head sum and sum over query rows. Selecting with where (not
     multiplying by the mask) keeps a NaN in a padded query row out of the scores, as in the
@@ -59,12 +68,13 @@ def _significance_torch(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 
 @triton.jit
-def _colsum(
+def column_sums(
     probs_ptr, mask_ptr, b, offs_j, n, H,
     stride_pb, stride_ph, stride_pi, stride_pj, stride_mb, stride_mn,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """fp32 [BLOCK_J] sums of probs[b, :, i, offs_j] over heads and real query rows i != j.
+    """Device function: fp32 [BLOCK_J] sums of probs[b, :, i, offs_j] over heads and real query
+    rows i != j (probs [B, H, n, n] fp16/bf16/fp32 by strides, mask [B, n] any integer/float).
 
     ``b`` is an int64 scalar so that batch offsets cannot overflow int32. Lanes with
     offs_j >= n come back as 0; the caller applies the key mask.
@@ -101,7 +111,7 @@ def _significance_kernel(
     # grid: (B, cdiv(n, BLOCK_J)); one program = one batch row, one block of key columns
     b = tl.program_id(0).to(tl.int64)
     offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    acc = _colsum(probs_ptr, mask_ptr, b, offs_j, n, H,
+    acc = column_sums(probs_ptr, mask_ptr, b, offs_j, n, H,
                   stride_pb, stride_ph, stride_pi, stride_pj, stride_mb, stride_mn,
                   BLOCK_I, BLOCK_J)
     j_in = offs_j < n
@@ -116,7 +126,15 @@ def _block_sizes(n: int) -> tuple[int, int]:
     return L.colsum_block_i(block_j), block_j
 
 
-def _significance_triton(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def launch_significance(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Launch the significance kernel, inputs unchecked (n any size: columns are tiled).
+
+    Args:
+        probs: [B, H, n, n] float16/bfloat16/float32, CUDA (or CPU under the interpreter), any strides.
+        mask: [B, n] bool/int/float on probs' device.
+    Returns:
+        [B, n] float32 scores, -inf at padding.
+    """
     B, H, n, _ = probs.shape
     # NaN-poisoned under tests: any element the kernel fails to write shows up
     out = L.new_output((B, n), torch.float32, probs.device)
@@ -153,5 +171,5 @@ def significance(probs: torch.Tensor, mask: torch.Tensor, *, backend: str | None
     L.check_mask(mask, B, n)
     device = L.check_same_device(probs=probs, mask=mask)
     if L.resolve_backend(backend, device, dtype=("probs", probs.dtype)) == "triton":
-        return _significance_triton(probs, mask)
-    return _significance_torch(probs, mask)
+        return launch_significance(probs, mask)
+    return significance_torch(probs, mask)

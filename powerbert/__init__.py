@@ -67,6 +67,8 @@ class _MovedModule(types.ModuleType):
         self.__dict__["_target"] = target
 
     def __getattr__(self, name: str):
+        if name.startswith("__"):  # inspect.getmodule probes every module's __file__: never import for it
+            raise AttributeError(name)
         return getattr(importlib.import_module(self.__dict__["_target"]), name)
 
     def __dir__(self):

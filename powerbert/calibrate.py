@@ -1,6 +1,6 @@
 """Calibrate without labels or training: the fastest proportional configuration that stays close to stock.
 
-A small family of proportional configurations (ALGORITHM.md §8) is searched on calibration texts:
+A small family of proportional configurations (powerbert/ALGORITHM.md §8) is searched on calibration texts:
 
     f_l = a * (b / a) ** ((l - 1) / (L - 1)),   l = 1..L,   for every pair a >= b of ``shares``
 
@@ -14,19 +14,17 @@ failed, at every layer, is skipped as failing too. The fastest passing candidate
 checked on held-out texts (the next one is tried if it falls short there), and timed against
 the stock model on them. Nothing here reads a label.
 
-``calibrate`` returns a :class:`Calibration` (configuration and report); ``save`` writes the
-patched model folder (``config.json`` holds ``powerbert_retention``) with ``calibration.json``
-and ``calibration.md`` beside it.
+``calibrate`` returns a :class:`Calibration` (configuration and report);
+``powerbert.calibration_output.save`` writes the patched model folder (``config.json`` holds
+``powerbert_retention``) with ``calibration.json`` and ``calibration.md`` beside it.
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,21 +32,19 @@ from torch import nn
 
 from powerbert.elimination.families import resolve
 from powerbert.front_door import is_patched, patch, unpatch
-from powerbert.elimination.retention import (flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding, row_keep_counts,
-                                 validate_minimum)
+from powerbert.inputs.checks import check_int, check_number
+from powerbert.elimination.retention import (cost_model_sizes, flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding,
+                                             validate_minimum)
 from powerbert.sentence_models import hf_model, is_sentence_model
 
 DEFAULT_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
-REPORT_JSON = "calibration.json"
-REPORT_MD = "calibration.md"
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5)
 
 
 def candidate_family(num_layers: int, shares=DEFAULT_SHARES) -> list[tuple[float, ...]]:
     """Every configuration ``f_l = a (b/a)^((l-1)/(L-1))`` for shares ``a >= b`` (keep-all left out),
     rounded to 4 decimals, without duplicates."""
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    check_int("num_layers", num_layers, 1)
     shares = sorted({float(s) for s in shares}, reverse=True)
     if not shares or any(not 0.0 < s <= 1.0 for s in shares):
         raise ValueError(f"shares must be floats in (0, 1], got {shares}")
@@ -257,20 +253,14 @@ def measure(target, texts: list[str], retention, retention_min=None, rounds: int
 
 def ideals(target, retention, lengths: list[int], order: np.ndarray, minimum=None) -> dict:
     """Ideal speedups of ``retention`` against stock with dynamic padding, texts batched in ``order``
-    (``target.batch_size`` a batch): ``vector_ideal`` (vectors processed, ALGORITHM.md §8),
+    (``target.batch_size`` a batch): ``vector_ideal`` (vectors processed, powerbert/ALGORITHM.md §8),
     ``flops_ideal`` (§6 per sequence) and ``layout_ideal`` (vectors processed by the padded
     layout the patched model runs: each layer's batch padded to its largest keep count)."""
     batches = _batches(lengths, order, target.batch_size)
-    config = target.hf.config
-    hidden, intermediate = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
-    stock = sum(len(retention) * max(batch) * len(batch) for batch in batches)
-    layout = 0
-    for batch in batches:
-        counts = row_keep_counts(retention, minimum, torch.tensor(batch))  # [L, B]
-        layout += int(counts.max(dim=1).values.sum()) * len(batch)
+    hidden, intermediate = cost_model_sizes(target.hf.config)
     return {"vector_ideal": ideal_vs_dynamic_padding(retention, batches, minimum),
             "flops_ideal": flops_ideal_vs_dynamic_padding(retention, batches, hidden, intermediate, minimum),
-            "layout_ideal": stock / layout}
+            "layout_ideal": ideal_vs_dynamic_padding(retention, batches, minimum, layout="padded")}
 
 
 def search(target, texts: list[str], min_value: float, *, shares=DEFAULT_SHARES, retention_min=None,
@@ -331,8 +321,7 @@ def calibrate(model, texts: list[str], *, min_cosine: float, tokenizer=None, bat
     Returns:
         A :class:`Calibration`; its ``retention`` is None when no candidate reaches C.
     """
-    if not (isinstance(min_cosine, (int, float)) and 0.0 < min_cosine <= 1.0):
-        raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine!r}")
+    check_number("min_cosine", min_cosine, 0, 1, low_open=True)
     texts = [text for text in texts if isinstance(text, str) and text.strip()]
     if len(texts) < 2:
         raise ValueError(f"calibrate needs at least 2 non-empty texts, got {len(texts)}")
@@ -407,144 +396,14 @@ def _versions() -> dict:
     return versions
 
 
-# ----------------------------------------------------------------------------- writing the result
-
-
-def save(calibration: Calibration, model, output, tokenizer=None) -> Path:
-    """Write ``calibration.json`` and ``calibration.md`` to ``output``, and, when a configuration was
-    found, the model patched with it (``model.save`` for a SentenceTransformer, ``save_pretrained``
-    and the tokenizer for a classifier). ``model`` is left unpatched.
-
-    A rerun into a folder an earlier ``save`` wrote first removes the files that run listed in its
-    report (``files``), so a rerun that finds no configuration leaves no stale model behind; any
-    other file in the folder is kept.
-    """
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    _remove_previous(output)
-    kept = {p for p in output.rglob("*") if p.is_file()}  # the user's own files
-    if calibration.retention is not None:
-        calibration.apply(model)
-        try:
-            if is_sentence_model(model):
-                model.save(str(output))
-            else:
-                model.save_pretrained(output)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(output)
-        finally:
-            unpatch(model)
-    written = sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file() and p not in kept)
-    report = dict(calibration.report, files=sorted(set(written) | {REPORT_JSON, REPORT_MD}))
-    (output / REPORT_JSON).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    (output / REPORT_MD).write_text(markdown(report), encoding="utf-8")
-    return output
-
-
-def _remove_previous(output: Path) -> None:
-    """Delete the files an earlier ``save`` listed in ``output``'s report, then folders left empty."""
-    try:
-        listed = json.loads((output / REPORT_JSON).read_text(encoding="utf-8")).get("files", [])
-    except (OSError, ValueError, AttributeError):
-        return
-    root = output.resolve()
-    for name in listed:
-        path = (output / str(name)).resolve()
-        if root in path.parents and path.is_file():  # never outside the folder
-            path.unlink()
-    for folder in sorted((p for p in output.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        if not any(folder.iterdir()):
-            folder.rmdir()
-
-
-def _fmt(value, digits=4) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
-
-
-def markdown(report: dict) -> str:
-    """The report as a short Markdown page."""
-    metric, threshold = report["metric"], report["min_value"]
-    lines = [f"# powerbert calibrate: mean {metric} >= {threshold:g}", ""]
-    chosen = report["chosen"]
-    if chosen is None:
-        best = max((r for r in report["candidates"] if "calibration_mean" in r),
-                   key=lambda r: r["calibration_mean"], default=None)
-        lines += ["No configuration of the family reached the threshold on the calibration texts."
-                  + ("" if best is None else f" The closest: {best['retention']} (mean {best['calibration_mean']:.4f},"
-                                             f" ideal {best['vector_ideal']:.2f}x)."), ""]
-    else:
-        lines += [f"Chosen: `{chosen['retention']}`" + (f", retention_min {report['retention_min']}"
-                                                          if report["retention_min"] else ""), ""]
-        hold = chosen.get("holdout")
-        if hold is not None:
-            q = hold["quantiles"]
-            lines += [f"Held-out texts ({hold['texts']}, mean {chosen['holdout_mean_tokens']:.1f} tokens): mean "
-                      f"{metric} {hold['mean']:.4f}, min {hold['min']:.4f}, p01 {q['p01']:.4f}, p05 {q['p05']:.4f}, "
-                      f"median {q['p50']:.4f}; {hold['share_below_threshold'] * 100:.1f}% of texts below "
-                      f"{threshold:g}.", "",
-                      f"Ideal speedup against stock with dynamic padding (texts batched as `encode` batches them, "
-                      f"{report['batch_size']} a batch): {chosen['vector_ideal']:.2f}x by vectors processed, "
-                      f"{chosen['flops_ideal']:.2f}x by the FLOPs model (ALGORITHM.md §6, §8), "
-                      f"{chosen['layout_ideal']:.2f}x by vectors in the padded layout the patched model runs "
-                      f"(each batch padded to its largest keep count).", ""]
-        timing = chosen.get("timing")
-        if timing is not None:
-            threads = f"{timing['threads']} thread" + ("s" if timing["threads"] != 1 else "")
-            lines += [f"Measured on the held-out texts ({timing['device']}, {threads}, {timing['rounds']} alternated "
-                      f"rounds of stock and patched `encode`): stock {timing['stock_median_s'] * 1000:.0f} ms, "
-                      f"patched {timing['patched_median_s'] * 1000:.0f} ms: **{timing['speedup']:.2f}x** "
-                      f"(paired {timing['paired']:.2f}x). Timings taken while other work runs are noisy: "
-                      f"re-measure on a quiet machine.", ""]
-    lines += [f"Search: {report['calibration_texts']} calibration texts (mean {report['calibration_mean_tokens']:.1f}"
-              f" tokens), {report['evaluated']} of {len(report['candidates'])} candidates evaluated, family "
-              f"`{report['family']}`, shares {report['shares']}.", "",
-              f"| configuration | vector ideal | FLOPs ideal | calibration {metric} | held-out {metric} | status |",
-              "|---|---:|---:|---:|---:|---|"]
-    for r in sorted(report["candidates"], key=lambda r: -r["vector_ideal"]):
-        lines.append(f"| {r['retention']} | {r['vector_ideal']:.2f}x | {r['flops_ideal']:.2f}x | "
-                     f"{_fmt(r.get('calibration_mean'))} | {_fmt(r.get('holdout_mean'))} | {r['status']} |")
-    return "\n".join(lines) + "\n"
-
-
-def load_for_calibration(path, *, device: str | None = None):
-    """``(model, tokenizer)`` from a local folder: a sentence-transformers folder (``modules.json``)
-    or a plain encoder folder as a ``SentenceTransformer`` (mean pooling), or a sequence classifier
-    (``*ForSequenceClassification`` in ``config.json``'s ``architectures``) with its tokenizer."""
-    from powerbert.inputs.model_folder import check_model_dir, read_model_config
-
-    path = check_model_dir(path)
-    config = read_model_config(path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    architectures = config.get("architectures") or []
-    if not (path / "modules.json").is_file() and any(a.endswith("ForSequenceClassification") for a in architectures):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
-        return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise ValueError(f"{path} is an embedding model: calibrating it needs sentence-transformers "
-                         f"(pip install sentence-transformers)") from None
-    return SentenceTransformer(str(path), device=device, local_files_only=True), None
-
-
 def texts_from_file(path, text_column: str | None = None) -> list[str]:
-    """The non-empty texts of a CSV/TSV/JSONL file's text column (default: text, sentence, ...)."""
-    from powerbert.inputs.data import DEFAULT_TEXT_COLUMNS, read_table
+    """The non-empty texts of a CSV/TSV/JSONL file's text column (default: text, sentence, ...),
+    read by ``powerbert.inputs.tables.read_texts``."""
+    from powerbert.inputs.tables import read_texts
 
-    table = read_table(path)
-    if text_column is None:
-        found = [c for c in DEFAULT_TEXT_COLUMNS if c in table.columns]
-        if not found:
-            raise ValueError(f"no text column in {path} (tried {', '.join(DEFAULT_TEXT_COLUMNS)}); pass "
-                             f"--text-column; available columns: {', '.join(table.columns)}")
-        text_column = found[0]
-    if text_column not in table.columns:
-        raise ValueError(f"text column {text_column!r} not found in {path}; available columns: "
-                         f"{', '.join(table.columns)}")
-    texts = [str(row[text_column]) for row in table.rows if row.get(text_column) is not None]
-    texts = [text for text in texts if text.strip()]
+    corpus = read_texts(path, text_column, pairs=False)
+    texts = [text for text in corpus.texts if text.strip()]
     if len(texts) < 2:
-        raise ValueError(f"{path} holds {len(texts)} non-empty texts in column {text_column!r}; calibrate needs >= 2")
+        raise ValueError(f"{path} holds {len(texts)} non-empty texts in column {corpus.text_column!r}; "
+                         f"calibrate needs >= 2")
     return texts

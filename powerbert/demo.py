@@ -17,8 +17,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoTokenizer, BertModel  # noqa: E402
 
-import powerbert  # noqa: E402
-import powerbert.elimination.retention  # noqa: E402
+from powerbert.elimination.retention import ideal_vs_dynamic_padding, vector_ratio  # noqa: E402
+from powerbert.front_door import patch, unpatch  # noqa: E402
 
 LENGTH = 128
 RETENTION = (48, 32, 24, 16, 12, 8)
@@ -74,27 +74,27 @@ def main() -> None:
         stock_time = median_time(lambda: model(**padded))
         stock_dynamic_time = median_time(lambda: model(**dynamic))
 
-        powerbert.patch(model, [LENGTH] * layers)
+        patch(model, [LENGTH] * layers)
         keep_all = model(**padded).pooler_output
-        powerbert.unpatch(model)
+        unpatch(model)
         print(f"keep-all retention {[LENGTH] * layers}: max |pooled difference| vs stock = "
               f"{(keep_all - stock).abs().max().item():.2e}")
 
-        powerbert.patch(model, RETENTION)
+        patch(model, RETENTION)
         patched = model(**padded).pooler_output
         patched_time = median_time(lambda: model(**padded))
         cosine = torch.nn.functional.cosine_similarity(patched, stock).min().item()
-        powerbert.unpatch(model)
+        unpatch(model)
 
-        powerbert.patch(model, list(PROPORTIONAL))
+        patch(model, list(PROPORTIONAL))
         proportional = model(**padded).pooler_output
         proportional_time = median_time(lambda: model(**padded))
         cosine_proportional = torch.nn.functional.cosine_similarity(proportional, stock).min().item()
 
     lengths = dynamic["attention_mask"].sum(1).tolist()
-    ideal = powerbert.vector_ratio(RETENTION, LENGTH)
-    ideal_fixed = powerbert.elimination.retention.ideal_vs_dynamic_padding(RETENTION, [lengths])
-    ideal_proportional = powerbert.elimination.retention.ideal_vs_dynamic_padding(PROPORTIONAL, [lengths])
+    ideal = vector_ratio(RETENTION, LENGTH)
+    ideal_fixed = ideal_vs_dynamic_padding(RETENTION, [lengths])
+    ideal_proportional = ideal_vs_dynamic_padding(PROPORTIONAL, [lengths])
     print(f"fixed retention {RETENTION}: {sum(RETENTION)} of {layers * LENGTH} word vectors at N "
           f"(vector-ratio ideal {ideal:.2f}x vs padded, {ideal_fixed:.2f}x vs dynamic padding)")
     print(f"proportional retention {PROPORTIONAL} of each sentence's length "

@@ -34,7 +34,7 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
             (``powerbert/sentence_models.py``).
         retention: one entry per encoder layer, non-increasing. Ints >= 1 (fixed):
             ``retention[l]`` word vectors survive layer ``l + 1``'s attention in every sequence.
-            Floats in (0, 1] (proportional, ALGORITHM.md §8): sequence i keeps
+            Floats in (0, 1] (proportional, powerbert/ALGORITHM.md §8): sequence i keeps
             ``min(k_{l-1,i}, max(m_l, ceil(f_l * len_i)))`` of its len_i real tokens. None reads
             ``model.config.powerbert_retention`` (stored by an earlier patch + ``save_pretrained``).
         retention_min: proportional only: the per-layer minimum m_l, an int >= 1 or one per

@@ -36,7 +36,7 @@ output; the model folder must be readable where the actors run. ``pip install 'p
 Input checks come first and end in a one-line ValueError/SystemExit: the model folder
 (``model_folder.check_model_dir``), the output (its suffix fits the model; an existing output is
 kept unless ``overwrite``), and every row (a missing or non-text value names file and line; see
-``read_corpus``). The output is written to a temporary file beside it and renamed when complete,
+``powerbert.inputs.tables.read_texts``). The output is written to a temporary file beside it and renamed when complete,
 so an interrupted run never leaves a partial output under the final name.
 """
 from __future__ import annotations
@@ -53,62 +53,18 @@ from pathlib import Path
 
 import numpy as np
 
-from powerbert.inputs import data as D
+from powerbert.inputs.checks import check_int
+from powerbert.inputs.files import atomic_path, check_output as check_output_path
+from powerbert.inputs.tables import Corpus, read_texts
 from powerbert.inputs.model_folder import check_model_dir, default_max_length, read_model_config
 
 ENGINES = ("local", "ray")
 KINDS = {"classifier": ".jsonl", "embedding": ".npy"}  # what a model gives, and the output it is written to
 RETENTION_KEY = "powerbert_retention"  # patch.CONFIG_KEY, without importing torch at parse time
 SENTENCE_CONFIG = "sentence_bert_config.json"
-BAD_ROWS_SHOWN = 5
 
 
 # ----------------------------------------------------------------------------- input
-
-
-@dataclass
-class Corpus:
-    """The rows to predict: texts, optional second texts, the line each row starts on."""
-
-    texts: list[str]
-    pairs: list[str] | None
-    lines: list[int]
-    source: str
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-
-def read_corpus(path, text_column: str | None = None, text_pair_column: str | None = None) -> Corpus:
-    """The texts of a CSV/TSV/JSONL file (``data.read_table``; columns as ``data.load_examples``
-    chooses them, no label needed).
-
-    A row whose text (or text pair) is missing, null or not a string is bad; every bad row is
-    counted and the first ones are named ``file:line`` in one ValueError. An empty string is a
-    text (the model sees [CLS] [SEP]).
-    """
-    table = D.read_table(path)
-    if not table.rows:
-        raise ValueError(f"the data file {path} holds no rows (columns: {', '.join(table.columns) or 'none'})")
-    text_column, text_pair_column = D.text_columns(table, path, text_column, text_pair_column)
-    columns = [text_column] + ([text_pair_column] if text_pair_column else [])
-    values: dict[str, list[str]] = {column: [] for column in columns}
-    bad = []
-    for row, line in zip(table.rows, table.lines):
-        for column in columns:
-            value = row.get(column)
-            if isinstance(value, str):
-                values[column].append(value)
-                continue
-            what = "no value" if value is None else f"a {type(value).__name__} ({json.dumps(value)[:40]})"
-            bad.append(f"{path}:{line}: {what} in text column {column!r}")
-            break
-    if bad:
-        more = f"; {len(bad)} bad rows in all: {', '.join(b.split(': ')[0] for b in bad[1:BAD_ROWS_SHOWN])}" + (
-            ", ..." if len(bad) > BAD_ROWS_SHOWN else "") if len(bad) > 1 else ""
-        raise ValueError(f"{bad[0]}, expected text{more}; fix or drop these rows")
-    return Corpus(values[text_column], values[text_pair_column] if text_pair_column else None, list(table.lines),
-                  str(path))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -186,8 +142,8 @@ class Predictor:
         import torch
         from transformers import AutoTokenizer
 
-        import powerbert
         from powerbert.elimination.families import resolve
+        from powerbert.front_door import patch
         from powerbert.inputs.model_folder import load_model
 
         if threads:
@@ -213,7 +169,7 @@ class Predictor:
             names = set(inspect.signature(self.model.forward).parameters)
             self.input_names = {"input_ids", "attention_mask", "token_type_ids"} & names
         if spec.retention is not None:
-            powerbert.patch(self.model)  # from config.json, as powerbert evaluate does
+            patch(self.model)  # from config.json, as powerbert evaluate does
         self.model.eval()
 
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
@@ -339,7 +295,8 @@ def _run_ray(spec, corpus, batches, num_workers, threads, on_batch) -> int:
 
 def check_output(output, spec: ModelSpec, data, overwrite: bool) -> Path:
     """``output`` must end in the suffix the model's kind is written to (``KINDS``), must not
-    exist unless ``overwrite``, and must not be the data file or a folder."""
+    exist unless ``overwrite``, and must not be the data file or a folder
+    (``powerbert.inputs.files.check_output``)."""
     output = Path(output)
     suffix = KINDS[spec.kind]
     if output.suffix.lower() != suffix:
@@ -347,17 +304,9 @@ def check_output(output, spec: ModelSpec, data, overwrite: bool) -> Path:
                 f"embeddings ({'sentence-transformers' if spec.loader == 'sentence-transformers' else 'bare encoder'})")
         raise ValueError(f"output {output} (--output): the model in {spec.path} gives {what}, written as a "
                          f"{suffix} file; name the output *{suffix}")
-    if output.is_dir():
-        raise ValueError(f"output {output} (--output) is a folder; give the {suffix} file to write")
-    if Path(data).resolve() == output.resolve():
-        raise ValueError(f"output {output} (--output) is the data file (--data)")
+    check_output_path(output, folder=False, inputs={"--data": data, "--model": spec.path})
     if output.exists() and not overwrite:
         raise ValueError(f"output {output} (--output) exists; pass --overwrite to replace it")
-    for parent in output.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"output {output} (--output) cannot be created: {parent} is a file")
-            break
     return output
 
 
@@ -412,15 +361,14 @@ def predict(model, data, output, *, text_column: str | None = None, text_pair_co
     """
     for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 1),
                              ("max_length", max_length, 2), ("threads", threads, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(name, value, low, optional=True)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "local" and num_workers != 1:
         raise ValueError(f"--num-workers {num_workers} needs --engine ray (the local engine runs one model)")
     spec = inspect_model(model, max_length)
     output = check_output(output, spec, data, overwrite)
-    corpus = read_corpus(data, text_column, text_pair_column)
+    corpus = read_texts(data, text_column, text_pair_column)
     if corpus.pairs is not None and spec.kind == "embedding":
         raise ValueError(f"the model in {spec.path} embeds single texts; {data} has a text pair column "
                          f"(pass --text-column alone, or use a sequence-pair classifier)")
@@ -430,39 +378,37 @@ def predict(model, data, output, *, text_column: str | None = None, text_pair_co
 
     bar = tqdm(total=len(corpus), desc=f"predict ({engine})", unit="rows", disable=not progress)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
     store: dict = {}
-
-    def on_batch(index: int, values: np.ndarray) -> None:
-        rows = batches[index]
-        if "values" not in store:  # the first batch tells the width
-            shape = (len(corpus), values.shape[1])
-            store["values"] = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-                               if spec.kind == "embedding" else np.empty(shape, dtype=np.float32))
-        store["values"][rows] = values
-        bar.update(len(rows))
-
     start = time.perf_counter()
     try:
-        if engine == "local":
-            _run_local(spec, corpus, batches, threads, on_batch)
-            used_threads = threads
-        else:
-            used_threads = _run_ray(spec, corpus, batches, num_workers, threads, on_batch)
-        wall = time.perf_counter() - start
-        bar.close()
-        values = store["values"]
-        if spec.kind == "embedding":
-            values.flush()
-            del store["values"], values
-        else:
-            with tmp.open("w", encoding="utf-8") as f:
-                f.writelines(jsonl_lines(values, spec.labels))
-        os.replace(tmp, output)
+        with atomic_path(output) as tmp:  # the old output stays until the new one is complete
+
+            def on_batch(index: int, values: np.ndarray) -> None:
+                rows = batches[index]
+                if "values" not in store:  # the first batch tells the width
+                    shape = (len(corpus), values.shape[1])
+                    store["values"] = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                                       if spec.kind == "embedding" else np.empty(shape, dtype=np.float32))
+                store["values"][rows] = values
+                bar.update(len(rows))
+
+            if engine == "local":
+                _run_local(spec, corpus, batches, threads, on_batch)
+                used_threads = threads
+            else:
+                used_threads = _run_ray(spec, corpus, batches, num_workers, threads, on_batch)
+            wall = time.perf_counter() - start
+            bar.close()
+            values = store["values"]
+            if spec.kind == "embedding":
+                values.flush()
+                del store["values"], values
+            else:
+                with tmp.open("w", encoding="utf-8") as f:
+                    f.writelines(jsonl_lines(values, spec.labels))
     finally:
         bar.close()
         store.clear()
-        tmp.unlink(missing_ok=True)
     if used_threads is None:
         import torch
 

@@ -1,4 +1,4 @@
-"""An independent eager implementation of PoWER-BERT inference, written from ALGORITHM.md.
+"""An independent eager implementation of PoWER-BERT inference, written from powerbert/ALGORITHM.md.
 
 Deliberately plain: per-sequence Python loops for scoring and selection, the textbook
 layer order (attention output for every row, then select, then FFN), float64 scores.

@@ -8,6 +8,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 
 import powerbert
 from powerbert import calibrate as C
+from powerbert import calibration_output
 from powerbert.cli import main
 from test_patch_bert import build
 
@@ -118,11 +119,11 @@ def test_calibrate_a_sentence_transformer_and_reload_it(model, tmp_path):
     # the choice is the fastest passing candidate of those evaluated on the calibration texts
     assert C.choose(report["candidates"], 0.9)["retention"] == chosen["retention"]
 
-    C.save(result, model, tmp_path)
+    calibration_output.save(result, model, tmp_path)
     assert not powerbert.is_patched(model)
     torch.testing.assert_close(model.encode(SENTENCES, convert_to_tensor=True), stock, atol=0, rtol=0)
     assert json.loads((tmp_path / "config.json").read_text())["powerbert_retention"] == list(result.retention)
-    assert "mean cosine" in (tmp_path / C.REPORT_MD).read_text()
+    assert "mean cosine" in (tmp_path / calibration_output.REPORT_MD).read_text()
     loaded = powerbert.patch(st.SentenceTransformer(str(tmp_path), device="cpu"))
     assert powerbert.patch_state(loaded).retention == result.retention
     cosine = (loaded.encode(SENTENCES, convert_to_tensor=True) * stock).sum(1)
@@ -135,9 +136,9 @@ def test_unreachable_threshold_gives_no_configuration(model, tmp_path):
     assert result.retention is None and result.report["chosen"] is None
     with pytest.raises(ValueError, match="nothing to apply"):
         result.apply(model)
-    C.save(result, model, tmp_path)
+    calibration_output.save(result, model, tmp_path)
     assert not (tmp_path / "config.json").exists()
-    assert "No configuration" in (tmp_path / C.REPORT_MD).read_text()
+    assert "No configuration" in (tmp_path / calibration_output.REPORT_MD).read_text()
 
 
 def test_calibrate_a_classifier_by_prediction_agreement(tmp_path):
@@ -150,7 +151,7 @@ def test_calibrate_a_classifier_by_prediction_agreement(tmp_path):
     if result.retention is not None:
         assert result.report["chosen"]["holdout"]["mean"] >= 0.75
         assert result.report["chosen"]["holdout"]["min"] in (0.0, 1.0)  # per text: the class is kept or not
-        C.save(result, classifier, tmp_path, tokenizer)
+        calibration_output.save(result, classifier, tmp_path, tokenizer)
         assert (tmp_path / "tokenizer_config.json").is_file()
     assert not powerbert.is_patched(classifier)
 
@@ -183,7 +184,7 @@ def test_cli_writes_the_model_folder_and_the_report(tmp_path, capsys):
     assert status == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["calibration_mean"] >= 0.9 and summary["holdout_mean"] >= 0.9
-    assert (out / "modules.json").is_file() and (out / C.REPORT_JSON).is_file()
+    assert (out / "modules.json").is_file() and (out / calibration_output.REPORT_JSON).is_file()
     assert json.loads((out / "config.json").read_text())["powerbert_retention"] == summary["retention"]
     # a rerun into the same folder is allowed (it holds a calibration report); one that finds no
     # configuration removes the model the runs before wrote and keeps the user's own files
@@ -191,11 +192,11 @@ def test_cli_writes_the_model_folder_and_the_report(tmp_path, capsys):
     assert main(["calibrate", "--model", _path(), "--data", str(data), "--text-column", "sentence",
                  "--output", str(out), "--min-cosine", "0.9", "--calibration-texts", "8", "--holdout-texts", "0",
                  "--no-progress"]) == 0
-    assert "modules.json" in json.loads((out / C.REPORT_JSON).read_text())["files"]
+    assert "modules.json" in json.loads((out / calibration_output.REPORT_JSON).read_text())["files"]
     assert main(["calibrate", "--model", _path(), "--data", str(data), "--output", str(out), "--min-cosine", "1.0",
                  "--calibration-texts", "4", "--holdout-texts", "0", "--no-progress"]) == 1
-    assert sorted(p.name for p in out.iterdir()) == sorted([C.REPORT_JSON, C.REPORT_MD, "notes.txt"])
-    assert json.loads((out / C.REPORT_JSON).read_text())["chosen"] is None
+    assert sorted(p.name for p in out.iterdir()) == sorted([calibration_output.REPORT_JSON, calibration_output.REPORT_MD, "notes.txt"])
+    assert json.loads((out / calibration_output.REPORT_JSON).read_text())["chosen"] is None
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from powerbert import cli
-from powerbert.inputs.data import parse_movie_reviews
+from powerbert.inputs.movie_reviews import parse_movie_reviews
 from test_pipeline import make_model_folder, write_marker_csv
 
 
@@ -75,7 +75,7 @@ def test_missing_model_and_data_are_clear_errors(tmp_path, model_dir, capsys):
 
 
 def test_jsonl_pairs_and_regression_labels(tmp_path):
-    from powerbert.inputs.data import infer_label_space, load_examples
+    from powerbert.inputs.examples import infer_label_space, load_examples
 
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"sentence1": f"a{i}", "sentence2": f"b{i}", "score": i / 3}) for i in range(4)))

@@ -15,8 +15,12 @@ import torch
 from transformers import BertTokenizer, GPT2Config, GPT2Model
 
 from powerbert import cli
-from powerbert.inputs import data as D
-from powerbert.training import pipeline
+from powerbert.inputs import examples as D
+from powerbert.training import config as training_config
+from powerbert.training import lambda_search
+from powerbert.training import steps as training_steps
+from powerbert.inputs import model_folder
+from powerbert.training import trainer as training_trainer
 from test_pipeline import VOCAB, WORDS, make_model_folder, write_marker_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,14 +166,15 @@ def test_numeric_options_are_refused_at_parse_time(tmp_path, model_dir, data, ca
 
 
 def test_lambda_nan_never_reaches_fine_tuning(tmp_path, model_dir, data, monkeypatch, capsys):
-    monkeypatch.setattr(pipeline, "train_model", lambda *a, **k: pytest.fail("training started"))
+    for module in (training_steps, lambda_search):  # every caller of the training loop
+        monkeypatch.setattr(module, "train_model", lambda *a, **k: pytest.fail("training started"))
     expect_error(capsys, train_args(model_dir, data, tmp_path / "out", "--lambda", "nan"), "--lambda")
 
 
 def test_python_api_checks_the_same_ranges(tmp_path):
     for bad in ({"lr_bert": float("nan")}, {"lam": float("inf")}, {"lr_soft": -1.0}, {"task": "ranking"},
                 {"dev_fraction": 1.0}, {"max_length": 1}, {"seed": -1}):
-        cfg = pipeline.PipelineConfig(data="d.csv", output=str(tmp_path), **bad)
+        cfg = training_config.PipelineConfig(data="d.csv", output=str(tmp_path), **bad)
         with pytest.raises(ValueError, match=next(iter(bad)).replace("lam", "lambda")):
             cfg.check()
 
@@ -247,9 +252,9 @@ def test_max_length_above_the_model_positions(tmp_path, model_dir, data, capsys)
     expect_error(capsys, (*argv, "--max-length", 33), "33 exceeds the 32 positions", "use at most 32")
     expect_error(capsys, ("evaluate", "--model", model_dir, "--data", data, "--max-length", 64),
                  "64 exceeds the 32 positions")
-    assert pipeline.max_positions({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}) == 512
-    assert pipeline.max_positions({"model_type": "xlm-roberta", "max_position_embeddings": 514}) == 512
-    assert pipeline.max_positions({"model_type": "bert", "max_position_embeddings": 512}) == 512
+    assert model_folder.max_positions({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}) == 512
+    assert model_folder.max_positions({"model_type": "xlm-roberta", "max_position_embeddings": 514}) == 512
+    assert model_folder.max_positions({"model_type": "bert", "max_position_embeddings": 512}) == 512
 
 
 def test_evaluate_defaults_n_to_the_model_positions(tmp_path, model_dir, data, capsys):
@@ -410,21 +415,21 @@ def test_overwrite_recomputes_the_changed_step_and_the_later_ones(trained, root,
 def test_step_folders_without_settings_are_reused_with_a_warning(trained, root, model_dir, data, capsys):
     out = root / "legacy"
     shutil.copytree(trained, out)
-    for step in pipeline.STEPS:
+    for step in training_config.STEPS:
         (out / step / "settings.json").unlink()
     assert run_cli(*train_args(model_dir, data, out, "--lambda", "1e-2", "--seed", 1)) == 0
     err = capsys.readouterr().err
     assert err.count("reusing it unverified") == 3
-    assert json.loads((out / "metrics.json").read_text())["settings"]["unverified"] == list(pipeline.STEPS)
+    assert json.loads((out / "metrics.json").read_text())["settings"]["unverified"] == list(training_config.STEPS)
 
 
 # ----------------------------------------------------------------------------- lr_soft
 
 
 def test_default_lr_soft_is_bounded_on_small_data(trained):
-    assert pipeline.default_lr_soft(2) == pipeline.LR_SOFT_MAX == 0.05
-    assert pipeline.default_lr_soft(100) == pytest.approx(0.03)
-    assert pipeline.default_lr_soft(10**6) == pipeline.LR_SOFT_MIN
+    assert training_trainer.default_lr_soft(2) == training_trainer.LR_SOFT_MAX == 0.05
+    assert training_trainer.default_lr_soft(100) == pytest.approx(0.03)
+    assert training_trainer.default_lr_soft(10**6) == training_trainer.LR_SOFT_MIN
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["lr_soft"] == 0.05  # 3 search steps: 3 / 3 = 1.0 before the bound
     assert any("only 3 optimiser steps" in w for w in metrics["warnings"])

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kernels import attention
+from kernels import attention, launch
 from kernels.attention import attention_with_significance, attention_with_significance_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -82,8 +82,8 @@ def run_triton(q, k, v, mask, scale=None, need_scores=True):
     """The Triton path. On CUDA the public function sends fp32 to the torch path and refuses it
     for backend="triton" (fp32 tl.dot spills); the kernels still compute it, through the launcher."""
     if q.is_cuda and q.dtype == torch.float32:
-        return attention._attention_triton(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale,
-                                           need_scores)
+        return attention.launch_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale,
+                                          need_scores)
     return attention_with_significance(q, k, v, mask, scale, need_scores=need_scores, backend="triton")
 
 
@@ -92,7 +92,7 @@ def poisoned(monkeypatch):
     """Every kernel output buffer (context, lse, scores) starts as NaN."""
     def full_nan(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(attention, "_new_output", full_nan)
+    monkeypatch.setattr(launch, "new_output", full_nan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,8 +167,8 @@ def test_small_blocks(block_m, block_n, device, poisoned):
     B, H, n, d = 2, 2, 50, 32
     q, k, v = make_qkv(B, H, n, d, torch.float32, device)
     mask = make_mask("heavy", B, n, device)
-    ctx, scores = attention._attention_triton(q, k, v, mask, d ** -0.5, True,
-                                              block_m=block_m, block_n=block_n)
+    ctx, scores = attention.launch_attention(q, k, v, mask, d ** -0.5, True,
+                                             block_m=block_m, block_n=block_n)
     want_ctx, want_scores = reference64(q, k, v, mask)
     atol, rtol, srtol = TOL[torch.float32]
     torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
@@ -182,8 +182,8 @@ def test_gpu_dot_variant(dtype, device, poisoned):
     B, H, n, d = 2, 2, 33, 32
     q, k, v = make_qkv(B, H, n, d, dtype, device)
     mask = make_mask("heavy", B, n, device)
-    ctx, scores = attention._attention_triton(q, k, v, mask, d ** -0.5, True,
-                                              dot_in_input_dtype=True)
+    ctx, scores = attention.launch_attention(q, k, v, mask, d ** -0.5, True,
+                                             dot_in_input_dtype=True)
     want_ctx, want_scores = reference64(q, k, v, mask)
     atol, rtol, srtol = TOL[dtype]
     torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
@@ -195,8 +195,8 @@ def test_long_sequence(device, poisoned):
     B, H, n, d = 1, 1, 1024, 32
     q, k, v = make_qkv(B, H, n, d, torch.float32, device)
     mask = make_mask("heavy", B, n, device)
-    ctx, scores = attention._attention_triton(q, k, v, mask, d ** -0.5, True,
-                                              block_m=128, block_n=128)
+    ctx, scores = attention.launch_attention(q, k, v, mask, d ** -0.5, True,
+                                             block_m=128, block_n=128)
     want_ctx, want_scores = reference64(q, k, v, mask)
     atol, rtol, srtol = TOL[torch.float32]
     torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
@@ -272,7 +272,7 @@ def test_pass2_tiles_narrower_than_query_tiles(mask_kind, num_sms, device, poiso
     B, H, n, d = 3, 2, 77, 32
     q, k, v = make_qkv(B, H, n, d, torch.float32, device)
     mask = make_mask(mask_kind, B, n, device)
-    ctx, scores = attention._attention_triton(q, k, v, mask, d ** -0.5, True, num_sms=num_sms)
+    ctx, scores = attention.launch_attention(q, k, v, mask, d ** -0.5, True, num_sms=num_sms)
     want_ctx, want_scores = reference64(q, k, v, mask)
     atol, rtol, srtol = TOL[torch.float32]
     torch.testing.assert_close(ctx.double(), want_ctx, atol=atol, rtol=rtol)
@@ -290,7 +290,7 @@ def test_padding_blocks_are_not_read(device, poisoned):
     want_ctx, want_scores = reference64(q, k, v, mask)
     for t in (q, k, v):
         t[:, :, length:] = float("nan")
-    ctx, scores = attention._attention_triton(q, k, v, mask, d ** -0.5, True, block_m=32, block_n=32)
+    ctx, scores = attention.launch_attention(q, k, v, mask, d ** -0.5, True, block_m=32, block_n=32)
     atol, rtol, srtol = TOL[torch.float32]
     torch.testing.assert_close(ctx[0, :, :length].double(), want_ctx[0, :, :length], atol=atol, rtol=rtol)
     torch.testing.assert_close(ctx[1, :, :5].double(), want_ctx[1, :, :5], atol=atol, rtol=rtol)
@@ -416,7 +416,7 @@ def test_float64_runs_the_reference(backend, mask_kind):
 
 def test_float64_triton_refused_before_device_check(monkeypatch):
     """The dtype error comes first and in one line, whatever the device or interpreter state."""
-    monkeypatch.setattr(attention, "_interpreting", lambda: False)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
     args = {name: t.double() if t.is_floating_point() else t for name, t in _good().items()}
     with pytest.raises(TypeError, match="^backend='triton' does not support q of dtype float64") as err:
         attention_with_significance(**args, backend="triton")
@@ -424,7 +424,7 @@ def test_float64_triton_refused_before_device_check(monkeypatch):
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
-    monkeypatch.setattr(attention, "_interpreting", lambda: False)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
     with pytest.raises(ValueError, match="backend='triton' on CPU .* TRITON_INTERPRET=1"):
         attention_with_significance(**_good(), backend="triton")
 

@@ -6,7 +6,7 @@ from kernel_inputs import check_extract_rows_independently, make_mask, nan_as_ne
 
 import importlib
 
-fused_mod = importlib.import_module("kernels.extract")
+extract_mod = importlib.import_module("kernels.extract")
 gather_mod = importlib.import_module("kernels.gather")
 from kernels.extract import extract, extract_from_scores, extract_from_scores_ref, extract_ref
 from kernels.significance import significance_ref
@@ -125,7 +125,7 @@ def launches(monkeypatch) -> list:
             seen.append(self.kernel)
             return self.kernel[grid]
 
-    monkeypatch.setattr(fused_mod, "_score_select_kernel", Counting(fused_mod._score_select_kernel))
+    monkeypatch.setattr(extract_mod, "_score_select_kernel", Counting(extract_mod._score_select_kernel))
     monkeypatch.setattr(gather_mod, "_gather_kernel", Counting(gather_mod._gather_kernel))
     return seen
 

@@ -1,4 +1,4 @@
-"""Any padding layout, no work on padding (ALGORITHM.md §7): real tokens first at entry,
+"""Any padding layout, no work on padding (powerbert/ALGORITHM.md §7): real tokens first at entry,
 all-padding columns dropped (dynamic layout) or kept (static layout)."""
 import pytest
 import torch

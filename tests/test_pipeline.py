@@ -10,7 +10,14 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertTokenizer
 
 import powerbert
-from powerbert.training import pipeline
+from powerbert.training import config as training_config
+from powerbert.training import export as training_export
+from powerbert.training import lambda_search
+from powerbert.training import loop as training_loop
+from powerbert.elimination import retention
+from powerbert.training import steps as training_steps
+from powerbert.training import task as training_task
+from powerbert.training import trainer as training_trainer
 
 N = 16
 LAYERS = 4
@@ -51,12 +58,12 @@ def pipeline_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     model_dir = make_model_folder(root / "model")
     data = write_marker_csv(root / "train.csv", 480)
-    cfg = pipeline.PipelineConfig(
+    cfg = training_config.PipelineConfig(
         model=str(model_dir), data=str(data), output=str(root / "out"), dev_fraction=0.2, max_length=N,
         finetune_epochs=4, search_epochs=2, retrain_epochs=1, batch_size=16, lr_bert=2e-3, lr_soft=0.05,
         lam=1e-2, seed=0, progress=False,
     )
-    metrics = pipeline.run(cfg)
+    metrics = training_steps.run(cfg)
     return cfg, metrics
 
 
@@ -71,7 +78,7 @@ def test_search_learns_small_configuration_and_retrain_recovers(pipeline_run):
     assert metrics["vectors_total"] == LAYERS * N and metrics["vectors_kept"] == sum(configuration)
     assert metrics["vector_ratio"] == pytest.approx(powerbert.vector_ratio(configuration, N))
     assert metrics["flops_ideal"] > 1
-    assert all(steps[s]["wall_s"] > 0 for s in pipeline.STEPS)
+    assert all(steps[s]["wall_s"] > 0 for s in training_config.STEPS)
 
 
 def test_saved_result_loads_and_patches_with_learned_configuration(pipeline_run):
@@ -82,7 +89,7 @@ def test_saved_result_loads_and_patches_with_learned_configuration(pipeline_run)
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     powerbert.patch(model)
     assert powerbert.patched_retention(model) == tuple(metrics["configuration"])
-    result = pipeline.evaluate(out, cfg.data, max_examples=96)
+    result = training_export.evaluate(out, cfg.data, max_examples=96)
     assert result["configuration"] == metrics["configuration"] and result["max_length"] == N
     assert result["value"] >= 0.9
 
@@ -90,15 +97,15 @@ def test_saved_result_loads_and_patches_with_learned_configuration(pipeline_run)
 def test_rerun_skips_finished_steps(pipeline_run, caplog):
     cfg, metrics = pipeline_run
     with caplog.at_level("INFO", logger="powerbert"):
-        again = pipeline.run(cfg)
+        again = training_steps.run(cfg)
     assert again["configuration"] == metrics["configuration"]
     assert sum("already done" in r.message for r in caplog.records) == 3
 
 
 def test_missing_previous_step_is_a_clear_error(tmp_path):
-    cfg = pipeline.PipelineConfig(data="x.csv", output=str(tmp_path))
+    cfg = training_config.PipelineConfig(data="x.csv", output=str(tmp_path))
     with pytest.raises(SystemExit, match="finetune"):
-        pipeline.search(cfg)
+        training_steps.search(cfg)
 
 
 # ----------------------------------------------------------------------------- training with elimination
@@ -143,20 +150,20 @@ def test_interrupted_step_resumes_from_epoch_checkpoint(tmp_path, monkeypatch, c
     data = write_marker_csv(tmp_path / "train.csv", 96)
 
     def config(out):
-        return pipeline.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / out),
+        return training_config.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / out),
                                        max_length=N, epochs=3, batch_size=16, lr_bert=1e-3, progress=False)
 
-    straight = pipeline.finetune(config("straight"))
+    straight = training_steps.finetune(config("straight"))
 
     interrupt_at_evaluation(monkeypatch, 2)  # the evaluation that ends epoch 2, before its checkpoint
     with pytest.raises(KeyboardInterrupt):
-        pipeline.finetune(config("resumed"))
+        training_steps.finetune(config("resumed"))
     checkpoints = tmp_path / "resumed" / "finetune" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-6"]  # epoch 1 of 6 steps; Trainer's rotation
-    assert (checkpoints / "checkpoint-6" / pipeline.HISTORY).is_file()
+    assert (checkpoints / "checkpoint-6" / training_loop.HISTORY).is_file()
     assert not (tmp_path / "resumed" / "finetune" / "done.json").exists()
     with caplog.at_level("INFO", logger="powerbert"):
-        resumed = pipeline.finetune(config("resumed"))
+        resumed = training_steps.finetune(config("resumed"))
     assert any("resuming after epoch 1" in r.message for r in caplog.records)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     for a, b in zip(straight["history"], resumed["history"]):
@@ -171,9 +178,9 @@ def test_regression_labels_finetune_with_mse(tmp_path):
     rng = random.Random(0)
     data.write_text("\n".join(json.dumps({"sentence": " ".join(rng.choice(WORDS) for _ in range(5)),
                                           "score": rng.random() * 5}) for _ in range(64)))
-    cfg = pipeline.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "out"),
+    cfg = training_config.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "out"),
                                   label_column="score", max_length=N, epochs=1, batch_size=16, progress=False)
-    record = pipeline.finetune(cfg)
+    record = training_steps.finetune(cfg)
     assert record["best"]["metric"] == "pearson" and "mse" in record["best"]
     config = json.loads((tmp_path / "out" / "finetune" / "config.json").read_text())
     assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
@@ -187,7 +194,7 @@ def _search_toward(cfg, tmp_path, speedup: float, trials: int):
     shutil.copytree(f"{cfg.output}/finetune", tmp_path / "finetune")
     target = dataclasses.replace(cfg, output=str(tmp_path), lam=None, target_speedup=speedup, target_trials=trials,
                                  target_subset=96, search_epochs=1)
-    return pipeline.search(target), target
+    return training_steps.search(target), target
 
 
 def test_target_speedup_bisects_lambda(pipeline_run, tmp_path):
@@ -204,16 +211,16 @@ def test_target_speedup_bisects_lambda(pipeline_run, tmp_path):
 
 
 def test_lambda_trials_travel_as_far_as_the_full_search():
-    cfg = pipeline.PipelineConfig(data="d.csv", output="o", batch_size=32, search_epochs=1)
+    cfg = training_config.PipelineConfig(data="d.csv", output="o", batch_size=32, search_epochs=1)
     # the default lr_soft: 3 / trial steps, as the reproduce study's trials ran (4000 examples, subset 256)
-    assert pipeline.default_lr_soft(125) == pytest.approx(0.024)
-    assert pipeline.trial_lr_soft(cfg, 4000, 256) == pytest.approx(3 / 8)
+    assert training_trainer.default_lr_soft(125) == pytest.approx(0.024)
+    assert lambda_search.trial_lr_soft(cfg, 4000, 256) == pytest.approx(3 / 8)
     # a small data set: the full search is capped at 0.05, and so is a trial over the same examples
-    assert pipeline.trial_lr_soft(cfg, 43, 43) == pytest.approx(0.05)
+    assert lambda_search.trial_lr_soft(cfg, 43, 43) == pytest.approx(0.05)
     # a given lr_soft: the trial covers the full search's travel in fewer steps, at most 0.5
     given = dataclasses.replace(cfg, lr_soft=1e-3)
-    assert pipeline.trial_lr_soft(given, 3200, 320) == pytest.approx(1e-2)
-    assert pipeline.trial_lr_soft(dataclasses.replace(cfg, lr_soft=3e-3), 96_000, 32) == pipeline.LR_SOFT_TRIAL_MAX
+    assert lambda_search.trial_lr_soft(given, 3200, 320) == pytest.approx(1e-2)
+    assert lambda_search.trial_lr_soft(dataclasses.replace(cfg, lr_soft=3e-3), 96_000, 32) == lambda_search.LR_SOFT_TRIAL_MAX
 
 
 # ----------------------------------------------------------------------------- proportional retention (§8)
@@ -228,7 +235,7 @@ def proportional_run(pipeline_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("proportional")
     shutil.copytree(f"{cfg.output}/finetune", out / "finetune")
     proportional = dataclasses.replace(cfg, output=str(out), retention_mode="proportional")
-    return proportional, pipeline.run(proportional)
+    return proportional, training_steps.run(proportional)
 
 
 def test_proportional_search_learns_fractions_and_exports_them(proportional_run):
@@ -245,10 +252,10 @@ def test_proportional_search_learns_fractions_and_exports_them(proportional_run)
     assert metrics["vectors_kept"] == sum(keep_counts(configuration, N))
     assert metrics["mean_kept_share"] == pytest.approx(sum(configuration) / LAYERS, abs=1e-4)
     tokenizer = BertTokenizer.from_pretrained(f"{cfg.output}/finetune")
-    lengths = pipeline.real_lengths(pipeline.prepare_task(cfg, tokenizer).dev)
+    lengths = training_task.real_lengths(training_task.prepare_task(cfg, tokenizer).dev)
     real = metrics["dev_real_lengths"]
     assert real["examples"] == len(lengths) and real["mean"] == pytest.approx(lengths.double().mean().item(), abs=1e-3)
-    assert real["vector_ratio"] == pytest.approx(pipeline.real_length_ratio(configuration, lengths)) and real[
+    assert real["vector_ratio"] == pytest.approx(retention.real_length_ratio(configuration, lengths)) and real[
         "vector_ratio"] > 1
     search = json.loads(open(f"{cfg.output}/search/done.json").read())
     assert search["retention_mode"] == "proportional" and search["configuration"] == configuration
@@ -258,16 +265,16 @@ def test_proportional_search_learns_fractions_and_exports_them(proportional_run)
     model = AutoModelForSequenceClassification.from_pretrained(cfg.output).eval()
     powerbert.patch(model)
     assert powerbert.patched_retention(model) == tuple(configuration)
-    result = pipeline.evaluate(cfg.output, cfg.data, max_examples=96)
+    result = training_export.evaluate(cfg.output, cfg.data, max_examples=96)
     assert result["configuration"] == configuration and result["value"] >= 0.9
 
 
 def test_real_length_ratio_either_kind():
     lengths = torch.tensor([4, 10, 16])
     # fixed: min(k_l, len_i) -> (4 + 4) + (8 + 4) + (8 + 4) = 32 of 2 * 30 token-layers
-    assert pipeline.real_length_ratio([8, 4], lengths) == pytest.approx(60 / 32)
+    assert retention.real_length_ratio([8, 4], lengths) == pytest.approx(60 / 32)
     # proportional: ceil(f * len): (2 + 1) + (5 + 3) + (8 + 4) = 23
-    assert pipeline.real_length_ratio([0.5, 0.25], lengths) == pytest.approx(60 / 23)
+    assert retention.real_length_ratio([0.5, 0.25], lengths) == pytest.approx(60 / 23)
 
 
 def test_changing_the_retention_mode_stops_or_recomputes(proportional_run, pipeline_run, tmp_path, caplog):
@@ -277,10 +284,10 @@ def test_changing_the_retention_mode_stops_or_recomputes(proportional_run, pipel
     fixed = dataclasses.replace(cfg, retention_mode="fixed")
     with pytest.raises(ValueError, match="search was made with other settings.*retention_mode 'proportional' -> "
                                          "'fixed'"):
-        pipeline.run(fixed)
+        training_steps.run(fixed)
     # retrain alone runs what the search learned: another mode is refused, naming both ways out
     with pytest.raises(ValueError, match="learned a proportional configuration.*--retention-mode proportional"):
-        pipeline.retrain(fixed)
+        training_steps.retrain(fixed)
     assert json.loads(open(f"{cfg.output}/metrics.json").read())["configuration"] == metrics["configuration"]
     # step folders written before the setting existed are fixed-mode folders, reused as such
     fixed_cfg, fixed_metrics = pipeline_run
@@ -292,10 +299,10 @@ def test_changing_the_retention_mode_stops_or_recomputes(proportional_run, pipel
         del key["settings"]["retention_mode"]
         path.write_text(json.dumps(key))
     with caplog.at_level("INFO", logger="powerbert"):
-        assert pipeline.run(legacy)["configuration"] == fixed_metrics["configuration"]
+        assert training_steps.run(legacy)["configuration"] == fixed_metrics["configuration"]
     assert sum("already done" in r.message for r in caplog.records) == 3
     with pytest.raises(ValueError, match="retention_mode 'fixed' -> 'proportional'"):
-        pipeline.run(dataclasses.replace(legacy, retention_mode="proportional"))
+        training_steps.run(dataclasses.replace(legacy, retention_mode="proportional"))
 
 
 def test_target_speedup_in_proportional_mode_aims_at_real_lengths(proportional_run, tmp_path):
@@ -303,17 +310,17 @@ def test_target_speedup_in_proportional_mode_aims_at_real_lengths(proportional_r
     record, target = _search_toward(cfg, tmp_path, 2.0, 2)
     assert record["target_ratio_basis"] == "over the dev set's real lengths"
     tokenizer = BertTokenizer.from_pretrained(f"{cfg.output}/finetune")
-    lengths = pipeline.real_lengths(pipeline.prepare_task(target, tokenizer).dev)
+    lengths = training_task.real_lengths(training_task.prepare_task(target, tokenizer).dev)
     for trial in record["lambda_trials"]:
         assert all(isinstance(f, float) for f in trial["configuration"])
-        assert trial["vector_ratio"] == pytest.approx(pipeline.real_length_ratio(trial["configuration"], lengths))
+        assert trial["vector_ratio"] == pytest.approx(retention.real_length_ratio(trial["configuration"], lengths))
     assert record["lambda"] in [t["lambda"] for t in record["lambda_trials"]]
 
 
 def interrupt_at_evaluation(monkeypatch, which: int) -> None:
     """Make the ``which``-th dev evaluation of the next ``pipeline`` call raise KeyboardInterrupt
     (an interruption at the end of an epoch, before its checkpoint); later calls run normally."""
-    real_metrics, calls = pipeline.task_metrics, []
+    real_metrics, calls = training_loop.task_metrics, []
 
     def interrupting(regression):
         compute = real_metrics(regression)
@@ -321,10 +328,10 @@ def interrupt_at_evaluation(monkeypatch, which: int) -> None:
         def metrics(prediction):
             calls.append(1)
             if len(calls) == which:
-                monkeypatch.setattr(pipeline, "task_metrics", real_metrics)
+                monkeypatch.setattr(training_loop, "task_metrics", real_metrics)
                 raise KeyboardInterrupt
             return compute(prediction)
 
         return metrics
 
-    monkeypatch.setattr(pipeline, "task_metrics", interrupting)
+    monkeypatch.setattr(training_loop, "task_metrics", interrupting)

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 import powerbert
 from powerbert import cli
-from powerbert.predict import Predictor, inspect_model, plan_batches, predict, read_corpus
+from powerbert.inputs.tables import read_texts
+from powerbert.predict import Predictor, inspect_model, plan_batches, predict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,7 +71,7 @@ def test_classifier_rows_come_back_in_input_order(classifier, local_output):
     assert summary["configuration"] == RETENTION and summary["max_length"] == 48
     # each row as the patched model scores it alone: the batches moved nothing to another row
     predictor = Predictor(inspect_model(classifier))
-    corpus = read_corpus(REVIEWS)
+    corpus = read_texts(REVIEWS)
     for i in (0, 1, 57, 150, 299):
         alone = predictor([corpus.texts[i]])[0]
         assert rows[i]["scores"] == pytest.approx(alone.tolist(), abs=1e-5)
@@ -95,7 +96,7 @@ def test_bare_encoder_writes_mean_pooled_survivors(tmp_path):
     model = BertModel.from_pretrained(folder).eval()
     powerbert.patch(model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    text = read_corpus(REVIEWS).texts[7]
+    text = read_texts(REVIEWS).texts[7]
     with torch.no_grad():
         result = model(**tokenizer([text], truncation=True, max_length=48, return_tensors="pt"))
     kept = result.kept_mask[0]
@@ -109,7 +110,7 @@ def test_sentence_transformers_model_writes_its_embeddings(tmp_path):
     data.write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "emb.npy"
     predict(minilm_path(), data, out, batch_size=8, progress=False)
-    expected = st.SentenceTransformer(minilm_path(), device="cpu").encode(read_corpus(data).texts)
+    expected = st.SentenceTransformer(minilm_path(), device="cpu").encode(read_texts(data).texts)
     assert np.load(out) == pytest.approx(expected, abs=1e-5)
 
 

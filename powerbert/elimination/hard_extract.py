@@ -30,7 +30,7 @@ MINIMUM_KEY = "powerbert_retention_min"  # stored only when a proportional confi
 
 @dataclass
 class HardExtract:
-    """The layer runner of a patched model (ALGORITHM.md §2), and what ``unpatch`` restores.
+    """The layer runner of a patched model (powerbert/ALGORITHM.md §2), and what ``unpatch`` restores.
 
     Attributes:
         retention: (k_1, ..., k_L) ints (fixed) or (f_1, ..., f_L) floats (proportional).

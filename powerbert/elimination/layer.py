@@ -1,6 +1,6 @@
 """The eliminating encoder layer forward, shared by every family (see ``families.py``).
 
-Per layer (ALGORITHM.md §2): self-attention on the n vectors that entered, significance of
+Per layer (powerbert/ALGORITHM.md §2): self-attention on the n vectors that entered, significance of
 every position from this layer's own attention probabilities, keep the top-k (CLS always,
 original order), then the FFN on the k survivors only.
 

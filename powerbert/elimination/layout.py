@@ -1,6 +1,6 @@
 """The token layout at the encoder's entry: real tokens first, and no column of padding alone.
 
-ALGORITHM.md §7: elimination never needs padding. Positions are already embedded, so moving each
+powerbert/ALGORITHM.md §7: elimination never needs padding. Positions are already embedded, so moving each
 row's real tokens to the front, in order, changes no value (attention is permutation-equivariant
 and padding is masked as a key), puts [CLS] at slot 0 whatever the padding side, and lets the
 columns that are padding in every row go. Inputs padded to ``max_length`` then cost what

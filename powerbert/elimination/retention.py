@@ -1,6 +1,6 @@
 """The retention configuration: validation, per-sequence keep counts and ideal speedups.
 
-Two kinds (ALGORITHM.md §2 and §8):
+Two kinds (powerbert/ALGORITHM.md §2 and §8):
 * fixed: ints (k_1, ..., k_L), the same number of slots for every sequence of a batch;
 * proportional: floats 1 >= f_1 >= ... >= f_L > 0, a share of each sequence's own length:
   ``k_{l,i} = min(k_{l-1,i}, max(m_l, ceil(f_l * len_i)))`` with ``k_{0,i} = len_i`` and optional
@@ -122,6 +122,25 @@ def row_keep_counts(fractions: Sequence[float], minimum: Sequence[int] | None,
     return torch.stack(rows)
 
 
+def keep_count_rows(retention: Sequence, lengths, minimum: Sequence[int] | None = None) -> torch.Tensor:
+    """Vectors each sequence keeps after each layer, either kind of configuration.
+
+    Args:
+        retention: ints (fixed) or floats (proportional), one per layer.
+        lengths: ``[B]`` integer tensor (or a sequence of ints): the real tokens of each sequence.
+        minimum: per-layer minimums of a proportional configuration (None: all 1).
+
+    Returns:
+        ``[L, B]`` int64 on the lengths' device: ``min(k_l, len_i)`` (fixed) or
+        :func:`row_keep_counts` (proportional).
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    if is_proportional(retention):
+        return row_keep_counts(retention, minimum, lengths)
+    slots = torch.tensor([int(k) for k in retention], dtype=torch.int64, device=lengths.device)
+    return torch.minimum(slots[:, None], lengths[None])
+
+
 def keep_counts(retention: Sequence, seq_len: int, minimum: Sequence[int] | None = None) -> list[int]:
     """Vectors kept after each layer for one sequence of ``seq_len`` real tokens, either kind."""
     if is_proportional(retention):
@@ -134,10 +153,52 @@ def effective_lengths(retention: Sequence[int], seq_len: int) -> list[int]:
     return [min(int(k), seq_len) for k in retention]
 
 
+def vector_counts(retention: Sequence, seq_len: int, minimum: Sequence[int] | None = None) -> tuple[int, int]:
+    """``(kept, total)`` word vectors of one sequence of ``seq_len`` tokens over all layers:
+    ``sum_l k_l`` (as :func:`keep_counts` gives k_l) and the stock model's ``L * seq_len``."""
+    return sum(keep_counts(retention, seq_len, minimum)), len(retention) * seq_len
+
+
 def vector_ratio(retention: Sequence, seq_len: int, minimum: Sequence[int] | None = None) -> float:
     """Ideal speedup by vectors processed for a sequence of ``seq_len`` tokens:
-    ``L * N / sum_l k_l`` (ALGORITHM.md §6), with k_l as :func:`keep_counts` gives it."""
-    return len(retention) * seq_len / sum(keep_counts(retention, seq_len, minimum))
+    ``L * N / sum_l k_l`` (powerbert/ALGORITHM.md §6), with k_l as :func:`keep_counts` gives it."""
+    kept, total = vector_counts(retention, seq_len, minimum)
+    return total / kept
+
+
+def real_length_ratio(retention: Sequence, lengths, minimum: Sequence[int] | None = None) -> float:
+    """Vector ratio over real lengths, either kind of configuration (powerbert/ALGORITHM.md §6, §8):
+    ``sum_i L * len_i / sum_i sum_l k_{l,i}`` with k_{l,i} as :func:`keep_count_rows` gives it:
+    the ideal against a stock model that computes no padding at all (dynamic padding computes
+    some, so it is a lower bound there).
+
+    Args:
+        retention: ints or floats, one per layer. lengths: ``[examples]`` integer tensor (or a
+            sequence of ints), the real lengths. minimum: as for :func:`row_keep_counts`.
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    kept = keep_count_rows(retention, lengths, minimum)
+    return len(retention) * int(lengths.sum()) / int(kept.sum())
+
+
+def padded_vs_dynamic(batches: Sequence[Sequence[int]], seq_len: int) -> float:
+    """The stock model's ideal speedup from padding each batch to its longest instead of to
+    ``seq_len`` (N): ``sum_b B_b * N / sum_b B_b * max_i len_i``, by vectors processed.
+
+    Args:
+        batches: the real lengths of the sequences of each batch. seq_len: N.
+    """
+    return sum(len(lengths) * seq_len for lengths in batches) / sum(len(lengths) * max(lengths) for lengths in batches)
+
+
+def cost_model_sizes(config) -> tuple[int, int]:
+    """``(hidden, intermediate)`` of a model config for the §6 cost model (:func:`flops_ideal`):
+    a ``PretrainedConfig`` or its ``config.json`` as a dict; DistilBERT names them ``dim`` and
+    ``hidden_dim``."""
+    def read(name):
+        return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+    return read("hidden_size") or read("dim"), read("intermediate_size") or read("hidden_dim")
 
 
 def layer_flops(n_in: int, k_out: int, hidden: int, intermediate: int) -> int:
@@ -165,7 +226,7 @@ def flops_ideal(retention: Sequence, seq_len: int, hidden: int, intermediate: in
 
 def ideal_vs_dynamic_padding(retention: Sequence, batches: Sequence[Sequence[int]],
                              minimum: Sequence[int] | None = None, *, layout: str = "packed") -> float:
-    """The ideal speedup against stock with dynamic padding (ALGORITHM.md §8): stock token-layers,
+    """The ideal speedup against stock with dynamic padding (powerbert/ALGORITHM.md §8): stock token-layers,
     each batch padded to its longest, over the patched token-layers.
 
     Args:

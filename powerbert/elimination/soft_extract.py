@@ -1,13 +1,13 @@
-"""Soft extract (ALGORITHM.md §3): learn the retention configuration with retention vectors.
+"""Soft extract (powerbert/ALGORITHM.md §3): learn the retention configuration with retention vectors.
 
 Every encoder layer l gets a learnable retention vector r_l in [0, 1]^N (N = the padded input
 length). After the layer's attention sub-layer (output dense, residual, LayerNorm) and before
 its feed-forward sub-layer, the n positions are ranked by this layer's significance scores
-(ALGORITHM.md §1, from the layer's own attention probabilities before dropout; descending, ties
+(powerbert/ALGORITHM.md §1, from the layer's own attention probabilities before dropout; descending, ties
 by the lower index) and the word vector of rank p is multiplied by r_l[p]. Nothing is removed
 and the mask is unchanged, so the model stays differentiable in r and in every weight.
 
-[CLS] is forced to rank 0 here (the variant ALGORITHM.md §3 allows): r_l[0] always scales
+[CLS] is forced to rank 0 here (the variant powerbert/ALGORITHM.md §3 allows): r_l[0] always scales
 [CLS], and the other positions take ranks 1..n-1 by score. This matches the hard extract layer,
 which always keeps [CLS] and fills the other k_l - 1 slots by score, so the vectors a learned
 configuration keeps are exactly the ranks whose r the search left high.
@@ -21,10 +21,10 @@ optimiser (with its own learning rate) and call ``soft.project_()`` after every 
 
 Two modes, the two kinds of retention configuration (``retention.py``):
 
-* ``"fixed"`` (ALGORITHM.md §3, the paper): r_l[p] scales the vector of absolute rank p; the
+* ``"fixed"`` (powerbert/ALGORITHM.md §3, the paper): r_l[p] scales the vector of absolute rank p; the
   regulariser is ``lambda * sum_l l * mass(l)`` with mass(l) = sum_p r_l[p] (soft slots kept);
   the read-out is ints ``k_l = max(1, floor(mass(l)))``.
-* ``"proportional"`` (ALGORITHM.md §8): r_l is a step function over *relative* rank x in [0, 1),
+* ``"proportional"`` (powerbert/ALGORITHM.md §8): r_l is a step function over *relative* rank x in [0, 1),
   in G = N bins (bin g covers [g / G, (g + 1) / G)). The vector of rank p in a sequence of len real
   tokens covers [p / len, (p + 1) / len) and is scaled by the *average* of r_l over that interval
   (``relative_scale``). So every bin hears every sequence, in proportion to its overlap (sampling
@@ -159,7 +159,7 @@ def soft_extract_layer(
 
 
 def configuration_from_masses(masses) -> tuple[int, ...]:
-    """Read a retention configuration off the layer masses (ALGORITHM.md §3).
+    """Read a retention configuration off the layer masses (powerbert/ALGORITHM.md §3).
 
     ``k_l = max(1, floor(mass(l)))``, then forced non-increasing: ``k_l = min(k_l, k_{l-1})``.
     """
@@ -271,6 +271,12 @@ class SoftExtract(nn.Module):
     @property
     def attached(self) -> bool:
         return self._model is not None
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model this soft extract is attached to, or None once detached (read-only: the
+        attachment is made by ``attach_soft_extract`` and undone by ``detach``)."""
+        return self._model
 
     def detach(self) -> nn.Module:
         """Restore the model's encoder and base forwards exactly; returns the model."""

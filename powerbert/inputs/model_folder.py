@@ -3,14 +3,15 @@
 ``check_model_dir`` is the one check of a folder (config, supported architecture, weights,
 tokenizer files, N within its positions) that the pre-flight checks, ``load_model`` and
 ``load_tokenizer`` share; every failure is a one-line SystemExit or ValueError.
+``load_for_calibration`` loads what ``powerbert calibrate`` compares: a sentence-transformers
+model or a sequence classifier.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from powerbert.inputs import data as D
-from powerbert.elimination.families import FAMILIES, resolve
+from powerbert.inputs import examples as D
 
 # The N a model was trained at, recorded in its config (``evaluate`` reads it back).
 MAX_LENGTH_KEY = "powerbert_max_length"
@@ -22,6 +23,8 @@ VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
 
 def supported_model_types() -> list[str]:
     """Every ``model_type`` (as in ``config.json``) that a family in ``powerbert.elimination.families`` covers."""
+    from powerbert.elimination.families import FAMILIES  # torch: only once a folder is checked
+
     return [t for family in FAMILIES for t in family.model_types]
 
 
@@ -106,6 +109,8 @@ def load_model(path, labels: D.LabelSpace | None = None, max_length: int | None 
     """
     from transformers import AutoModelForSequenceClassification
 
+    from powerbert.elimination.families import resolve
+
     path = check_model_dir(path, tokenizer=False)
     kwargs = {"local_files_only": True}
     if labels is not None:
@@ -155,3 +160,26 @@ def load_tokenizer(path):
 def _one_line(error) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines) or type(error).__name__
+
+
+def load_for_calibration(path, *, device: str | None = None):
+    """``(model, tokenizer)`` from a local folder: a sentence-transformers folder (``modules.json``)
+    or a plain encoder folder as a ``SentenceTransformer`` (mean pooling), or a sequence classifier
+    (``*ForSequenceClassification`` in ``config.json``'s ``architectures``) with its tokenizer."""
+    import torch
+
+    path = check_model_dir(path)
+    config = read_model_config(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    architectures = config.get("architectures") or []
+    if not (path / "modules.json").is_file() and any(a.endswith("ForSequenceClassification") for a in architectures):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
+        return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ValueError(f"{path} is an embedding model: calibrating it needs sentence-transformers "
+                         f"(pip install sentence-transformers)") from None
+    return SentenceTransformer(str(path), device=device, local_files_only=True), None

@@ -2,20 +2,19 @@
 
 Only settings live here (and ``PipelineConfig.check``, which validates them one by one), so that
 the pre-flight checks, the step cache and the pipeline itself can all read a configuration
-without importing each other. See ``powerbert.training.pipeline`` for what the settings do.
+without importing each other. See ``powerbert.training.steps`` for what the settings do.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
-from powerbert.inputs import data as D
+from powerbert.inputs import examples as D
+from powerbert.inputs.checks import check_int, check_number
 
 # The pipeline's steps, in the order they run; each writes ``<output>/<step>/``.
 STEPS = ("finetune", "search", "retrain")
 # What the search learns and the re-training runs (``soft_extract.MODES``): slot counts (ints,
-# ALGORITHM.md §3) or shares of each sequence's length (floats, §8).
+# powerbert/ALGORITHM.md §3) or shares of each sequence's length (floats, §8).
 RETENTION_MODES = ("fixed", "proportional")
 # The default of ``PipelineConfig.retention_mode`` and ``--retention-mode``. Fixed, from a small
 # experiment (movie reviews, MiniLM-L6, lambda 1e-3 / 3e-3 / 1e-2, both modes from one fine-tune;
@@ -77,46 +76,28 @@ class PipelineConfig:
     def check(self) -> None:
         """Raise ValueError naming the first bad setting and its accepted range."""
 
-        def number(name, value, low, *, low_open=False, high=None, high_open=False, optional=False):
-            if value is None and optional:
-                return
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            if value < low or (low_open and value == low) or (high is not None and (
-                    value > high or (high_open and value == high))):
-                bounds = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}" \
-                         f"{')' if high_open or high is None else ']'}"
-                raise ValueError(f"{name} must be in {bounds}, got {value!r}")
-
-        def integer(name, value, low, optional=False, high=None):
-            if value is None and optional:
-                return
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
-                    high and value > high):
-                raise ValueError(f"{name} must be an int >= {low}{f' and <= {high}' if high else ''}, got {value!r}")
-
-        integer("max_length", self.max_length, 2)
-        integer("epochs", self.epochs, 1)
-        integer("batch_size", self.batch_size, 1)
+        check_int("max_length", self.max_length, 2)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
         for step in STEPS:
-            integer(f"{step}_epochs", getattr(self, f"{step}_epochs"), 0, optional=True)
-        integer("target_trials", self.target_trials, 1)
-        integer("target_subset", self.target_subset, 1)
-        integer("max_train_examples", self.max_train_examples, 1, optional=True)
-        integer("max_dev_examples", self.max_dev_examples, 1, optional=True)
-        integer("seed", self.seed, 0, high=2**32 - 1)  # numpy's seed range
+            check_int(f"{step}_epochs", getattr(self, f"{step}_epochs"), 0, optional=True)
+        check_int("target_trials", self.target_trials, 1)
+        check_int("target_subset", self.target_subset, 1)
+        check_int("max_train_examples", self.max_train_examples, 1, optional=True)
+        check_int("max_dev_examples", self.max_dev_examples, 1, optional=True)
+        check_int("seed", self.seed, 0, high=2**32 - 1)  # numpy's seed range
         if self.dev is None:
-            number("dev_fraction", self.dev_fraction, 0, low_open=True, high=1, high_open=True)
-        number("lr_bert", self.lr_bert, 0, low_open=True)
-        number("lr_soft", self.lr_soft, 0, low_open=True, optional=True)
-        number("target_speedup", self.target_speedup, 1, optional=True)
+            check_number("dev_fraction", self.dev_fraction, 0, low_open=True, high=1, high_open=True)
+        check_number("lr_bert", self.lr_bert, 0, low_open=True)
+        check_number("lr_soft", self.lr_soft, 0, low_open=True, optional=True)
+        check_number("target_speedup", self.target_speedup, 1, optional=True)
         if self.target_speedup is None:
             if self.lam is None:
                 raise ValueError("give lambda (lam) or target_speedup")
-            number("lambda", self.lam, 0)
-        number("warmup", self.warmup, 0, high=1, high_open=True)
-        number("weight_decay", self.weight_decay, 0)
-        number("max_grad_norm", self.max_grad_norm, 0)
+            check_number("lambda", self.lam, 0)
+        check_number("warmup", self.warmup, 0, high=1, high_open=True)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("max_grad_norm", self.max_grad_norm, 0)
         if self.retention_mode not in RETENTION_MODES:
             raise ValueError(f"retention_mode must be one of {', '.join(RETENTION_MODES)}, got {self.retention_mode!r}")
         if self.task not in D.TASKS:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from powerbert.inputs import data as D
+from powerbert.inputs import examples as D
+from powerbert.inputs.files import check_output as check_output_path
 from powerbert.training.distributed import check_devices, per_process_batch
 from powerbert.inputs.model_folder import check_model_dir, load_tokenizer
 from powerbert.training.config import STEPS, PipelineConfig
@@ -23,23 +24,17 @@ from powerbert.training.step_cache import METRICS, expected_keys, need_done, sta
 
 
 def check_output(cfg: PipelineConfig) -> None:
-    """``cfg.output`` must be a folder (or creatable as one) that is not the model folder.
+    """``cfg.output`` must be a folder (or creatable as one) that is not the model folder
+    (``powerbert.inputs.files.check_output``).
 
     Steps write ``<output>/<step>/`` and the export copies the model into ``<output>/``, so
     neither may be ``cfg.model``; a folder holding some other model (a ``config.json`` but no
     step folders) is refused too, as the export would overwrite it.
     """
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output {out} (--output) is a file, not a folder")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"output {out} (--output) cannot be created: {parent} is a file")
-            break
+    out = check_output_path(cfg.output, folder=True, inputs={"--model": cfg.model})
     if cfg.model is not None:
         model = Path(cfg.model).resolve()
-        if model in [out.resolve()] + [(out / step).resolve() for step in STEPS]:
+        if model in [(out / step).resolve() for step in STEPS]:
             raise ValueError(f"output {out} (--output) would overwrite the model folder {cfg.model} (--model); "
                              f"choose another output folder")
     if (out / "config.json").is_file() and not (out / METRICS).is_file() and not any(

@@ -18,17 +18,17 @@ written before keys existed are reused with a warning; a setting added to the ke
 In a data-parallel run (``powerbert.training.distributed``) only rank 0 writes; ``begin_step``,
 ``finish_step`` and ``discard`` end with a barrier, so no rank reads a file before it is complete.
 
-Nothing here imports ``powerbert.training.pipeline``: the pipeline and the pre-flight checks use this.
+Nothing here imports the steps (``powerbert.training.steps``): they and the pre-flight checks use this.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
+from powerbert.inputs.files import write_json_atomic
 from powerbert.training.distributed import is_main_process, wait_for_everyone
 from powerbert.training.config import STEPS, PipelineConfig
 
@@ -60,9 +60,7 @@ def write_json(path: Path, value) -> None:
     in a data-parallel run only rank 0 writes."""
     if not is_main_process():
         return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: an interrupt never leaves a half-written marker
+    write_json_atomic(path, value)  # atomic: an interrupt never leaves a half-written marker
 
 
 def finish_step(step_dir: Path, record: dict) -> dict:

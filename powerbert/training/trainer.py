@@ -16,7 +16,7 @@ The paper's three steps in your own Trainer script (``powerbert train`` runs the
     powerbert.patch(model, configuration)
     Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev).train()         # 3. re-train
 
-``SearchTrainer`` adds what the search needs on top of ``Trainer`` (ALGORITHM.md §4): it attaches
+``SearchTrainer`` adds what the search needs on top of ``Trainer`` (powerbert/ALGORITHM.md §4): it attaches
 a soft extract (``powerbert.attach_soft_extract``: retention vectors r_l in [0, 1]^N, fixed or
 proportional ``mode``), trains r at its own learning rate ``lr_soft`` beside the model's
 ``args.learning_rate`` (one AdamW, the Trainer's schedule over both), adds the regulariser
@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
 from powerbert.elimination.soft_extract import SoftExtract, attach_soft_extract
+from powerbert.inputs.checks import check_number
+from powerbert.training.metrics import dev_metrics
 
 # The model's submodule name for the retention vectors while SearchTrainer.train() runs.
 SOFT_MODULE = "powerbert_soft_extract"
@@ -53,7 +54,7 @@ SOFT_MODULE = "powerbert_soft_extract"
 # near 1 (3 / steps on a few hundred examples) saturates r at 0 or 1 within a step or two and
 # lambda stops mattering (1e-6 and 1e-3 gave the same configuration). The cap 0.05 leaves at
 # least 20 peak-rate steps between r = 1 and r = 0; it is 15x the paper's largest LR_SOFT
-# (2e-4 .. 3e-3 over thousands of steps, ALGORITHM.md §4) and above the 0.024 / 0.034 that the
+# (2e-4 .. 3e-3 over thousands of steps, powerbert/ALGORITHM.md §4) and above the 0.024 / 0.034 that the
 # reproduce study's 88-125 search steps gave. The floor 1e-3 is within the paper's range.
 # On a small data set the cap leaves r near 1, and a warning says that the search had too few
 # steps to learn a configuration (rather than hiding it behind a saturated one).
@@ -69,19 +70,13 @@ def default_lr_soft(steps: int) -> float:
 def task_metrics(regression: bool):
     """A ``compute_metrics`` for ``Trainer``: ``{"value": accuracy}`` (classification) or
     ``{"value": Pearson r, "mse": ...}`` (regression, one output; a constant prediction's
-    undefined r counts as 0). ``value`` is the dev criterion the pipeline keeps the best of."""
+    undefined r counts as 0), by ``powerbert.training.metrics.dev_metrics``. ``value`` is the
+    dev criterion the pipeline keeps the best of."""
 
     def compute(prediction) -> dict:
         logits = prediction.predictions
         logits = logits[0] if isinstance(logits, tuple) else logits
-        labels = np.asarray(prediction.label_ids)
-        if regression:
-            pred = np.asarray(logits, dtype=np.float64).reshape(len(labels), -1)[:, 0]
-            target = labels.astype(np.float64)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                pearson = float(np.corrcoef(pred, target)[0, 1]) if len(target) > 1 else float("nan")
-            return {"value": 0.0 if math.isnan(pearson) else pearson, "mse": float(np.mean((pred - target) ** 2))}
-        return {"value": float(np.mean(np.argmax(logits, axis=-1) == labels))}
+        return dev_metrics(logits, prediction.label_ids, regression)
 
     return compute
 
@@ -149,15 +144,13 @@ class SearchTrainer(FiniteLossTrainer):
 
     def __init__(self, model=None, args=None, *, max_length: int | None = None, lam: float = 1e-3,
                  lr_soft: float | None = None, mode: str = "fixed", soft: SoftExtract | None = None, **kwargs):
-        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-        if lr_soft is not None and not (isinstance(lr_soft, (int, float)) and math.isfinite(lr_soft) and lr_soft > 0):
-            raise ValueError(f"lr_soft must be a finite number > 0, got {lr_soft!r}")
+        check_number("lam", lam, 0)
+        check_number("lr_soft", lr_soft, 0, low_open=True, optional=True)
         if soft is None:
             if max_length is None:
                 raise ValueError("give max_length (N, the padded input length) or an attached soft extract")
             soft = attach_soft_extract(model, max_length, mode=mode)
-        elif soft._model is not model:
+        elif soft.model is not model:
             raise ValueError("soft is not attached to this model")
         self.soft, self.lam, self.lr_soft = soft, float(lam), lr_soft
         super().__init__(model=model, args=args, **kwargs)

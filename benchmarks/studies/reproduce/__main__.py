@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
+from powerbert.inputs.files import write_json_atomic
 
 
 class WallClock:
@@ -33,9 +34,7 @@ class WallClock:
     def tick(self) -> dict:
         this_run = time.perf_counter() - self.start
         invocations = self.previous + [round(this_run, 1)]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"invocations": invocations}) + "\n")
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, {"invocations": invocations}, indent=None)
         return {"total_s": sum(invocations), "invocations": len(invocations), "this_invocation_s": this_run,
                 "per_invocation_s": invocations}
 

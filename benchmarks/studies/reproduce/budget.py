@@ -34,7 +34,7 @@ class TaskSpec:
     goal_speedup: float  # the "Done when": loss < 1 point at >= this vs padded-to-N sdpa
     eval_batch_size: int = 64  # the fixed batch size of the timed test passes
     seed: int = 0
-    # Proportional retention (ALGORITHM.md §8): target vector ratios over the dev set's real lengths.
+    # Proportional retention (powerbert/ALGORITHM.md §8): target vector ratios over the dev set's real lengths.
     proportional_targets: tuple[float, ...] = ()
     # Training seeds (besides ``seed``) of the headline rows: baseline, the fastest fixed and the
     # fastest proportional model within 1 point at ``seed``, re-run from fine-tuning at each seed.

@@ -26,26 +26,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
 import powerbert
-from powerbert.inputs import data as D
-from powerbert.training import pipeline as P
+from powerbert.inputs import examples as D
+from powerbert.inputs.files import write_json_atomic
+from powerbert.training import config as training_config
+from powerbert.training import loop as training_loop
+from powerbert.inputs import model_folder
+from powerbert.training import step_cache
+from powerbert.training import steps as training_steps
+from powerbert.training import task as training_task
 
-from . import data as reproduce_data
+from .. import data as reproduce_data
 from .timing import Candidate, make_batches, measure, padding_stats
 
 log = logging.getLogger("powerbert.reproduce")
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path):
@@ -65,11 +64,11 @@ def _check_spec(task_dir: Path, spec) -> None:
         raise SystemExit(f"{task_dir} was built with another task spec ({task_dir / 'spec.json'}); "
                          f"delete that folder to start {spec.name} afresh")
     task_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(task_dir / "spec.json", spec.as_dict())
+    write_json_atomic(task_dir / "spec.json", spec.as_dict(), indent=1)
 
 
-def base_config(spec, task_dir: Path) -> P.PipelineConfig:
-    return P.PipelineConfig(
+def base_config(spec, task_dir: Path) -> training_config.PipelineConfig:
+    return training_config.PipelineConfig(
         data=str(task_dir / "data" / "train.csv"), dev=str(task_dir / "data" / "dev.csv"),
         output=str(task_dir / "base"), model=model_path(), max_length=spec.max_length,
         finetune_epochs=spec.finetune_epochs, search_epochs=spec.search_epochs, retrain_epochs=spec.retrain_epochs,
@@ -86,7 +85,7 @@ def target_dir(task_dir: Path, target: float, mode: str = "fixed") -> Path:
     return task_dir / (f"target_{target:g}x" if mode == "fixed" else f"proportional_{target:g}x")
 
 
-def target_config(base: P.PipelineConfig, task_dir: Path, target: float, mode: str = "fixed") -> P.PipelineConfig:
+def target_config(base: training_config.PipelineConfig, task_dir: Path, target: float, mode: str = "fixed") -> training_config.PipelineConfig:
     """The pipeline configuration of one target: ``base`` (whose fine-tune lives in
     ``<task_dir>/base/finetune``, linked, not copied) with the target ratio and retention mode."""
     out = target_dir(task_dir, target, mode)
@@ -97,36 +96,36 @@ def target_config(base: P.PipelineConfig, task_dir: Path, target: float, mode: s
     return dataclasses.replace(base, output=str(out), target_speedup=target, lam=None, retention_mode=mode)
 
 
-def seed_base(base: P.PipelineConfig, task_dir: Path, seed: int) -> P.PipelineConfig:
+def seed_base(base: training_config.PipelineConfig, task_dir: Path, seed: int) -> training_config.PipelineConfig:
     """``base`` at another training seed, under ``<task_dir>/seed_<seed>/`` (same data splits)."""
     out = task_dir / f"seed_{seed}" / "base"
     out.mkdir(parents=True, exist_ok=True)
     return dataclasses.replace(base, output=str(out), seed=seed)
 
 
-def retrain_ablation(cfg: P.PipelineConfig, selection: str) -> dict:
+def retrain_ablation(cfg: training_config.PipelineConfig, selection: str) -> dict:
     """Step 3 with ``selection`` ("first" = Head-WS, "random" = Rand-WS) instead of attention."""
     out = Path(cfg.output)
     step_dir = out / f"retrain_{selection}"
-    done = _read_json(step_dir / P.DONE)
+    done = _read_json(step_dir / step_cache.DONE)
     if done is not None:
         return done
-    configuration = _read_json(out / "search" / P.DONE)["configuration"]
-    tokenizer = P.load_tokenizer(out / "search")
-    model = P.load_model(out / "search")
-    task = P.prepare_task(cfg, tokenizer, P.label_space_from_config(model.config))
+    configuration = _read_json(out / "search" / step_cache.DONE)["configuration"]
+    tokenizer = model_folder.load_tokenizer(out / "search")
+    model = model_folder.load_model(out / "search")
+    task = training_task.prepare_task(cfg, tokenizer, model_folder.label_space_from_config(model.config))
     powerbert.patch(model, configuration, selection=selection)
     step_dir.mkdir(parents=True, exist_ok=True)
-    P.seed_everything(cfg.seed)
-    result = P.train_model(model, task, cfg, step=f"retrain-{selection}", step_dir=step_dir,
+    training_task.seed_everything(cfg.seed)
+    result = training_loop.train_model(model, task, cfg, step=f"retrain-{selection}", step_dir=step_dir,
                            epochs=cfg.epochs_for("retrain"), tokenizer=tokenizer, initial_eval=True)
     record = {"step": f"retrain_{selection}", "selection": selection, "configuration": configuration, **result}
-    _write_json(step_dir / P.DONE, record)
+    write_json_atomic(step_dir / step_cache.DONE, record, indent=1)
     return record
 
 
 def _load_patched(path: Path, configuration, selection: str):
-    model = P.load_model(path)
+    model = model_folder.load_model(path)
     powerbert.patch(model, configuration, selection=selection)
     return model.eval()
 
@@ -141,8 +140,8 @@ def _summary(times: list[float]) -> dict:
 def load_test(spec, task_dir: Path):
     """The test split tokenised at N, with the baseline's tokenizer and label space."""
     finetuned = task_dir / "base" / "finetune"
-    labels = P.label_space_from_config(P.load_model(finetuned).config)
-    return D.encode(D.load_examples(task_dir / "data" / "test.csv"), P.load_tokenizer(finetuned), labels,
+    labels = model_folder.label_space_from_config(model_folder.load_model(finetuned).config)
+    return D.encode(D.load_examples(task_dir / "data" / "test.csv"), model_folder.load_tokenizer(finetuned), labels,
                     spec.max_length)
 
 
@@ -174,11 +173,11 @@ def test_accuracies(task_dir: Path, test, models: dict) -> dict:
     for name, (folder, configuration) in models.items():
         if name in cached:
             continue
-        model = P.load_model(folder).eval() if configuration is None else _load_patched(folder, configuration, "attention")
-        metrics = P.evaluate_model(model, test, P.label_space_from_config(model.config))
+        model = model_folder.load_model(folder).eval() if configuration is None else _load_patched(folder, configuration, "attention")
+        metrics = training_task.evaluate_model(model, test, model_folder.label_space_from_config(model.config))
         cached[name] = metrics["value"]
         log.info("test accuracy of %s: %.4f", name, metrics["value"])
-        _write_json(path, cached)
+        write_json_atomic(path, cached, indent=1)
     return {name: cached[name] for name in models}
 
 
@@ -220,7 +219,7 @@ def time_models(spec, budget, task_dir: Path, steps: dict, proportional: dict, s
         return cached
     start = time.perf_counter()
     finetuned = task_dir / "base" / "finetune"
-    baseline = P.load_model(finetuned).eval()
+    baseline = model_folder.load_model(finetuned).eval()
     test = load_test(spec, task_dir)
     candidates = [Candidate("baseline/padded", baseline, "padded"), Candidate("baseline/dynamic", baseline, "dynamic")]
     for target in spec.targets:
@@ -262,7 +261,7 @@ def time_models(spec, budget, task_dir: Path, steps: dict, proportional: dict, s
         if padded is not None:
             record["agreement"][name.rsplit("/", 1)[0]] = (by_name[name].predictions == padded.predictions).double().mean().item()
     record["wall_s"] = round(time.perf_counter() - start, 2)
-    _write_json(path, record)
+    write_json_atomic(path, record, indent=1)
     return record
 
 
@@ -280,15 +279,15 @@ def run_task(spec, budget, data_dir: Path, work: Path, tick=lambda: None, timing
     (task_dir / "base").mkdir(parents=True, exist_ok=True)
     log.info("%s: fine-tune (%d train / %d dev, N = %d)", spec.name, splits["splits"]["train"]["size"],
              splits["splits"]["dev"]["size"], spec.max_length)
-    finetune = P.finetune(base)
+    finetune = training_steps.finetune(base)
     tick()
     steps = {}
     for target in spec.targets:
         cfg = target_config(base, task_dir, target)
         log.info("%s: search + re-train for a %gx target vector ratio", spec.name, target)
-        record = {"search": P.search(cfg)}
+        record = {"search": training_steps.search(cfg)}
         tick()
-        record["retrain"] = P.retrain(cfg)
+        record["retrain"] = training_steps.retrain(cfg)
         tick()
         for selection in budget.ablations:
             log.info("%s: ablation re-train, selection=%s", spec.name, selection)
@@ -299,9 +298,9 @@ def run_task(spec, budget, data_dir: Path, work: Path, tick=lambda: None, timing
     for target in spec.proportional_targets:
         cfg = target_config(base, task_dir, target, "proportional")
         log.info("%s: proportional search + re-train for a %gx target ratio over real lengths", spec.name, target)
-        record = {"search": P.search(cfg)}
+        record = {"search": training_steps.search(cfg)}
         tick()
-        record["retrain"] = P.retrain(cfg)
+        record["retrain"] = training_steps.retrain(cfg)
         tick()
         proportional[f"{target:g}"] = record
 
@@ -314,14 +313,14 @@ def run_task(spec, budget, data_dir: Path, work: Path, tick=lambda: None, timing
         sbase = seed_base(base, task_dir, seed)
         seed_dir = task_dir / f"seed_{seed}"
         log.info("%s: headline rows at seed %d: fine-tune", spec.name, seed)
-        record = {"finetune": P.finetune(sbase)}
+        record = {"finetune": training_steps.finetune(sbase)}
         tick()
         for mode, choice in headline.items():
             cfg = target_config(sbase, seed_dir, choice["target"], mode)
             log.info("%s: seed %d, %s retention, %gx target: search + re-train", spec.name, seed, mode, choice["target"])
-            record[mode] = {"target": choice["target"], "search": P.search(cfg)}
+            record[mode] = {"target": choice["target"], "search": training_steps.search(cfg)}
             tick()
-            record[mode]["retrain"] = P.retrain(cfg)
+            record[mode]["retrain"] = training_steps.retrain(cfg)
             tick()
         seeds[seed] = record
     accuracy = test_accuracies(task_dir, test, trained_models(spec, task_dir, steps, proportional, seeds))

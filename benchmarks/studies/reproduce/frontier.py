@@ -3,14 +3,14 @@
     python -m benchmarks.studies.reproduce.frontier --work work/reproduce --task movie_reviews \
         --seeds 0 --epochs 2 --out benchmarks/results
 
-``make reproduce`` learns proportional configurations (ALGORITHM.md §8) and finds none within 1
+``make reproduce`` learns proportional configurations (powerbert/ALGORITHM.md §8) and finds none within 1
 point of the baseline at >= 2.5x against dynamic padding. This asks whether *any* configuration
 gets there, learned or not: it re-trains the fine-tuned model of a finished ``make reproduce``
 work folder (``<work>/<task>/base/finetune``, ``seed_<s>/base/finetune`` for the other seeds)
 with hard extraction under each configuration of a list, the way the pipeline's re-train step
 does (same train/dev split, learning rate and batch, the untrained patched model as epoch 0, the
 best dev epoch kept), and reports test accuracy beside the FLOPs ideal against dynamic padding on
-the test set sorted by length in batches of the reproduce timing (ALGORITHM.md §6 per sequence).
+the test set sorted by length in batches of the reproduce timing (powerbert/ALGORITHM.md §6 per sequence).
 
 Writes ``proportional_frontier.json`` and ``.md`` into ``--out``; ``--append`` keeps an earlier
 run's rows there that this run did not redo (more seeds or configurations). Training runs time
@@ -35,9 +35,10 @@ import torch
 import powerbert
 from benchmarks import common
 from benchmarks.studies.reproduce.timing import Candidate, measure
-from powerbert.inputs import data as D
+from powerbert.inputs import examples as D
 from powerbert.inputs.model_folder import label_space_from_config, load_model, load_tokenizer
-from powerbert.training.pipeline import evaluate_model, prepare_task, real_lengths, seed_everything, train_model
+from powerbert.training.loop import train_model
+from powerbert.training.task import evaluate_model, prepare_task, real_lengths, seed_everything
 from powerbert.training.config import PipelineConfig
 from powerbert.elimination.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding
 
@@ -204,7 +205,7 @@ def markdown(stored: dict) -> str:
              f"epoch(s) (lr {spec['lr_bert']}, batch {spec['batch_size']}) from the fine-tuned model of "
              "`make reproduce`, the best dev epoch kept, as the pipeline's re-train step does. Δ pts: test accuracy "
              "minus the fine-tuned model's. Ideals against dynamic padding over the test set sorted by length in "
-             f"batches of {spec['eval_batch_size']} (the reproduce timing): FLOPs per sequence (ALGORITHM.md §6, "
+             f"batches of {spec['eval_batch_size']} (the reproduce timing): FLOPs per sequence (powerbert/ALGORITHM.md §6, "
              "the reachable bound; the reproduce proportional models ran at 0.96-0.97 of it), vectors with each "
              "batch as wide as its widest row (§8, the layout `patch` runs)."]
     if "timing" in stored:

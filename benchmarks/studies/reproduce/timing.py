@@ -35,7 +35,7 @@ def make_batches(dataset, batch_size: int, batching: str):
 
     Args:
         dataset: ``TensorDataset(input_ids [M, N], attention_mask [M, N], token_type_ids [M, N], targets [M])``
-            right-padded to N (``powerbert.inputs.data.encode``).
+            right-padded to N (``powerbert.inputs.examples.encode``).
     """
     ids, mask, types, _ = dataset.tensors
     lengths = mask.sum(1)

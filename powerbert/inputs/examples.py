@@ -1,41 +1,23 @@
-"""Task data for the pipeline: local CSV/TSV/JSONL files, label handling, tokenisation.
-
-Reading is strict, and every error names the file and line: text must be UTF-8, every CSV/TSV
-row has the header's number of fields, and every label is present and, if numeric, finite. TSV
-(and ``.txt``) is read with quoting off, as GLUE-style TSVs carry quotes as text; CSV follows
-RFC 4180 quoting. Fields may be any size (Python's csv module stops at 128 KB by default).
+"""Labelled examples: reading them from a table, the label space, splits, tokenisation.
 
 Classification or regression is decided by the whole label column (``infer_label_space``), or
-by ``task="classification"|"regression"``.
-
-Also ``fetch_movie_reviews``: the movie-review sentences of the vaderSentiment sdist
-(Hutto & Gilbert, ICWSM 2014), the one real labelled text set that ships offline here.
+by ``task="classification"|"regression"``; every label is present and, if numeric, finite.
+torch is imported only where tensors are made (``LabelSpace.encode``, ``encode``), so the
+command line's checks load none.
 """
 from __future__ import annotations
 
-import codecs
-import csv
-import io
-import json
 import math
 import random
-import subprocess
-import sys
-import tarfile
-import tempfile
-import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch.utils.data import TensorDataset
+if TYPE_CHECKING:
+    import torch
 
-DEFAULT_TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "premise")
-DEFAULT_PAIR_COLUMNS = ("text_pair", "sentence2", "hypothesis")
-DEFAULT_LABEL_COLUMN = "label"
+from powerbert.inputs.tables import DEFAULT_LABEL_COLUMN, need_column, read_table, text_columns
+
 TASKS = ("auto", "classification", "regression")
-# csv.field_size_limit takes a C long: sys.maxsize overflows it on Windows (32-bit long).
-CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 
 @dataclass
@@ -87,8 +69,10 @@ class LabelSpace:
     def num_labels(self) -> int:
         return 1 if self.regression else len(self.names)
 
-    def encode(self, labels, where=None) -> torch.Tensor:
+    def encode(self, labels, where=None) -> "torch.Tensor":
         """``[M]`` float32 (regression) or int64 class ids; ``where(i)`` names example i in errors."""
+        import torch  # here, not at module import: the CLI's checks use this module
+
         where = where or (lambda i: f"example {i + 1}")
         if self.regression:
             out = []
@@ -240,132 +224,6 @@ def describe(labels: LabelSpace) -> str:
 # ----------------------------------------------------------------------------- reading files
 
 
-@dataclass
-class Table:
-    """The rows of a data file: column names, one dict per row, the line each row starts on."""
-
-    columns: list[str]
-    rows: list[dict]
-    lines: list[int]
-
-
-def _decode(path: Path, raw: bytes) -> str:
-    """UTF-8 text (a leading BOM dropped); a decoding error names the file, line and byte."""
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
-        raise ValueError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {column}); "
-            f"save the file as UTF-8"
-        ) from None
-
-
-def _read_delimited(path: Path, text: str, delimiter: str) -> Table:
-    # TSV: quoting off, a quote is text (GLUE-style TSVs are not quoted; `"the film" is great`
-    # must neither lose its quotes nor swallow the next rows). CSV: RFC 4180 quoting.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    csv.field_size_limit(CSV_FIELD_LIMIT)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    header, rows, lines, start = None, [], [], 1
-    while True:
-        start = reader.line_num + 1
-        try:
-            record = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as error:
-            raise ValueError(f"{path}:{start}: {error}") from None
-        if not record or (len(record) == 1 and not record[0].strip() and (header is None or len(header) > 1)):
-            continue  # a blank line
-        if header is None:
-            header = record
-            continue
-        if len(record) != len(header):
-            hint = ("a tab inside a field?" if delimiter == "\t" else
-                    "an unbalanced quote joins lines: quote the field and double the quotes inside it")
-            raise ValueError(f"{path}:{start}: {len(record)} fields where the header has {len(header)} "
-                             f"({', '.join(header)}); {hint}")
-        rows.append(dict(zip(header, record)))
-        lines.append(start)
-    return Table(header or [], rows, lines)
-
-
-def _read_jsonl(path: Path, text: str) -> Table:
-    rows, lines, columns = [], [], {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not a JSON object per line ({error})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        columns.update(dict.fromkeys(row))
-        rows.append(row)
-        lines.append(number)
-    return Table(list(columns), rows, lines)
-
-
-def read_table(path) -> Table:
-    """A CSV (``.csv``), TSV (``.tsv``/``.txt``, quoting off) or JSON lines (``.jsonl``/``.json``) file.
-
-    Raises:
-        SystemExit: the file does not exist. ValueError (naming file and line): unknown
-            extension, text that is not UTF-8, a malformed JSON line, a CSV/TSV row whose
-            number of fields differs from the header's.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".txt"):
-        raise ValueError(f"unsupported data file extension {suffix!r} ({path}): use .csv, .tsv or .jsonl")
-    text = _decode(path, path.read_bytes())
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return _read_jsonl(path, text)
-    return _read_delimited(path, text, "," if suffix == ".csv" else "\t")
-
-
-def read_rows(path) -> list[dict]:
-    """The rows of ``read_table(path)``, one dict per row."""
-    return read_table(path).rows
-
-
-def _need_column(table: Table, path, column: str, what: str) -> str:
-    if column not in table.columns:
-        raise ValueError(f"{what} column {column!r} not found in {path}; available columns: {', '.join(table.columns)}")
-    return column
-
-
-def text_columns(table: Table, path, text_column: str | None = None,
-                 text_pair_column: str | None = None) -> tuple[str, str | None]:
-    """(text column, text pair column or None) of ``table``, as ``load_examples`` documents.
-
-    Raises:
-        ValueError: a named or required column is missing (the message lists the available ones).
-    """
-    if text_column is None:
-        found = [c for c in DEFAULT_TEXT_COLUMNS if c in table.columns]
-        if not found:
-            raise ValueError(
-                f"no text column in {path} (tried {', '.join(DEFAULT_TEXT_COLUMNS)}); pass --text-column; "
-                f"available columns: {', '.join(table.columns)}"
-            )
-        text_column = found[0]
-        if text_pair_column is None:
-            pair = [c for c in DEFAULT_PAIR_COLUMNS if c in table.columns]
-            text_pair_column = pair[0] if pair else None
-    _need_column(table, path, text_column, "text")
-    if text_pair_column is not None:
-        _need_column(table, path, text_pair_column, "text pair")
-    return text_column, text_pair_column
-
-
 def load_examples(path, text_column: str | None = None, text_pair_column: str | None = None,
                   label_column: str | None = None) -> Examples:
     """Read labelled examples from a local file.
@@ -386,7 +244,7 @@ def load_examples(path, text_column: str | None = None, text_pair_column: str | 
     if not table.rows:
         raise ValueError(f"the dataset {path} is empty (columns: {', '.join(table.columns) or 'none'})")
     text_column, text_pair_column = text_columns(table, path, text_column, text_pair_column)
-    label_column = _need_column(table, path, label_column or DEFAULT_LABEL_COLUMN, "label")
+    label_column = need_column(table, path, label_column or DEFAULT_LABEL_COLUMN, "label")
 
     texts, pairs, labels = [], [] if text_pair_column else None, []
     for row, line in zip(table.rows, table.lines):
@@ -420,13 +278,16 @@ def take(examples: Examples, limit: int | None, seed: int) -> Examples:
     return examples.subset(sorted(order[:limit]))
 
 
-def encode(examples: Examples, tokenizer, labels: LabelSpace, max_length: int) -> TensorDataset:
+def encode(examples: Examples, tokenizer, labels: LabelSpace, max_length: int):
     """Tokenise, padded and truncated to ``max_length`` (the paper's fixed N).
 
     Returns:
         ``TensorDataset(input_ids [M, N], attention_mask [M, N], token_type_ids [M, N], targets [M])``;
         token_type_ids are zeros when the tokenizer gives none.
     """
+    import torch
+    from torch.utils.data import TensorDataset
+
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 ([CLS] plus at least one token), got {max_length}")
     targets = labels.encode(examples.labels, examples.where)  # label errors before the tokenizer's work
@@ -460,90 +321,3 @@ def check_tokenizer_fits(tokenizer, examples: Examples, model_dir, sample: int =
 
 
 # ----------------------------------------------------------------------------- movie reviews
-
-VADER_SDIST = "vaderSentiment==3.3.2"
-_INNER_TARBALL = "additional_resources/hutto_ICWSM_2014.tar.gz"
-_MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
-
-
-def parse_movie_reviews(raw: bytes) -> list[tuple[str, int]]:
-    """``id<TAB>score<TAB>text`` lines (UTF-8, CRLF) -> (text, label); score 0 dropped, label = score > 0."""
-    out = []
-    for line in raw.decode("utf-8").splitlines():
-        parts = line.split("\t", 2)
-        if len(parts) != 3:
-            continue
-        try:
-            score = float(parts[1])
-        except ValueError:
-            continue  # a header or malformed line
-        if score == 0 or not math.isfinite(score):
-            continue
-        out.append((parts[2].strip(), 1 if score > 0 else 0))
-    return out
-
-
-def _find_member(archive: tarfile.TarFile, suffix: str, where) -> tarfile.TarInfo:
-    for member in archive.getmembers():
-        if member.isfile() and member.name.endswith(suffix):
-            return member
-    raise SystemExit(f"{suffix} not found in {where}: not the vaderSentiment 3.3.2 sdist")
-
-
-def _read_sdist(sdist: Path) -> bytes:
-    """The movie-review file's bytes from the sdist (a .tar.gz holding another .tar.gz)."""
-    if not sdist.is_file():
-        raise SystemExit(f"sdist not found: {sdist}")
-    try:
-        with tarfile.open(sdist, "r:gz") as outer:
-            inner_bytes = outer.extractfile(_find_member(outer, _INNER_TARBALL, sdist)).read()
-        with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
-            return inner.extractfile(_find_member(inner, _MOVIE_FILE, f"{sdist}:{_INNER_TARBALL}")).read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:  # gzip.BadGzipFile is an OSError
-        raise SystemExit(f"{sdist} is not a readable vaderSentiment sdist (.tar.gz): {error}") from None
-
-
-def fetch_movie_reviews(output, *, sdist: str | None = None) -> int:
-    """Write the vaderSentiment movie-review sentences as a CSV ``text,label``.
-
-    Runs ``pip download --no-deps --no-binary :all: vaderSentiment==3.3.2`` into a temporary
-    folder (unless ``sdist`` names a local copy of the sdist), opens the inner
-    ``hutto_ICWSM_2014.tar.gz`` and ``movieReviewSnippets_GroundTruth.txt``, drops score 0 and
-    labels score > 0 as 1, else 0.
-
-    Returns:
-        The number of examples written.
-
-    Raises:
-        SystemExit (one-line message): ``output`` is a folder, the download fails, or the sdist is
-            not a readable archive holding the movie-review file.
-    """
-    output = Path(output)
-    if output.is_dir():
-        raise SystemExit(f"--output {output} is a folder; give the CSV file to write")
-    with tempfile.TemporaryDirectory() as tmp:
-        if sdist is None:
-            command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                       VADER_SDIST, "-d", tmp]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise SystemExit(f"pip download {VADER_SDIST} failed: {last}")
-            found = sorted(Path(tmp).glob("vaderSentiment*.tar.gz")) + sorted(Path(tmp).glob("vadersentiment*.tar.gz"))
-            if not found:
-                raise SystemExit(f"pip download {VADER_SDIST} produced no sdist in {tmp}")
-            sdist = found[0]
-        sdist = Path(sdist)
-        raw = _read_sdist(sdist)
-    try:
-        rows = parse_movie_reviews(raw)
-    except UnicodeDecodeError as error:
-        raise SystemExit(f"{sdist}: {_MOVIE_FILE} is not UTF-8 text ({error})") from None
-    if not rows:
-        raise SystemExit(f"{sdist}: {_MOVIE_FILE} holds no scored movie-review lines")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
-    return len(rows)
