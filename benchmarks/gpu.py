@@ -227,7 +227,7 @@ def _tests(out: Path, env: dict, dry_run: bool, timeout: float, extra: list[str]
     """The suite with POWERBERT_TEST_GPU=1, its files spread over parallel pytest processes:
     Triton compiles on the CPU, so compile-heavy files in parallel finish far sooner. The dry
     run collects the same tests with CUDA hidden (nothing may query the GPU at collection)."""
-    files = sorted(ROOT.glob("tests/test_*.py"))
+    files = sorted(ROOT.glob("tests/**/test_*.py"))
     cpus = os.cpu_count() or 2
     workers = max(1, min(6, cpus // 2, len(files)))
     groups: list[list[Path]] = [[] for _ in range(workers)]

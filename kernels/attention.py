@@ -313,7 +313,7 @@ def _block_sizes(n: int, interpret: bool):
     """(BLOCK_M, BLOCK_N, num_warps). tl.dot needs every dim >= 16.
 
     64x64 tiles on the GPU (fp16/bf16: no spill at d 32-128 on sm_80 and sm_90, checked by
-    tests/test_spill.py). The interpreter gets 32-wide tiles: less numpy work per program.
+    tests/kernels/test_spill.py). The interpreter gets 32-wide tiles: less numpy work per program.
     """
     cap = 32 if interpret else 64
     block = max(16, min(cap, L.next_power_of_2(n)))

@@ -8,7 +8,7 @@ import pytest
 
 from powerbert import cli
 from powerbert.inputs.movie_reviews import parse_movie_reviews
-from test_pipeline import make_model_folder, write_marker_csv
+from tiny_task import make_model_folder, write_marker_csv
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -21,7 +21,7 @@ from powerbert.training import lambda_search
 from powerbert.training import steps as training_steps
 from powerbert.inputs import model_folder
 from powerbert.training import trainer as training_trainer
-from test_pipeline import VOCAB, WORDS, make_model_folder, write_marker_csv
+from tiny_task import VOCAB, WORDS, make_model_folder, write_marker_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

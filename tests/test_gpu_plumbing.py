@@ -154,9 +154,9 @@ def test_varlen_attention_is_attention_within_each_sequence():
 def test_gpu_run_skips_cuda_and_interpreter_tests_with_a_reason():
     """POWERBERT_TEST_GPU=1 without the interpreter: the tests that run Triton on CPU tensors and
     those that need CUDA skip and say why, instead of failing."""
-    tests = ["tests/test_kernels_attention.py::test_backends_agree_on_cpu",
-             "tests/test_patch_fast_paths.py::test_gradients_flow_through_the_triton_gather",
-             "tests/test_kernels_gather.py::test_gather_non_contiguous"]
+    tests = ["tests/kernels/test_kernels_attention.py::test_backends_agree_on_cpu",
+             "tests/elimination/test_patch_fast_paths.py::test_gradients_flow_through_the_triton_gather",
+             "tests/kernels/test_kernels_gather.py::test_gather_non_contiguous"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests],
                           cwd=ROOT, env=_clean_env(POWERBERT_TEST_GPU="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]

@@ -19,6 +19,7 @@ and no module imports it.
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import re
 import subprocess
@@ -147,6 +148,13 @@ def test_arrows_point_down():
             if target_room != room and target_rank >= rank:
                 wrong.append(f"{module}:{line} -> {target} ({room} rank {rank} -> {target_room} rank {target_rank})")
     assert not wrong, "arrows that do not point down:\n" + "\n".join(wrong)
+
+
+def test_the_kernels_have_one_dispatch_point():
+    """Inside powerbert only the dispatch module calls the kernels (the soft extract goes through it too)."""
+    callers = sorted(m for m, edges in GRAPH.items() if m.startswith("powerbert")
+                     and any(target.split(".")[0] == "kernels" for target, _ in edges))
+    assert callers == ["powerbert.elimination.dispatch"]
 
 
 def test_the_face_imports_no_module():
@@ -322,3 +330,35 @@ def test_the_spec_is_in_the_repository_with_every_cited_section():
         assert "shared/ALGORITHM.md" not in text, f"{path} cites the spec outside the repository"
         cited |= set(re.findall(r"§(\d+)", text))
     assert cited and cited <= sections, f"cited sections missing from the spec: {cited - sections}"
+
+
+def _resolve(dotted: str):
+    """The object a dotted name (``powerbert.training.steps.run``) names, importing its module."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            value = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            value = getattr(value, name)
+        return value
+    raise ImportError(dotted)
+
+
+def test_every_name_and_path_the_readme_documents_exists():
+    readme = (ROOT / "README.md").read_text()
+    names = set(re.findall(r"`(powerbert(?:\.[A-Za-z_]\w*)+)", readme))
+    for module, imported in re.findall(r"^from (powerbert[\w.]*) import ([\w, ]+)$", readme, flags=re.M):
+        names |= {f"{module}.{name.strip()}" for name in imported.split(",")}
+    assert len(names) > 10
+    missing = []
+    for name in sorted(names):
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError):
+            missing.append(name)
+    assert not missing, f"README names that do not exist: {missing}"
+    paths = set(re.findall(r"`((?:powerbert|kernels|tests|benchmarks)/[\w./-]*\.(?:py|md|sh))`", readme))
+    assert len(paths) > 5
+    assert not [p for p in sorted(paths) if not (ROOT / p).is_file()], "README paths that do not exist"

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from powerbert.elimination import dispatch as ops
+from powerbert.elimination import dispatch
 from powerbert.elimination.families import LayerParts
 
 
@@ -191,15 +191,15 @@ def eliminating_layer(
         # Ablations: the choice ignores attention, so attention itself can stay fused.
         context = _context(parts, q_proj, k_proj, v_proj, attn_mask, probs)
         scores = baseline_scores(selection, mask)
-        attention, mask, indices = ops.extract_from_scores(
+        attention, mask, indices = dispatch.extract_from_scores(
             scores, attention_output(parts, context, hidden), mask, k, width=width)
         return LayerOutput(feed_forward(parts, attention), mask, indices, probs)
 
-    if probs is None and ops.fused_attention_available(hidden, q_proj.shape[-1]):
+    if probs is None and dispatch.fused_attention_available(hidden, q_proj.shape[-1]):
         # GPU path: scores come out of the attention kernel; no [B, H, n, n] in memory.
-        context, scores = ops.attention_with_significance(q_proj, k_proj, v_proj, mask)
-        context, mask, indices = ops.extract_from_scores(scores, merge_heads(context), mask, k, width=width)
-        residual = ops.gather_rows(hidden, indices)
+        context, scores = dispatch.attention_with_significance(q_proj, k_proj, v_proj, mask)
+        context, mask, indices = dispatch.extract_from_scores(scores, merge_heads(context), mask, k, width=width)
+        residual = dispatch.gather_rows(hidden, indices)
         attention = parts.attn_norm(parts.attn_dropout(parts.attn_out(context)) + residual)
         return LayerOutput(feed_forward(parts, attention), mask, indices, None)
 
@@ -214,7 +214,7 @@ def eliminating_layer(
     if probs is None:
         probs = attention_probs(q_proj, k_proj, attn_mask)
 
-    residual, mask, indices = ops.extract(probs, hidden, mask, k, width=width)
+    residual, mask, indices = dispatch.extract(probs, hidden, mask, k, width=width)
     batch, heads, _, _ = probs.shape
     kept = indices.shape[1]
     rows = torch.gather(probs, 2, indices.view(batch, 1, kept, 1).expand(batch, heads, kept, n))
@@ -233,7 +233,7 @@ PROBS_CHUNK_BYTES = 8 << 20
 def _attend_and_extract_in_chunks(q, k, v, hidden, mask, attn_mask, keep, width):
     """Inference-only probabilities path, a group of batch rows at a time (selection is per row,
     so the result is the whole batch's): attention probabilities computed in one reused buffer
-    (softmax in place), significance, selection and gather (``ops.extract``), the kept rows'
+    (softmax in place), significance, selection and gather (``dispatch.extract``), the kept rows'
     probabilities gathered into a second reused buffer, times V.
 
     Args:
@@ -255,7 +255,7 @@ def _attend_and_extract_in_chunks(q, k, v, hidden, mask, attn_mask, keep, width)
         size = min(group, batch - start)
         probs = attention_probs(q[rows], k[rows], None if attn_mask is None else attn_mask[rows], out=probs_buffer)
         keep_rows = keep if width is None else keep[rows]
-        residual, mask_kept, indices = ops.extract(probs, hidden[rows], mask[rows], keep_rows, width=width)
+        residual, mask_kept, indices = dispatch.extract(probs, hidden[rows], mask[rows], keep_rows, width=width)
         gathered = rows_buffer[:size * heads * kept * n].view(size, heads, kept, n)
         torch.gather(probs, 2, indices.view(size, 1, kept, 1).expand(size, heads, kept, n), out=gathered)
         parts.append((torch.matmul(gathered, v[rows]), residual, mask_kept, indices))

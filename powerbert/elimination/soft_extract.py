@@ -46,7 +46,7 @@ import math
 import torch
 from torch import nn
 
-import kernels
+from powerbert.elimination import dispatch
 from powerbert.elimination.forwards import check_model_dtype, install, refuse_installed, uninstall
 from powerbert.elimination.families import LayerParts, resolve
 from powerbert.elimination.layer import LayerOutput, attention_output, attention_probs, feed_forward, split_heads
@@ -145,8 +145,7 @@ def soft_extract_layer(
     k = split_heads(parts.key, hidden, parts.num_heads)
     v = split_heads(parts.value, hidden, parts.num_heads)
     probs = attention_probs(q, k, mask if padded else None)  # explicit: significance needs them
-    with torch.no_grad():  # the ranking is not differentiable; r and the vectors are
-        scores = kernels.significance(probs.detach(), mask)
+    scores = dispatch.significance(probs, mask)  # detached: the ranking is not differentiable; r and the vectors are
     ranks = soft_ranks(scores, cls_first=cls_first)
     context = torch.matmul(parts.probs_dropout(probs), v)
     attended = attention_output(parts, context, hidden)

@@ -17,7 +17,7 @@ from kernels.select import keep_all, launch_select, select_ref, select_torch, se
 from kernels.significance import launch_significance, significance_ref, significance_torch
 from powerbert.elimination import dispatch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _imported_private_names(path: Path) -> list[str]:

@@ -18,7 +18,7 @@ import pytest
 
 from kernels.aot import ARCHS, ATTENTION_LENGTHS, N, NO_SPILL_DTYPES, NO_SPILL_HEAD_DIMS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NO_SPILL = r"^attn_\w+\[(float16|bfloat16),d(64|128)(,n\d+)?\]$"
 KERNELS = [f"{kernel}[{dtype},d{d}{'' if n == N else f',n{n}'}]" for kernel in ("attn_fwd", "attn_colsum")
            for dtype in NO_SPILL_DTYPES for d in NO_SPILL_HEAD_DIMS for n in ATTENTION_LENGTHS]

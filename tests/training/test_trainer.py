@@ -17,7 +17,7 @@ from powerbert.training import config as training_config
 from powerbert.training import loop as training_loop
 from powerbert.training import steps as training_steps
 from powerbert.training.trainer import SOFT_MODULE, SearchTrainer, task_metrics
-from test_pipeline import N, VOCAB, interrupt_at_evaluation, make_model_folder, write_marker_csv
+from tiny_task import N, VOCAB, interrupt_at_evaluation, make_model_folder, write_marker_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

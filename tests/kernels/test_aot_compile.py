@@ -3,7 +3,7 @@
 Runs ``python -m kernels.aot`` in a subprocess with TRITON_INTERPRET removed: under the
 interpreter (which this test session sets) ``@triton.jit`` yields functions that cannot be
 compiled. kernels.aot compiles each kernel as the JIT specialises it at run time (recorded from
-the launchers); tests/test_spill.py holds the register and spill limits.
+the launchers); tests/kernels/test_spill.py holds the register and spill limits.
 """
 import os
 import subprocess
@@ -14,7 +14,7 @@ import pytest
 
 from kernels.aot import ARCHS, ATTENTION_DTYPES, ATTENTION_HEAD_DIMS, ATTENTION_LENGTHS, N
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The elimination kernels, each in fp32/fp16/bf16, and the attention's two passes per dtype
 # (fp16/bf16: fp32 takes the torch path on CUDA), head dim and length.
 ELIMINATION = ["significance", "select", "gather", "score_select"]
