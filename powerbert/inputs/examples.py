@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from powerbert.inputs.tables import DEFAULT_LABEL_COLUMN, need_column, read_table, text_columns
+from powerbert.inputs.tables import DEFAULT_LABEL_COLUMN, need_column, read_table, text_columns, texts_of
 
 TASKS = ("auto", "classification", "regression")
 
@@ -243,18 +243,15 @@ def load_examples(path, text_column: str | None = None, text_pair_column: str | 
     table = read_table(path)
     if not table.rows:
         raise ValueError(f"the dataset {path} is empty (columns: {', '.join(table.columns) or 'none'})")
-    text_column, text_pair_column = text_columns(table, path, text_column, text_pair_column)
+    text_columns(table, path, text_column, text_pair_column)  # a missing text column before the labels
     label_column = need_column(table, path, label_column or DEFAULT_LABEL_COLUMN, "label")
-
-    texts, pairs, labels = [], [] if text_pair_column else None, []
+    labels = []
     for row, line in zip(table.rows, table.lines):
         label = row.get(label_column)
         check_label(label, f"{path}:{line}", label_column)
-        texts.append("" if row.get(text_column) is None else str(row[text_column]))
-        if pairs is not None:
-            pairs.append("" if row.get(text_pair_column) is None else str(row[text_pair_column]))
         labels.append(label)
-    return Examples(texts, pairs, labels, str(path), list(table.lines))
+    corpus = texts_of(table, path, text_column, text_pair_column, strict=False)
+    return Examples(corpus.texts, corpus.pairs, labels, str(path), list(table.lines))
 
 
 def split_dev(examples: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:

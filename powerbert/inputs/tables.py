@@ -3,7 +3,8 @@
 Every error names the file and line: text must be UTF-8, every CSV/TSV row has the header's
 number of fields. TSV is read with quoting off, as GLUE-style TSVs carry quotes as text; CSV
 follows RFC 4180 quoting. Fields may be any size (Python's csv module stops at 128 KB by
-default). ``read_texts`` is the one reader of texts from a file (``predict``, ``calibrate``).
+default). ``texts_of`` is the one reader of texts from a table (``read_texts`` for ``predict`` and
+``calibrate``, labelled examples for training).
 No torch here.
 """
 from __future__ import annotations
@@ -169,18 +170,29 @@ class Corpus:
 
 def read_texts(path, text_column: str | None = None, text_pair_column: str | None = None, *,
                pairs: bool = True) -> Corpus:
-    """The texts of a CSV/TSV/JSONL file: the one reader of texts from a file (``predict``, ``calibrate``).
+    """The texts of a CSV/TSV/JSONL file: the one reader of texts from a file (``predict``, ``calibrate``;
+    training reads its labelled examples with ``texts_of`` on the same table).
 
     Columns as ``text_columns`` chooses them (no label needed); ``pairs=False`` reads the text
-    column only, never a pair column.
-
-    A row whose text (or text pair) is missing, null or not a string is bad; every bad row is
-    counted and the first ones are named ``file:line`` in one ValueError. An empty string is a
-    text (the model sees [CLS] [SEP]).
+    column only, never a pair column. A file without rows is a ValueError; see ``texts_of`` for
+    the rows.
     """
     table = read_table(path)
     if not table.rows:
         raise ValueError(f"the data file {path} holds no rows (columns: {', '.join(table.columns) or 'none'})")
+    return texts_of(table, path, text_column, text_pair_column, pairs=pairs)
+
+
+def texts_of(table: Table, path, text_column: str | None = None, text_pair_column: str | None = None, *,
+             pairs: bool = True, strict: bool = True) -> Corpus:
+    """The texts of ``table`` (read from ``path``), one per row, in order.
+
+    ``strict`` (predict, calibrate): a row whose text (or text pair) is missing, null or not a
+    string is bad; every bad row is counted and the first ones are named ``file:line`` in one
+    ValueError. Not ``strict`` (training, whose labels come from the same rows): a missing or
+    null text is ``""`` and any other value its ``str``. An empty string is a text (the model
+    sees [CLS] [SEP]).
+    """
     if not pairs:
         text_column = text_columns(table, path, text_column, None)[0] if text_column is None else need_column(
             table, path, text_column, "text")
@@ -193,8 +205,8 @@ def read_texts(path, text_column: str | None = None, text_pair_column: str | Non
     for row, line in zip(table.rows, table.lines):
         for column in columns:
             value = row.get(column)
-            if isinstance(value, str):
-                values[column].append(value)
+            if isinstance(value, str) or not strict:
+                values[column].append(value if isinstance(value, str) else "" if value is None else str(value))
                 continue
             what = "no value" if value is None else f"a {type(value).__name__} ({json.dumps(value)[:40]})"
             bad.append(f"{path}:{line}: {what} in text column {column!r}")

@@ -7,8 +7,9 @@ from transformers import BertForSequenceClassification, BertModel
 
 import powerbert
 from powerbert.elimination import layer
-from test_patch_bert import batch, build, spec_outputs
-from test_proportional import FRACTIONS, SIZES, per_sequence_reference, reference_counts
+from tiny_bert import batch, build, spec_outputs
+from test_proportional import FRACTIONS, SIZES
+from tiny_bert import per_sequence_reference, reference_counts
 
 ROW_BYTES = 2 * 13 * 13 * 4  # one row's probabilities in the tiny model (H 2, n 13, fp32)
 

@@ -9,7 +9,7 @@ from powerbert.elimination.layout import real_tokens_first, static_shapes_now
 from test_families import CASES, FAMILIES
 from test_families import batch as family_batch
 from test_families import build as family_build
-from test_patch_bert import batch, build, spec_outputs
+from tiny_bert import batch, build, spec_outputs
 
 RETENTION = (9, 6, 3)
 

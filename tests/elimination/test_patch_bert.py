@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 from transformers import (
-    BertConfig,
     BertForMultipleChoice,
     BertForQuestionAnswering,
     BertForSequenceClassification,
@@ -16,44 +15,10 @@ from transformers import (
 import kernels
 import powerbert
 from powerbert.elimination.layer import baseline_scores
-from spec_reference import bert_layer_modules, head_ws_choose, spec_encoder
+from spec_reference import head_ws_choose
+from tiny_bert import LAYERS, batch, build, spec_outputs
 
-LAYERS = 3
 ATTN = ["eager", "sdpa"]
-
-
-def tiny_config(**overrides) -> BertConfig:
-    values = dict(
-        vocab_size=101, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, num_labels=3,
-    )
-    values.update(overrides)
-    return BertConfig(**values)
-
-
-def build(cls, attn="sdpa", **overrides):
-    torch.manual_seed(0)
-    model = cls(tiny_config(**overrides))
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
-def batch(sizes=(13, 9, 4, 1), length=13, vocab=101, seed=1):
-    """Random ids with right padding: one row per real length in ``sizes``."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (len(sizes), length), generator=g)
-    mask = torch.zeros(len(sizes), length, dtype=torch.long)
-    for row, size in enumerate(sizes):
-        mask[row, :size] = 1
-    ids = ids * mask
-    types = torch.randint(0, 2, (len(sizes), length), generator=g) * mask
-    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
-
-
-def spec_outputs(bert: BertModel, inputs, retention, **kwargs):
-    hidden = bert.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"])
-    layers = [bert_layer_modules(layer) for layer in bert.encoder.layer]
-    return spec_encoder(hidden, inputs["attention_mask"], layers, retention, **kwargs)
 
 
 # ---------------------------------------------------------------- equivalence

@@ -6,7 +6,7 @@ from transformers import BertForSequenceClassification, BertModel
 
 import powerbert
 from powerbert.elimination import dispatch as ops
-from test_patch_bert import batch, build, spec_outputs
+from tiny_bert import batch, build, spec_outputs
 
 # head dim 32: a size the attention kernel supports
 WIDE = dict(hidden_size=64, num_attention_heads=2, intermediate_size=96)

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import BertForSequenceClassification, BertModel
 
 import powerbert
-from test_patch_bert import LAYERS, batch, build, spec_outputs
+from tiny_bert import LAYERS, batch, build, spec_outputs
 
 RETENTION = (9, 6, 3)
 # torch.ao dynamic quantisation is deprecated in favour of torchao, but it is what users run today.

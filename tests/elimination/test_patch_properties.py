@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from transformers import BertForSequenceClassification
 
 import powerbert
-from test_patch_bert import LAYERS, build, spec_outputs
+from tiny_bert import LAYERS, build, spec_outputs
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

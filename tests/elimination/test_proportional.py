@@ -9,37 +9,10 @@ from transformers import BertForSequenceClassification, BertModel
 
 import powerbert
 from powerbert.elimination.retention import ideal_vs_dynamic_padding, keep_counts, row_keep_counts, vector_ratio
-from spec_reference import bert_layer_modules, spec_encoder
-from test_patch_bert import batch, build
+from tiny_bert import batch, build, per_sequence_reference, reference_counts
 
 FRACTIONS = (0.7, 0.45, 0.2)
 SIZES = (13, 9, 4, 1)
-
-
-def reference_counts(fractions, minimum, length):
-    """§8 written out for one sequence, in Python floats (float64)."""
-    counts, previous = [], length
-    for layer, f in enumerate(fractions):
-        m = 1 if minimum is None else minimum[layer]
-        previous = min(previous, max(m, math.ceil(f * length)))
-        counts.append(previous)
-    return counts
-
-
-def per_sequence_reference(bert, inputs, fractions, minimum=None):
-    """Each row alone, without padding, through the spec with its own counts."""
-    layers = [bert_layer_modules(layer) for layer in bert.encoder.layer]
-    outputs, positions = [], []
-    for row in range(inputs["input_ids"].shape[0]):
-        length = int(inputs["attention_mask"][row].sum())
-        ids = inputs["input_ids"][row:row + 1, :length]
-        types = inputs["token_type_ids"][row:row + 1, :length]
-        with torch.no_grad():
-            hidden = bert.embeddings(input_ids=ids, token_type_ids=types)
-        out, kept = spec_encoder(hidden, torch.ones(1, length), layers, reference_counts(fractions, minimum, length))
-        outputs.append(out[0])
-        positions.append(kept[0])
-    return outputs, positions
 
 
 @pytest.mark.parametrize("minimum", [None, (3, 2, 2)])
