@@ -9,6 +9,7 @@ Two kinds (powerbert/ALGORITHM.md §2 and §8):
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -142,9 +143,19 @@ def keep_count_rows(retention: Sequence, lengths, minimum: Sequence[int] | None 
 
 
 def keep_counts(retention: Sequence, seq_len: int, minimum: Sequence[int] | None = None) -> list[int]:
-    """Vectors kept after each layer for one sequence of ``seq_len`` real tokens, either kind."""
+    """Vectors kept after each layer for one sequence of ``seq_len`` real tokens, either kind.
+
+    Plain Python, no tensor: the static layout's widths come from here while ``torch.compile``
+    traces, where a tensor's ``tolist`` would be a data-dependent value. The proportional counts
+    are :func:`row_keep_counts`' formula in Python floats, which are float64 as there.
+    """
     if is_proportional(retention):
-        return row_keep_counts(retention, minimum, torch.tensor([seq_len]))[:, 0].tolist()
+        counts, keep = [], seq_len
+        for layer, fraction in enumerate(retention):
+            m = 1 if minimum is None else minimum[layer]
+            keep = min(keep, max(m, math.ceil(seq_len * float(fraction))))
+            counts.append(keep)
+        return counts
     return effective_lengths(retention, seq_len)
 
 

@@ -147,3 +147,23 @@ def test_padded_layout_ideal_counts_each_batch_at_its_widest_row():
         ideal_vs_dynamic_padding((0.5, 0.25), [[8, 8]]))
     with pytest.raises(ValueError, match="layout"):
         ideal_vs_dynamic_padding((0.5,), [[8]], layout="ragged")
+
+
+@pytest.mark.parametrize("cls", [BertModel, BertForSequenceClassification])
+def test_proportional_retention_traces_in_one_graph(cls):
+    """The default layout is static while Dynamo traces: the keep counts of a full-length row are
+    Python ints there (no data-dependent width), and the compiled model gives the eager outputs."""
+    model = powerbert.patch(build(cls), FRACTIONS)
+    inputs = batch(SIZES)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        out = compiled(**inputs)
+        expected = model(**inputs)
+    if cls is BertModel:
+        static = powerbert.patch(build(cls), FRACTIONS, static_shapes=True)
+        with torch.no_grad():
+            expected = static(**inputs)
+        torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state)
+        assert torch.equal(out.kept_positions, expected.kept_positions)
+    else:
+        torch.testing.assert_close(out.logits, expected.logits)
