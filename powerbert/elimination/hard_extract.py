@@ -80,8 +80,11 @@ class HardExtract:
             plan = [(counts[layer], width) for layer, width in enumerate(widths)]
         else:
             stats = torch.stack([counts.max(dim=1).values, counts.min(dim=1).values], dim=1).tolist()
-            # Rows keeping the same count take the plain top-k path (no per-row bookkeeping).
-            plan = [high if high == low else (counts[layer], high) for layer, (high, low) in enumerate(stats)]
+            # Rows keeping the same count take the plain top-k path (no per-row bookkeeping). A
+            # batch of empty rows (an all-zero mask, lengths 0) keeps 0 vectors a row but still
+            # outputs one slot, masked, as a fixed configuration does: stock gives finite outputs too.
+            plan = [high if high == low else (counts[layer], high)
+                    for layer, (high, low) in enumerate((max(high, 1), low) for high, low in stats)]
         return [mask.shape[1]] * keep_all + plan[keep_all:]
 
     def layer(self, index: int, count: int, parts: LayerParts, hidden: torch.Tensor, mask: torch.Tensor, *,

@@ -2,7 +2,7 @@
 all-padding columns dropped (dynamic layout) or kept (static layout)."""
 import pytest
 import torch
-from transformers import BertModel
+from transformers import BertForSequenceClassification, BertModel
 
 import powerbert
 from powerbert.elimination.layout import real_tokens_first, static_shapes_now
@@ -115,3 +115,21 @@ def test_static_layout_keeps_the_input_shape_and_the_values():
 def test_static_shapes_is_validated():
     with pytest.raises(TypeError, match="static_shapes"):
         powerbert.patch(build(BertModel), RETENTION, static_shapes="yes")
+
+
+@pytest.mark.parametrize("static", [None, True])
+@pytest.mark.parametrize("retention", [(9, 6, 3), (0.7, 0.45, 0.2)], ids=["fixed", "proportional"])
+@pytest.mark.parametrize("cls", [BertModel, BertForSequenceClassification])
+def test_a_batch_whose_mask_is_all_zero_gives_finite_outputs(cls, retention, static):
+    """Every row empty (attention_mask all 0): stock gives finite outputs, and so does a patched
+    model, its slots all masked; no kernel message about k."""
+    inputs = batch()
+    inputs["attention_mask"] = torch.zeros_like(inputs["attention_mask"])
+    model = powerbert.patch(build(cls), retention, static_shapes=static)
+    with torch.no_grad():
+        out = model(**inputs)
+    if cls is BertModel:
+        assert torch.isfinite(out.last_hidden_state).all()
+        assert not out.kept_mask.any()
+    else:
+        assert torch.isfinite(out.logits).all() and out.logits.shape == (4, 3)
