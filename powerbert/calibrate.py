@@ -33,6 +33,7 @@ from torch import nn
 from powerbert.elimination.families import resolve
 from powerbert.front_door import is_patched, patch, unpatch
 from powerbert.inputs.checks import check_int, check_number
+from powerbert.inputs.text_budget import bound_texts
 from powerbert.elimination.retention import (cost_model_sizes, flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding,
                                              validate_minimum)
 from powerbert.sentence_models import hf_model, is_sentence_model
@@ -79,6 +80,11 @@ class EmbeddingTarget:
         self.model = model
         self.batch_size = batch_size
         self.hf = hf_model(model)
+
+    @property
+    def max_length(self) -> int:
+        """N: the tokens ``encode`` keeps of a text."""
+        return self.model.max_seq_length
 
     def outputs(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
@@ -328,6 +334,7 @@ def calibrate(model, texts: list[str], *, min_cosine: float, tokenizer=None, bat
     if is_patched(model):
         raise RuntimeError("calibrate compares against the stock model: call powerbert.unpatch(model) first")
     target = target_for(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    texts = bound_texts(texts, target.max_length)  # before any tokenizer sees them (text_budget)
     minimum = validate_minimum(retention_min, _num_layers(target))
     order = np.random.default_rng(seed).permutation(len(texts))
     n_cal = min(calibration_texts, len(texts) - 1)

@@ -41,6 +41,7 @@ so an interrupted run never leaves a partial output under the final name.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -56,6 +57,7 @@ import numpy as np
 from powerbert.inputs.checks import check_int
 from powerbert.inputs.files import atomic_path, check_output as check_output_path
 from powerbert.inputs.tables import Corpus, read_texts
+from powerbert.inputs.text_budget import bound_texts
 from powerbert.inputs.model_folder import check_model_dir, default_max_length, read_model_config
 
 ENGINES = ("local", "ray")
@@ -369,6 +371,9 @@ def predict(model, data, output, *, text_column: str | None = None, text_pair_co
     spec = inspect_model(model, max_length)
     output = check_output(output, spec, data, overwrite)
     corpus = read_texts(data, text_column, text_pair_column)
+    # Bounded before any tokenizer sees them (text_budget: a huge pair would exhaust memory).
+    corpus = dataclasses.replace(corpus, texts=bound_texts(corpus.texts, spec.max_length),
+                                 pairs=bound_texts(corpus.pairs, spec.max_length))
     if corpus.pairs is not None and spec.kind == "embedding":
         raise ValueError(f"the model in {spec.path} embeds single texts; {data} has a text pair column "
                          f"(pass --text-column alone, or use a sequence-pair classifier)")

@@ -215,3 +215,19 @@ def test_cli_refuses_to_overwrite_the_model_folder(tmp_path, capsys):
     data = _csv(tmp_path, SENTENCES[:4])
     assert main(["calibrate", "--model", _path(), "--data", str(data), "--output", _path(), "--min-cosine", "0.9"]) == 2
     assert "would overwrite the model folder" in capsys.readouterr().err
+
+
+def test_texts_are_bounded_before_any_tokenizer_sees_them(model, monkeypatch):
+    """A huge text costs the search no more than ``text_budget`` allows (predict and training too)."""
+    from powerbert.inputs.text_budget import MAX_WORD_TAIL, char_budget
+
+    seen = {}
+
+    def stop(target, texts, *args, **kwargs):
+        seen["texts"], seen["max_length"] = texts, target.max_length
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(C, "search", stop)
+    with pytest.raises(KeyboardInterrupt):
+        C.calibrate(model, ["word " * 200_000, *SENTENCES], min_cosine=0.9, progress=False)
+    assert max(len(text) for text in seen["texts"]) <= char_budget(seen["max_length"]) + MAX_WORD_TAIL

@@ -2,7 +2,11 @@
 the Ray Data engine gives the same bytes. Tiny random models with MiniLM's real tokenizer, on
 300 real movie-review sentences (``tests/data/movie_reviews_300.csv``, from the vaderSentiment
 sdist: ``powerbert fetch-movie-reviews``)."""
+import csv
 import json
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +169,30 @@ def test_ray_engine_gives_the_same_bytes(classifier, local_output, tmp_path):
         ray.shutdown()
     assert summary["engine"] == "ray" and summary["workers"] == 2 and summary["rows"] == 300
     assert out.read_bytes() == local_output[0].read_bytes()
+
+
+LONG_WORDS = ("alpha", "theory", "house", "running", "blue", "question", "unbelievable", "z")
+
+
+def test_a_very_long_text_pair_is_bounded_before_tokenizing(classifier, tmp_path):
+    """A 20,000-word pair: the whole command peaks under 2.5 GB (the tokenizer's ``longest_first``
+    truncation of the unbounded pair took 10.6 GB), and its scores are the model's on the tokens
+    of the unbounded text (a 2,000-word prefix, tokenized unbounded, gives the same ones)."""
+    rng = random.Random(0)
+    long = " ".join(rng.choice(LONG_WORDS) for _ in range(20_000))
+    data = tmp_path / "pairs.csv"
+    with data.open("w", newline="") as f:
+        csv.writer(f).writerows([("text", "text_pair"), ("a short question", long), ("another one", "short answer")])
+    out = tmp_path / "scores.jsonl"
+    code = ("import resource, sys\nfrom powerbert.cli import main\n"
+            "assert main(sys.argv[1:]) == 0\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    run = subprocess.run([sys.executable, "-c", code, "predict", "--model", str(classifier), "--data", str(data),
+                          "--output", str(out), "--no-progress", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.split()[-1]) / 1024 < 2500  # ru_maxrss is in KiB
+    rows = read_jsonl(out)
+    prefix = " ".join(long.split()[:2000])
+    expected = Predictor(inspect_model(classifier))(["a short question"], [prefix])[0]
+    assert rows[0]["scores"] == pytest.approx(expected.tolist(), abs=1e-6)
+

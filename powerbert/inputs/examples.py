@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+from powerbert.inputs.text_budget import bound_texts
 from powerbert.inputs.tables import DEFAULT_LABEL_COLUMN, need_column, read_table, text_columns, texts_of
 
 TASKS = ("auto", "classification", "regression")
@@ -288,9 +289,9 @@ def encode(examples: Examples, tokenizer, labels: LabelSpace, max_length: int):
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 ([CLS] plus at least one token), got {max_length}")
     targets = labels.encode(examples.labels, examples.where)  # label errors before the tokenizer's work
-    batch = tokenizer(
-        examples.texts, examples.pairs, padding="max_length", truncation=True, max_length=max_length,
-        return_tensors="pt",
+    batch = tokenizer(  # each text bounded first (text_budget: a huge pair would exhaust memory)
+        bound_texts(examples.texts, max_length), bound_texts(examples.pairs, max_length), padding="max_length",
+        truncation=True, max_length=max_length, return_tensors="pt",
     )
     ids = batch["input_ids"]
     types = batch.get("token_type_ids")
