@@ -33,6 +33,7 @@ from torch import nn
 from powerbert.elimination.families import resolve
 from powerbert.front_door import is_patched, patch, unpatch
 from powerbert.inputs.checks import check_int, check_number
+from powerbert.inputs.model_folder import check_max_length
 from powerbert.inputs.text_budget import bound_texts
 from powerbert.elimination.retention import (cost_model_sizes, flops_ideal_vs_dynamic_padding, ideal_vs_dynamic_padding,
                                              validate_minimum)
@@ -328,6 +329,8 @@ def calibrate(model, texts: list[str], *, min_cosine: float, tokenizer=None, bat
         A :class:`Calibration`; its ``retention`` is None when no candidate reaches C.
     """
     check_number("min_cosine", min_cosine, 0, 1, low_open=True)
+    hf = hf_model(model) if is_sentence_model(model) else model
+    check_max_length(hf.config.to_dict(), max_length, type(model).__name__)  # the check of every command
     texts = [text for text in texts if isinstance(text, str) and text.strip()]
     if len(texts) < 2:
         raise ValueError(f"calibrate needs at least 2 non-empty texts, got {len(texts)}")

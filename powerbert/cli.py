@@ -310,7 +310,7 @@ def _calibrate(args) -> int:
         raise ValueError(f"output {output} (--output) holds a model that powerbert calibrate did not write; "
                          f"choose another output folder")
     texts = C.texts_from_file(args.data, args.text_column)
-    model, tokenizer = load_for_calibration(model_dir)
+    model, tokenizer = load_for_calibration(model_dir, max_length=args.max_length)
     try:
         result = C.calibrate(model, texts, min_cosine=args.min_cosine, tokenizer=tokenizer,
                              batch_size=args.batch_size, calibration_texts=args.calibration_texts,

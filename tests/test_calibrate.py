@@ -231,3 +231,17 @@ def test_texts_are_bounded_before_any_tokenizer_sees_them(model, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         C.calibrate(model, ["word " * 200_000, *SENTENCES], min_cosine=0.9, progress=False)
     assert max(len(text) for text in seen["texts"]) <= char_budget(seen["max_length"]) + MAX_WORD_TAIL
+
+
+def test_max_length_beyond_the_positions_is_refused_as_by_every_command(tmp_path, capsys, model):
+    """``--max-length 100000`` was accepted and written into the tokenizer; the check of train,
+    evaluate and predict refuses it here too, before anything is written."""
+    data = _csv(tmp_path, SENTENCES[:4])
+    out = tmp_path / "o"
+    status = main(["calibrate", "--model", _path(), "--data", str(data), "--output", str(out), "--min-cosine", "0.9",
+                   "--max-length", "100000", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "100000 exceeds the 512 positions" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    with pytest.raises(ValueError, match="exceeds the 512 positions"):
+        C.calibrate(model, SENTENCES, min_cosine=0.9, max_length=100_000, progress=False)

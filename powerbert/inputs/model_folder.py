@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from powerbert.inputs import examples as D
+from powerbert.inputs.checks import check_int
 
 # The N a model was trained at, recorded in its config (``evaluate`` reads it back).
 MAX_LENGTH_KEY = "powerbert_max_length"
@@ -92,12 +93,23 @@ def check_model_dir(path, *, max_length: int | None = None, weights: bool = True
     if tokenizer and not (any((path / name).is_file() for name in VOCABULARY_FILES) or any(path.glob("*.model"))):
         raise ValueError(f"{path} holds no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); "
                          f"copy the pretrained model's tokenizer files into it")
+    check_max_length(config, max_length, path)
+    return path
+
+
+def check_max_length(config: dict, max_length: int | None, where) -> None:
+    """The one check of N against a model: an int >= 2 ([CLS] and one token) within its positions
+    (``max_positions``); None passes. ``where`` names the model in the message (its folder).
+
+    Raises:
+        ValueError: one line naming the limit.
+    """
+    check_int("max_length (--max-length)", max_length, 2, optional=True)
     limit = max_positions(config)
     if max_length is not None and limit is not None and max_length > limit:
         raise ValueError(f"max_length (--max-length) {max_length} exceeds the {limit} positions of the model "
-                         f"in {path} (max_position_embeddings {config['max_position_embeddings']}); "
+                         f"in {where} (max_position_embeddings {config['max_position_embeddings']}); "
                          f"use at most {limit}")
-    return path
 
 
 def load_model(path, labels: D.LabelSpace | None = None, max_length: int | None = None):
@@ -162,13 +174,13 @@ def _one_line(error) -> str:
     return " ".join(lines) or type(error).__name__
 
 
-def load_for_calibration(path, *, device: str | None = None):
+def load_for_calibration(path, *, device: str | None = None, max_length: int | None = None):
     """``(model, tokenizer)`` from a local folder: a sentence-transformers folder (``modules.json``)
     or a plain encoder folder as a ``SentenceTransformer`` (mean pooling), or a sequence classifier
     (``*ForSequenceClassification`` in ``config.json``'s ``architectures``) with its tokenizer."""
     import torch
 
-    path = check_model_dir(path)
+    path = check_model_dir(path, max_length=max_length)
     config = read_model_config(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     architectures = config.get("architectures") or []
