@@ -24,14 +24,15 @@ import math
 import platform
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from powerbert.elimination.families import resolve
 from powerbert.front_door import is_patched, patch, unpatch
+from powerbert.calibration_targets import num_layers, target_for
 from powerbert.inputs.checks import check_int, check_number
 from powerbert.inputs.model_folder import check_max_length
 from powerbert.inputs.text_budget import bound_texts
@@ -41,6 +42,12 @@ from powerbert.sentence_models import hf_model, is_sentence_model
 
 DEFAULT_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5)
+# Fewer held-out texts than this and the check's mean, min and quantiles say little: a warning.
+MIN_HOLDOUT_TEXTS = 32
+
+
+class CalibrationWarning(UserWarning):
+    """The held-out check is off or runs on too few texts (``holdout_warnings``)."""
 
 
 def candidate_family(num_layers: int, shares=DEFAULT_SHARES) -> list[tuple[float, ...]]:
@@ -67,110 +74,6 @@ def candidate_family(num_layers: int, shares=DEFAULT_SHARES) -> list[tuple[float
 def _dominated(config, failed) -> bool:
     """``config`` keeps no more than a failed configuration at every layer (so it fails too)."""
     return any(all(c <= f for c, f in zip(config, bad)) for bad in failed)
-
-
-# ----------------------------------------------------------------------------- what is compared
-
-
-class EmbeddingTarget:
-    """A ``SentenceTransformer``: per-text score = cosine similarity to the stock embedding."""
-
-    metric = "cosine"
-
-    def __init__(self, model, batch_size: int = 32):
-        self.model = model
-        self.batch_size = batch_size
-        self.hf = hf_model(model)
-
-    @property
-    def max_length(self) -> int:
-        """N: the tokens ``encode`` keeps of a text."""
-        return self.model.max_seq_length
-
-    def outputs(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
-                                 normalize_embeddings=True, show_progress_bar=False).float().cpu()
-
-    @staticmethod
-    def scores(stock: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
-        return (stock * patched).sum(dim=1).clamp(-1.0, 1.0)
-
-    def lengths(self, texts: list[str]) -> list[int]:
-        lengths = []
-        for start in range(0, len(texts), 256):
-            features = self.model.preprocess(texts[start:start + 256])
-            lengths += features["attention_mask"].sum(dim=1).tolist()
-        return lengths
-
-    def order(self, texts: list[str]) -> np.ndarray:
-        """The order ``encode`` runs texts in (its own sort key: longest first by characters)."""
-        return np.argsort([-len(text) for text in texts])
-
-
-class ClassifierTarget:
-    """A Hugging Face sequence classifier: per-text score = 1 if the predicted class is unchanged.
-
-    Texts run like ``encode`` runs them: sorted by length, in batches padded to their longest.
-    """
-
-    metric = "agreement"
-
-    def __init__(self, model, tokenizer, batch_size: int = 32, max_length: int | None = None):
-        if getattr(model.config, "num_labels", 0) < 2:
-            raise ValueError("calibrating a classifier compares predicted classes: the model needs num_labels >= 2 "
-                             f"(it has {getattr(model.config, 'num_labels', None)})")
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_length = max_length or min(getattr(tokenizer, "model_max_length", 512), 512)
-        self.hf = model
-
-    def _encode(self, texts):
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-
-    def outputs(self, texts: list[str]) -> torch.Tensor:
-        order = self.order(texts)
-        device = next(self.model.parameters()).device
-        predictions = torch.empty(len(texts), dtype=torch.long)
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                index = order[start:start + self.batch_size]
-                inputs = self._encode([texts[i] for i in index]).to(device)
-                predictions[torch.as_tensor(index)] = self.model(**inputs).logits.argmax(dim=-1).cpu()
-        return predictions
-
-    @staticmethod
-    def scores(stock: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
-        return (stock == patched).float()
-
-    def lengths(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
-
-    def order(self, texts: list[str]) -> np.ndarray:
-        return np.argsort([-len(text) for text in texts])
-
-
-def target_for(model, tokenizer=None, *, batch_size: int = 32, max_length: int | None = None):
-    """The comparison for ``model``: embeddings (SentenceTransformer) or predictions (classifier)."""
-    if is_sentence_model(model):
-        if type(model).__name__ == "CrossEncoder":
-            raise TypeError("calibrate compares embeddings (SentenceTransformer) or predicted classes "
-                            "(a Hugging Face sequence classifier); a CrossEncoder's scores are neither")
-        if max_length is not None:
-            model.max_seq_length = max_length
-        return EmbeddingTarget(model, batch_size)
-    _, base, cls_only = resolve(model)
-    if base is model or not cls_only:
-        raise TypeError(f"calibrate needs a SentenceTransformer or a sequence classifier, got {type(model).__name__}; "
-                        f"wrap a bare encoder in a SentenceTransformer (mean pooling)")
-    if tokenizer is None:
-        raise ValueError("calibrating a classifier needs its tokenizer")
-    return ClassifierTarget(model, tokenizer, batch_size, max_length)
-
-
-def _num_layers(target) -> int:
-    family, base, _ = resolve(target.hf)
-    return len(family.layers(family.encoder(base)))
 
 
 # ----------------------------------------------------------------------------- the search
@@ -283,7 +186,7 @@ def search(target, texts: list[str], min_value: float, *, shares=DEFAULT_SHARES,
 
     lengths, order = target.lengths(texts), target.order(texts)
     records = [{"retention": list(retention), **ideals(target, retention, lengths, order, retention_min)}
-               for retention in candidate_family(_num_layers(target), shares)]
+               for retention in candidate_family(num_layers(target), shares)]
     records.sort(key=lambda r: (r["vector_ideal"], r["retention"]))
     stock = target.outputs(texts)
     failed = []
@@ -338,11 +241,14 @@ def calibrate(model, texts: list[str], *, min_cosine: float, tokenizer=None, bat
         raise RuntimeError("calibrate compares against the stock model: call powerbert.unpatch(model) first")
     target = target_for(model, tokenizer, batch_size=batch_size, max_length=max_length)
     texts = bound_texts(texts, target.max_length)  # before any tokenizer sees them (text_budget)
-    minimum = validate_minimum(retention_min, _num_layers(target))
+    minimum = validate_minimum(retention_min, num_layers(target))
     order = np.random.default_rng(seed).permutation(len(texts))
-    n_cal = min(calibration_texts, len(texts) - 1)
+    n_cal, n_hold = split_sizes(len(texts), calibration_texts, holdout_texts)
     calibration = [texts[i] for i in order[:n_cal]]
-    holdout = [texts[i] for i in order[n_cal:n_cal + holdout_texts]]
+    holdout = [texts[i] for i in order[n_cal:n_cal + n_hold]]
+    holdout_notes = holdout_warnings(len(texts), calibration_texts, holdout_texts, n_cal, n_hold)
+    for note in holdout_notes:  # also in the report, calibration.md and (the CLI) stderr
+        warnings.warn(note, CalibrationWarning, stacklevel=2)
     records = search(target, calibration, min_cosine, shares=shares, retention_min=minimum, progress=progress)
     cal_lengths = target.lengths(calibration)
 
@@ -369,7 +275,7 @@ def calibrate(model, texts: list[str], *, min_cosine: float, tokenizer=None, bat
         "shares": sorted(shares, reverse=True),
         "retention_min": None if minimum is None else list(minimum),
         "seed": seed, "batch_size": batch_size,
-        "calibration_texts": len(calibration), "holdout_texts": len(holdout),
+        "calibration_texts": len(calibration), "holdout_texts": len(holdout), "warnings": holdout_notes,
         "calibration_mean_tokens": statistics.fmean(cal_lengths),
         "candidates": records,
         "evaluated": sum("calibration_mean" in r for r in records),
@@ -390,6 +296,33 @@ def calibrate(model, texts: list[str], *, min_cosine: float, tokenizer=None, bat
             summary["timing"] = measure(target, holdout, retention, minimum, timing_rounds)
     report["chosen"] = summary
     return Calibration(retention, minimum, report)
+
+
+def split_sizes(available: int, calibration_texts: int, holdout_texts: int) -> tuple[int, int]:
+    """``(calibration, held-out)`` texts taken from ``available``: as asked when there are enough;
+    otherwise in the asked proportion (at least one of each while a held-out set is asked for), so
+    a short file does not leave the held-out check one text."""
+    if calibration_texts + holdout_texts <= available:
+        return calibration_texts, holdout_texts
+    if holdout_texts == 0:
+        return min(calibration_texts, available), 0
+    hold = min(available - 1, max(1, round(available * holdout_texts / (calibration_texts + holdout_texts))))
+    return min(calibration_texts, available - hold), hold
+
+
+def holdout_warnings(available: int, calibration_texts: int, holdout_texts: int, n_cal: int, n_hold: int) -> list[str]:
+    """What the report, stderr and ``calibration.md`` say when the held-out check is off, smaller
+    than asked or under ``MIN_HOLDOUT_TEXTS``: the choice is then checked on too few texts."""
+    out = []
+    if holdout_texts == 0:
+        out.append("the held-out check is off (holdout_texts 0): the choice is checked on the calibration texts only")
+    elif n_hold < holdout_texts:
+        out.append(f"{available} texts for {calibration_texts} calibration + {holdout_texts} held-out: split "
+                   f"{n_cal} + {n_hold} in the asked proportion")
+    if 0 < n_hold < MIN_HOLDOUT_TEXTS:
+        out.append(f"only {n_hold} held-out texts (fewer than {MIN_HOLDOUT_TEXTS}): their mean, min and quantiles "
+                   f"say little; give more texts")
+    return out
 
 
 def _versions() -> dict:

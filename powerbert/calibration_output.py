@@ -74,6 +74,8 @@ def markdown(report: dict) -> str:
     """The report as a short Markdown page."""
     metric, threshold = report["metric"], report["min_value"]
     lines = [f"# powerbert calibrate: mean {metric} >= {threshold:g}", ""]
+    lines += [f"**Warning:** {warning}." for warning in report.get("warnings", [])] + (
+        [""] if report.get("warnings") else [])
     chosen = report["chosen"]
     if chosen is None:
         best = max((r for r in report["candidates"] if "calibration_mean" in r),

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from powerbert.inputs.checks import in_range, interval
@@ -312,14 +313,18 @@ def _calibrate(args) -> int:
     texts = C.texts_from_file(args.data, args.text_column)
     model, tokenizer = load_for_calibration(model_dir, max_length=args.max_length)
     try:
-        result = C.calibrate(model, texts, min_cosine=args.min_cosine, tokenizer=tokenizer,
-                             batch_size=args.batch_size, calibration_texts=args.calibration_texts,
-                             holdout_texts=args.holdout_texts, max_length=args.max_length,
-                             retention_min=args.retention_min, timing_rounds=args.timing_rounds, seed=args.seed,
-                             progress=not args.no_progress)
+        with warnings.catch_warnings():  # said once below, as one line each
+            warnings.simplefilter("ignore", C.CalibrationWarning)
+            result = C.calibrate(model, texts, min_cosine=args.min_cosine, tokenizer=tokenizer,
+                                 batch_size=args.batch_size, calibration_texts=args.calibration_texts,
+                                 holdout_texts=args.holdout_texts, max_length=args.max_length,
+                                 retention_min=args.retention_min, timing_rounds=args.timing_rounds,
+                                 seed=args.seed, progress=not args.no_progress)
     except TypeError as error:  # a model calibrate cannot compare (one line, like every bad input)
         raise ValueError(str(error)) from None
     calibration_output.save(result, model, output, tokenizer)
+    for warning in result.report["warnings"]:
+        print(f"powerbert calibrate: warning: {warning}", file=sys.stderr)
     chosen = result.report["chosen"]
     if chosen is None:
         print(f"powerbert calibrate: no configuration reached mean {result.report['metric']} >= {args.min_cosine:g}; "

@@ -245,3 +245,34 @@ def test_max_length_beyond_the_positions_is_refused_as_by_every_command(tmp_path
     assert not out.exists()
     with pytest.raises(ValueError, match="exceeds the 512 positions"):
         C.calibrate(model, SENTENCES, min_cosine=0.9, max_length=100_000, progress=False)
+
+
+@pytest.mark.parametrize("available, asked, split", [
+    (200, (256, 256), (100, 100)), (600, (256, 256), (256, 256)), (20, (256, 0), (20, 0)), (2, (256, 256), (1, 1)),
+])
+def test_a_short_file_is_split_in_the_asked_proportion(available, asked, split):
+    assert C.split_sizes(available, *asked) == split
+
+
+def test_a_small_or_absent_held_out_set_is_said_everywhere(tmp_path, capsys):
+    """200 texts with the defaults gave 199 + 1 and a 'pass' on one text; --holdout-texts 0 skipped
+    the check silently. Now: split 100 + 100, and a warning on stderr, in calibration.json and in
+    calibration.md when the held-out set is off or under MIN_HOLDOUT_TEXTS."""
+    data = _csv(tmp_path, SENTENCES)
+    out = tmp_path / "o"
+    argv = ["calibrate", "--model", _path(), "--data", str(data), "--output", str(out), "--min-cosine", "0.5",
+            "--timing-rounds", "0", "--no-progress"]
+    main(argv)
+    report = json.loads((out / calibration_output.REPORT_JSON).read_text())
+    assert (report["calibration_texts"], report["holdout_texts"]) == (8, 8)
+    err = capsys.readouterr().err
+    assert "warning: 16 texts for 256 calibration + 256 held-out: split 8 + 8" in err
+    assert any("only 8 held-out texts" in w for w in report["warnings"])
+    assert "**Warning:** only 8 held-out texts" in (out / calibration_output.REPORT_MD).read_text()
+    main(argv + ["--holdout-texts", "0"])
+    report = json.loads((out / calibration_output.REPORT_JSON).read_text())
+    assert report["holdout_texts"] == 0 and "held-out check is off" in report["warnings"][0]
+    assert "held-out check is off" in capsys.readouterr().err
+    with pytest.warns(C.CalibrationWarning, match="held-out check is off"):
+        C.calibrate(st.SentenceTransformer(_path(), device="cpu"), SENTENCES, min_cosine=0.5, holdout_texts=0,
+                    shares=(0.5,), progress=False)

@@ -35,7 +35,8 @@ import powerbert
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("powerbert", "kernels")
 MAX_LINES = 450
-COMMANDS = ("powerbert.cli", "powerbert.predict", "powerbert.calibrate", "powerbert.calibration_output", "powerbert.demo")
+COMMANDS = ("powerbert.cli", "powerbert.predict", "powerbert.calibrate", "powerbert.calibration_targets",
+            "powerbert.calibration_output", "powerbert.demo")
 ROOMS = (  # (room, rank, what it holds: modules, or packages with all below them)
     ("kernels", 0, ("kernels",)),
     ("elimination", 1, ("powerbert.elimination",)),

@@ -51,7 +51,8 @@ def run_task(task: str, args, model_path: str) -> dict:
     from sentence_transformers import SentenceTransformer
 
     import powerbert
-    from powerbert.calibrate import EmbeddingTarget, choose, ideals, measure, search
+    from powerbert.calibrate import choose, ideals, measure, search
+    from powerbert.calibration_targets import EmbeddingTarget
 
     cache = Path(args.work) / f"{task}.json"
     state = json.loads(cache.read_text()) if cache.is_file() else {}
