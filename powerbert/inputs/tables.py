@@ -68,6 +68,10 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> Table:
             continue  # a blank line
         if header is None:
             header = record
+            duplicate = _first_duplicate(header)
+            if duplicate is not None:  # a dict per row would keep the last such column only
+                raise ValueError(f"{path}:{start}: the header names column {duplicate!r} twice; "
+                                 f"rename one of them")
             continue
         if len(record) != len(header):
             hint = ("a tab inside a field?" if delimiter == "\t" else
@@ -79,13 +83,37 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> Table:
     return Table(header or [], rows, lines)
 
 
+def _first_duplicate(names) -> str | None:
+    """The first name that appears a second time in ``names``, or None."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object naming a key twice (``json.loads`` would keep the last value silently)."""
+
+
+def _object_once(pairs: list) -> dict:
+    duplicate = _first_duplicate(key for key, _ in pairs)
+    if duplicate is not None:
+        raise _DuplicateKey(duplicate)
+    return dict(pairs)
+
+
 def _read_jsonl(path: Path, text: str) -> Table:
     rows, lines, columns = [], [], {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_object_once)
+        except _DuplicateKey as error:
+            raise ValueError(f"{path}:{number}: the object names key {error.args[0]!r} twice; "
+                             f"rename one of them") from None
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not a JSON object per line ({error})") from None
         if not isinstance(row, dict):
@@ -101,8 +129,9 @@ def read_table(path) -> Table:
 
     Raises:
         SystemExit: the file does not exist. ValueError (naming file and line): unknown
-            extension, text that is not UTF-8, a malformed JSON line, a CSV/TSV row whose
-            number of fields differs from the header's.
+            extension, text that is not UTF-8, a malformed JSON line, a CSV/TSV header or a
+            JSON object that names a column twice, a CSV/TSV row whose number of fields differs
+            from the header's.
     """
     path = Path(path)
     if not path.is_file():
