@@ -30,6 +30,12 @@ from powerbert.training.distributed import is_main_process
 from powerbert.training.config import DEFAULT_RETENTION_MODE, RETENTION_MODES
 
 STEP_COMMANDS = ("train", "finetune", "search", "retrain")
+# What a Ctrl-C leaves, by command (every output is written atomically; a step resumes).
+INTERRUPTED = {
+    "predict": "interrupted; nothing written",
+    **{command: "interrupted; run the same command again to resume from the last finished epoch"
+       for command in STEP_COMMANDS},
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -362,6 +368,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as error:  # bad input, and files that cannot be read or written
         print(_error_line(args.command, error), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT, no traceback
+        print(f"powerbert {args.command}: {INTERRUPTED.get(args.command, 'interrupted')}", file=sys.stderr)
+        return 130
     except SystemExit as error:
         if isinstance(error.code, str):
             print(_error_line(args.command, error.code), file=sys.stderr)

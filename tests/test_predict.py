@@ -196,3 +196,21 @@ def test_a_very_long_text_pair_is_bounded_before_tokenizing(classifier, tmp_path
     expected = Predictor(inspect_model(classifier))(["a short question"], [prefix])[0]
     assert rows[0]["scores"] == pytest.approx(expected.tolist(), abs=1e-6)
 
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(classifier, tmp_path, capsys, monkeypatch):
+    """An interrupt in the middle: no traceback, the old output kept, no temporary file left."""
+    import powerbert.predict as predict_module
+
+    out = tmp_path / "scores.jsonl"
+    out.write_text("old\n")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict_module, "_run_local", interrupted)
+    status = run_cli("predict", "--model", classifier, "--data", REVIEWS, "--output", out, "--overwrite",
+                     "--no-progress")
+    err = capsys.readouterr().err.strip()
+    assert status == 130 and err == "powerbert predict: interrupted; nothing written"
+    assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.jsonl"]
