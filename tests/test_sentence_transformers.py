@@ -226,3 +226,13 @@ def test_cross_encoder_keep_all_equals_stock_and_elimination_equals_the_spec(cro
     torch.testing.assert_close(scores, torch.sigmoid(logits[:, 0]), atol=3e-5, rtol=3e-5)
     assert len(ranked) == len(PAIRS)
     torch.testing.assert_close(cross_encoder.predict(PAIRS, convert_to_tensor=True), stock, atol=0, rtol=0)
+
+
+def test_cross_encoder_keep_all_equals_stock_to_the_bit(cross_encoder):
+    stock = cross_encoder.predict(PAIRS, convert_to_tensor=True)
+    for retention in ([1.0] * 6, [512] * 6):
+        powerbert.patch(cross_encoder, retention)
+        try:
+            assert torch.equal(cross_encoder.predict(PAIRS, convert_to_tensor=True), stock)
+        finally:
+            powerbert.unpatch(cross_encoder)

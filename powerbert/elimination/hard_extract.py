@@ -87,6 +87,13 @@ class HardExtract:
                     for layer, (high, low) in enumerate((max(high, 1), low) for high, low in stats)]
         return [mask.shape[1]] * keep_all + plan[keep_all:]
 
+    def keeps_everything(self, n: int) -> bool:
+        """True when no layer eliminates anything for inputs ``n`` slots wide: every k_l >= n
+        (fixed), or every share 1.0 (proportional: each row keeps its own length)."""
+        if is_proportional(self.retention):
+            return all(share >= 1.0 for share in self.retention)
+        return min(self.retention) >= n
+
     def layer(self, index: int, count: int, parts: LayerParts, hidden: torch.Tensor, mask: torch.Tensor, *,
               padded: bool, need_probs: bool, cls_only_last: bool, plan: list | None = None) -> LayerOutput:
         keep = self.retention[index] if plan is None else plan[index]

@@ -54,3 +54,19 @@ def test_elimination_equals_spec(model_and_inputs, retention):
     torch.testing.assert_close(out.pooler_output, model.pooler(torch.stack(expected)), atol=1e-4, rtol=1e-4)
     # the longest sentence keeps k_L of its real tokens, [CLS] first
     assert len(positions[0]) == retention[-1] and positions[0][0] == 0
+
+
+@pytest.mark.parametrize("retention", [[128] * 6, [1.0] * 6], ids=["fixed", "proportional"])
+def test_keep_all_heads_equal_stock_to_the_bit(model_and_inputs, retention):
+    """A sequence classifier kept whole runs its last layer in full, as stock does: equal bits
+    ([CLS] alone summed in another order and differed by 1e-8)."""
+    from transformers import BertForSequenceClassification
+
+    _, inputs = model_and_inputs
+    torch.manual_seed(0)  # the MiniLM folder has no classifier: a seeded random one
+    head = BertForSequenceClassification.from_pretrained(minilm.get_model_path(), num_labels=3).eval()
+    with torch.no_grad():
+        stock = head(**inputs).logits
+        powerbert.patch(head, retention)
+        patched = head(**inputs).logits
+    assert torch.equal(patched, stock)
