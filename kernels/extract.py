@@ -146,10 +146,12 @@ def _check_extract(first_name, first, hidden, mask, k, width, backend):
 
 def _extract_torch_rows(hidden, mask, scores, k, W):
     """Torch path of a per-row k: select on ``scores`` (padding already -inf), gather, and
-    mark the filler slots as padding (one masked_fill on the [B, W] mask)."""
+    mark the filler slots as padding (one op on the [B, W] mask)."""
     indices, filler = select_torch_rows(scores, k, W)
     hidden_kept, mask_kept = gather_torch(hidden, mask, indices)
-    return hidden_kept, mask_kept.masked_fill(filler, 0), indices
+    # A bool mask: & (ONNX Runtime has no Where on bools, which masked_fill exports to).
+    kept = mask_kept & ~filler if mask_kept.dtype == torch.bool else mask_kept.masked_fill(filler, 0)
+    return hidden_kept, kept, indices
 
 
 def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, *, width: int | None = None,

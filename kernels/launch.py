@@ -169,10 +169,13 @@ ROW_K_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def check_width(width) -> int:
-    """width (the output slots of a per-row k) must be a Python integer >= 1."""
+    """width (the output slots of a per-row k) must be a Python integer >= 1, or a ``torch.SymInt``
+    while ``torch.export`` traces (the keep count of a full row at a symbolic length)."""
     if width is None:
         raise TypeError("width is required when k is a [B] tensor: pass width=int >= 1 "
                         "(the output slots, >= max k; it fixes the shape without a host sync)")
+    if isinstance(width, torch.SymInt):  # torch.export: a symbolic width stays symbolic (no guard)
+        return width
     if isinstance(width, bool) or not isinstance(width, numbers.Integral):
         raise TypeError(f"width must be an int >= 1, got {type(width).__name__}")
     if width < 1:
@@ -201,7 +204,7 @@ def check_k_width(k, width, B: int, n: int, device: torch.device, device_of: str
         raise TypeError(f"k as a tensor has unsupported dtype {dtype_name(k.dtype)}; accepted: {names}")
     if k.device != device:
         raise ValueError(f"k as a tensor must be on {device_of}' device {device}, got {k.device}")
-    return k, min(check_width(width), n)
+    return k, torch.sym_min(check_width(width), n)  # sym_min: no guard on a symbolic n (torch.export)
 
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:

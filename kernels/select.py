@@ -67,6 +67,12 @@ def select_ref(scores: torch.Tensor, k, *, width: int | None = None) -> torch.Te
     return order.sort(dim=1).values
 
 
+def ascending(idx: torch.Tensor) -> torch.Tensor:
+    """``[B, W]`` int64 of distinct values per row, sorted ascending along dim 1: a full topk,
+    which equals the sort for distinct values and exports to ONNX (TopK; ONNX has no sort)."""
+    return torch.topk(idx, idx.shape[1], dim=1, largest=False, sorted=True).values
+
+
 def _nan_to_neginf(s: torch.Tensor) -> torch.Tensor:
     """NaN (either sign bit) -> -inf; everything else, +-inf included, unchanged."""
     return torch.where(torch.isnan(s), torch.full((), float("-inf"), dtype=s.dtype, device=s.device), s)
@@ -92,8 +98,9 @@ def _packed_keys(scores: torch.Tensor) -> torch.Tensor:
     return (key32 << 32) | inv
 
 
-def _select_torch_fp64(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """float64 scores: 64 score bits leave no room for an index in an int64 key, so select by
+def _select_by_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 scores (64 score bits leave no room for an index in an int64 key), and any dtype
+    while ``torch.export`` traces (the packed key's bit cast has no ONNX op): select by
     threshold instead. The k-th largest value t is well defined whatever topk does with ties;
     every position above t is kept, and of those equal to t the lowest-indexed ones fill the
     remaining slots (ties to the lower index). == and > treat -0.0 as +0.0, as torch.sort does.
@@ -122,14 +129,14 @@ def select_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
         [B, k] int64 positions, ascending, as :func:`select_ref`.
 
     Top-k of the packed keys (exact, no ties), then ascending order; float64 scores go through
-    the threshold selection (:func:`_select_torch_fp64`).
+    the threshold selection (:func:`_select_by_threshold`).
     """
-    if scores.dtype == torch.float64:
-        return _select_torch_fp64(scores, k)
+    if scores.dtype == torch.float64 or torch.compiler.is_exporting():
+        return _select_by_threshold(scores, k)
     n = scores.shape[1]
     top = torch.topk(_packed_keys(scores), k, dim=1, sorted=False).values
     idx = (n - 1) - (top & 0xFFFFFFFF)
-    return idx.sort(dim=1).values
+    return ascending(idx)
 
 
 def select_torch_rows(scores: torch.Tensor, k: torch.Tensor, width: int):
@@ -146,20 +153,20 @@ def select_torch_rows(scores: torch.Tensor, k: torch.Tensor, width: int):
     k = k.to(torch.int64).clamp(1, width)                  # k < 1 keeps [CLS]; k > W is cut to W
     rank = torch.arange(width, dtype=torch.int64, device=scores.device)
     filler = rank >= k[:, None]                            # [B, W]
-    if scores.dtype == torch.float64:
-        return _select_torch_fp64_rows(scores, k, width), filler
+    if scores.dtype == torch.float64 or torch.compiler.is_exporting():
+        return _select_by_threshold_rows(scores, k, width), filler
     # The W largest keys, descending (sorted=True): keys are unique, so rank r is well defined,
     # and row i keeps ranks r < k_i'. The ranks it drops become n + r, beyond every position,
     # so the ascending sort puts the kept positions first, in slots 0..k_i'-1.
     top = torch.topk(_packed_keys(scores), width, dim=1, sorted=True).values
     idx = torch.where(filler, n + rank, (n - 1) - (top & 0xFFFFFFFF))
-    idx = idx.sort(dim=1).values
+    idx = ascending(idx)
     return idx.masked_fill_(filler, 0), filler
 
 
-def _select_torch_fp64_rows(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
+def _select_by_threshold_rows(scores: torch.Tensor, k: torch.Tensor, width: int) -> torch.Tensor:
     """float64 scores with a per-row k (already clamped to [1, W]): the threshold selection of
-    :func:`_select_torch_fp64`, with row i's threshold the k_i'-th largest value of its row
+    :func:`_select_by_threshold`, with row i's threshold the k_i'-th largest value of its row
     (gathered from a sorted top-W). Filler slots j >= k_i' hold 0."""
     B, n = scores.shape
     s = _nan_to_neginf(scores)

@@ -131,7 +131,8 @@ class EncoderForward:
             positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         plan = self.runner.plan(mask, static=static)
         keeps_everything = getattr(self.runner, "keeps_everything", None)
-        if cls_only_last and keeps_everything is not None and keeps_everything(hidden.shape[1]):
+        if (cls_only_last and keeps_everything is not None and not torch.compiler.is_exporting()
+                and keeps_everything(hidden.shape[1])):
             # Nothing is eliminated for this batch: run the stock computation, last layer in full,
             # so keep-all equals stock to the bit ([CLS] alone would sum in another order).
             cls_only_last = False

@@ -68,6 +68,11 @@ class HardExtract:
         Dynamic layout: one host synchronisation for every layer's width. Static: the widths
         of a full-length row, so shapes depend on the input shape only.
         """
+        if torch.compiler.is_exporting() and not is_proportional(self.retention):
+            # Symbolic n: ``k_l >= n`` would be a guard that fixes the length. Every layer takes
+            # the per-row path instead, at width sym_min(k_l, n), with no comparison.
+            full = torch.full((mask.shape[0],), 1, dtype=torch.int64, device=mask.device)
+            return [(full * k, k) for k in self.retention]
         if not is_proportional(self.retention):
             return None
         # Layers of a leading run of shares 1.0 keep every real token of every row (k = len_i):
@@ -77,6 +82,10 @@ class HardExtract:
         counts = row_keep_counts(self.retention, self.minimum, lengths)  # [L, B]
         if static:
             widths = keep_counts(self.retention, mask.shape[1], self.minimum)  # a full-length row
+            if torch.compiler.is_exporting():
+                # A symbolic width the example input gives >= 2 would be fixed >= 2 by the
+                # tracer's 0/1 specialisation; 2 slots (the second masked) hold a width of 1.
+                widths = [w if isinstance(w, int) else torch.sym_max(w, 2) for w in widths]
             plan = [(counts[layer], width) for layer, width in enumerate(widths)]
         else:
             stats = torch.stack([counts.max(dim=1).values, counts.min(dim=1).values], dim=1).tolist()

@@ -55,7 +55,9 @@ def real_tokens_first(hidden: torch.Tensor, mask: torch.Tensor, *, trim: bool):
             return hidden[:, :width], mask[:, :width], positions, padded
     else:
         width, padded = n, True
-    # A stable sort on "is padding" puts real tokens first, each group in input order.
-    positions = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    # Real tokens first, each group in input order: the smallest of the distinct keys
+    # (is padding) * n + position. topk, not a stable sort: ONNX has TopK, no sort.
+    key = (~mask).to(torch.int64) * n + torch.arange(n, device=mask.device)
+    positions = torch.topk(key, width, dim=1, largest=False, sorted=True).indices
     index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return torch.gather(hidden, 1, index), torch.gather(mask, 1, positions), positions, padded

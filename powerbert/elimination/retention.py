@@ -153,7 +153,8 @@ def keep_counts(retention: Sequence, seq_len: int, minimum: Sequence[int] | None
         counts, keep = [], seq_len
         for layer, fraction in enumerate(retention):
             m = 1 if minimum is None else minimum[layer]
-            keep = min(keep, max(m, math.ceil(seq_len * float(fraction))))
+            # sym_min/sym_max: plain min/max on ints; no guard on a symbolic length (torch.export)
+            keep = torch.sym_min(keep, torch.sym_max(m, math.ceil(seq_len * float(fraction))))
             counts.append(keep)
         return counts
     return effective_lengths(retention, seq_len)
