@@ -33,6 +33,7 @@ STEP_COMMANDS = ("train", "finetune", "search", "retrain")
 # What a Ctrl-C leaves, by command (every output is written atomically; a step resumes).
 INTERRUPTED = {
     "predict": "interrupted; nothing written",
+    "export": "interrupted; nothing written",
     **{command: "interrupted; run the same command again to resume from the last finished epoch"
        for command in STEP_COMMANDS},
 }
@@ -173,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seed", type=_int_at_least(0), default=0)
     cal.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ex = sub.add_parser("export", help="write a saved model (patched from its config.json) as ONNX for ONNX Runtime",
+                        description="Dynamic batch and length; ONNX Runtime's transformer optimizer; --quantize int8 "
+                                    "adds its dynamic int8 quantisation. The file is written whole or not at all.")
+    ex.add_argument("--model", required=True, help="a model folder: classifier, bare encoder or sentence-transformers")
+    ex.add_argument("--output", required=True, help="the .onnx file to write")
+    ex.add_argument("--quantize", choices=("int8",), default=None, help="int8: ONNX Runtime dynamic quantisation")
+    ex.add_argument("--opset", type=_int_at_least(1), default=18, help="ONNX opset (18-23)")
+    ex.add_argument("--max-length", type=_int_at_least(2), default=None,
+                    help="N of the example batch traced (default: the model's); the graph takes any length")
+    ex.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's transformer optimizer")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
     fetch = sub.add_parser("fetch-movie-reviews", help="write the vaderSentiment movie-review sentences as CSV")
     fetch.add_argument("--output", default="data/movie_reviews.csv")
     fetch.add_argument("--sdist", default=None, help="a local vaderSentiment-3.3.2.tar.gz instead of pip download")
@@ -254,6 +266,13 @@ def _run(args) -> int:
                           batch_size=args.batch_size, engine=args.engine, num_workers=args.num_workers,
                           threads=args.threads, overwrite=args.overwrite, progress=not args.no_progress)
         print(json.dumps(summary))
+        return 0
+    if args.command == "export":
+        from powerbert.deployment import export_onnx
+
+        print(json.dumps(export_onnx(args.model, args.output, max_length=args.max_length, opset=args.opset,
+                                     quantize=args.quantize, optimize=not args.no_optimize,
+                                     overwrite=args.overwrite)))
         return 0
     if args.command == "evaluate":
         from powerbert.training.export import evaluate

@@ -35,7 +35,7 @@ import powerbert
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("powerbert", "kernels")
 MAX_LINES = 450
-COMMANDS = ("powerbert.cli", "powerbert.predict", "powerbert.calibrate", "powerbert.calibration_targets",
+COMMANDS = ("powerbert.cli", "powerbert.predict", "powerbert.deployment", "powerbert.calibrate", "powerbert.calibration_targets",
             "powerbert.calibration_output", "powerbert.demo")
 ROOMS = (  # (room, rank, what it holds: modules, or packages with all below them)
     ("kernels", 0, ("kernels",)),

@@ -1,0 +1,206 @@
+"""Deploy a patched model outside eager PyTorch: ``torch.export`` and ONNX (ONNX Runtime), int8.
+
+    from powerbert.deployment import export_onnx, export_program
+    export_onnx("work/mr_run", "model.onnx")                    # a model folder -> ONNX, ORT-optimised
+    export_onnx("work/mr_run", "model.int8.onnx", quantize="int8")
+    program = export_program(patched_model, example_inputs)     # torch.export.ExportedProgram
+
+What is exported is a plain forward of the model's inputs (``input_ids``, ``attention_mask``
+and ``token_type_ids`` where the model takes them), each ``[batch, length]`` int64 with both
+dimensions dynamic, returning (``OUTPUTS``):
+
+* a sequence classifier: ``logits`` ``[batch, classes]``;
+* a bare encoder: ``last_hidden_state`` ``[batch, k_L, D]``, ``kept_mask`` ``[batch, k_L]``
+  (bool) and ``kept_positions`` ``[batch, k_L]`` int64, as the patched model returns them;
+* a sentence-transformers model: ``sentence_embedding`` ``[batch, D]`` (its pooling and
+  normalisation included).
+
+While ``torch.export`` traces, the patched forward takes its static layout with symbolic shapes
+and no host read: each layer of a fixed configuration keeps ``min(k_l, length)`` slots (a
+symbolic ``min``); a proportional one keeps, per row, ``ceil(f_l * len_i)`` vectors in
+``max(2, ceil(f_l * length))`` slots (the per-row counts are a tensor computed from the mask in
+the graph, the slots a symbolic expression of the length). The selection is the one of every
+other path (ties to the lower index), written with ops ONNX has (TopK, CumSum, Scatter).
+
+``export_onnx`` then runs ONNX Runtime's transformer optimizer (``optimize_model``, model type
+``bert``) and, with ``quantize="int8"``, its dynamic quantisation (``quantize_dynamic``, int8
+weights). Every file is written to a temporary path and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from powerbert.inputs.checks import check_int
+from powerbert.inputs.files import atomic_path, check_output
+from powerbert.predict import Predictor, inspect_model
+
+OUTPUTS = {
+    "sequence-classification": ("logits",),
+    "bare": ("last_hidden_state", "kept_mask", "kept_positions"),
+    "sentence-transformers": ("sentence_embedding",),
+}
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+OPSETS = range(18, 24)  # what torch 2.13's exporter and ONNX Runtime 1.32 both take
+QUANTIZE = ("int8",)
+# Two texts of different lengths: the example batch the exporter traces with (any batch works).
+EXAMPLE_TEXTS = ("An example sentence to trace the model with, of a few words more than the other.",
+                 "A shorter one.")
+
+
+def forward_of(model, loader: str):
+    """An ``nn.Module`` whose ``forward(*inputs)`` is what gets exported (see the module docstring).
+
+    Args:
+        model: a (patched or stock) Hugging Face model or sentence-transformers model.
+        loader: ``"sequence-classification"``, ``"bare"`` or ``"sentence-transformers"``.
+    """
+    import torch
+
+    class ExportForward(torch.nn.Module):
+        def __init__(self, wrapped, names):
+            super().__init__()
+            self.model = wrapped
+            self.names = names
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                inputs["token_type_ids"] = token_type_ids
+            if loader == "sentence-transformers":
+                return self.model(inputs)["sentence_embedding"]
+            out = self.model(**inputs)
+            if loader == "sequence-classification":
+                return out.logits
+            return out.last_hidden_state, out.kept_mask, out.kept_positions
+
+    return ExportForward
+
+
+def input_names(model, loader: str) -> tuple[str, ...]:
+    """The inputs the model takes, in ``INPUTS`` order."""
+    import inspect
+
+    hf = model[0].auto_model if loader == "sentence-transformers" else model
+    names = set(inspect.signature(type(hf).forward).parameters)  # the class's: a patched head's is (*a, **k)
+    return tuple(name for name in INPUTS if name in names)
+
+
+def export_program(model, example: dict, loader: str = "sequence-classification"):
+    """``torch.export`` a model with dynamic batch and length.
+
+    Args:
+        model: a model in eval mode (a patched model takes its static layout while traced).
+        example: ``{name: [batch, length] int64 tensor}``, the inputs to trace with.
+        loader: what the model is (``OUTPUTS``' keys).
+
+    Returns:
+        ``torch.export.ExportedProgram``: ``program.module()(**inputs)`` runs it for any batch and
+        length (length >= 2).
+    """
+    import torch
+
+    names = tuple(name for name in INPUTS if name in example)
+    forward = forward_of(model, loader)(model, names).eval()
+    with torch.no_grad():
+        return torch.export.export(forward, tuple(example[name] for name in names), dynamic_shapes=_dynamic(names))
+
+
+def export_onnx(model_dir, output, *, max_length: int | None = None, opset: int = 18, quantize: str | None = None,
+                optimize: bool = True, overwrite: bool = False) -> dict:
+    """Write the model in ``model_dir`` (patched from its ``config.json``, as ``predict`` runs it)
+    as an ONNX file.
+
+    Args:
+        model_dir: a model folder ``predict`` takes (classifier, bare encoder, sentence-transformers).
+        output: the ``.onnx`` file to write (refused if it exists, unless ``overwrite``).
+        max_length: N of the example batch (the graph takes any length up to the model's positions).
+        opset: ONNX opset, one of ``OPSETS``.
+        quantize: None, or ``"int8"`` (ONNX Runtime dynamic quantisation of the weights).
+        optimize: run ONNX Runtime's transformer optimizer (``bert``) on the graph.
+
+    Returns:
+        ``{"output", "inputs", "outputs", "kind", "configuration", "opset", "optimized", "quantize",
+        "bytes"}``.
+
+    Raises:
+        ValueError / SystemExit with a one-line message, before anything is written.
+    """
+    check_int("opset", opset, OPSETS.start, OPSETS.stop - 1)
+    if quantize not in (None, *QUANTIZE):
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}")
+    spec = inspect_model(model_dir, max_length)
+    output = check_output(output, folder=False, inputs={"--model": spec.path})
+    if output.suffix.lower() != ".onnx":
+        raise ValueError(f"output {output} (--output): name the ONNX file *.onnx")
+    if output.exists() and not overwrite:
+        raise ValueError(f"output {output} (--output) exists; pass --overwrite to replace it")
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise SystemExit("powerbert export needs onnx, onnxscript and onnxruntime: pip install 'powerbert[onnx]'") from None
+    import torch
+
+    predictor = Predictor(spec)
+    model = predictor.model
+    names = input_names(model, spec.loader)
+    tokenizer = model.tokenizer if spec.loader == "sentence-transformers" else predictor.tokenizer
+    batch = tokenizer(list(EXAMPLE_TEXTS), padding=True, truncation=True, max_length=spec.max_length,
+                      return_tensors="pt")
+    example = {name: batch[name] for name in names}
+    forward = forward_of(model, spec.loader)(model, names).eval()
+    outputs = OUTPUTS[spec.loader]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".powerbert-export-") as work, atomic_path(output) as tmp:
+        exported = Path(work) / "exported.onnx"
+        with torch.no_grad():
+            program = torch.onnx.export(forward, tuple(example[name] for name in names), dynamo=True,
+                                        dynamic_shapes=_dynamic(names), input_names=list(names),
+                                        output_names=list(outputs), opset_version=opset, verbose=False)
+        program.save(str(exported))
+        current = exported
+        if optimize:
+            current = _optimize(current, Path(work) / "optimized.onnx", _hf_config(model, spec.loader))
+        if quantize == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = Path(work) / "int8.onnx"
+            quantize_dynamic(str(current), str(quantized), weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": 1})  # 1: float, for tensors of unknown type
+            current = quantized
+        tmp.write_bytes(current.read_bytes())
+    return {"output": str(output), "inputs": list(names), "outputs": list(outputs), "kind": spec.kind,
+            "loader": spec.loader, "configuration": None if spec.retention is None else list(spec.retention),
+            "opset": opset, "optimized": optimize, "quantize": quantize, "bytes": output.stat().st_size}
+
+
+def _dynamic(names) -> tuple:
+    """Both dimensions of every input dynamic (batch and length), in the forward's argument order."""
+    import torch
+
+    return tuple({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for _ in names)
+
+
+def _hf_config(model, loader: str):
+    return model[0].auto_model.config if loader == "sentence-transformers" else model.config
+
+
+def _optimize(source: Path, target: Path, config) -> Path:
+    """ONNX Runtime's transformer optimizer on ``source`` (fusions of LayerNorm, Gelu, ...)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads")
+    optimized = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=hidden)
+    optimized.save_model_to_file(str(target))
+    return target
+
+
+def describe(path) -> str:
+    """One line: what an exported file holds (its inputs and outputs), for the CLI."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return json.dumps({"inputs": [i.name for i in graph.input], "outputs": [o.name for o in graph.output]})

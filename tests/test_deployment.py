@@ -1,0 +1,167 @@
+"""Deploying a patched model: ``torch.export`` with dynamic batch and length, and ONNX on ONNX
+Runtime (``powerbert.deployment``, ``powerbert export``). Tiny random models with MiniLM's real
+tokenizer, on real sentences; outputs against the eager patched model, at batch sizes and lengths
+other than the ones traced."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification, BertModel
+
+import powerbert
+from powerbert import cli
+from powerbert.deployment import export_onnx, export_program
+from test_predict import minilm_path, tiny_folder
+
+ort = pytest.importorskip("onnxruntime", reason="make test installs onnxruntime (test extra)")
+pytest.importorskip("onnxscript", reason="make test installs onnxscript (test extra)")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SENTENCES = [
+    "The film is a charming, funny and surprisingly moving portrait of a family.",
+    "Great!",
+    "A tedious, overlong mess that never finds its footing and wastes a fine cast on a script nobody finished.",
+    "Stocks fell sharply on Monday after the central bank raised interest rates again.",
+    "ok",
+    "What a waste of two hours.",
+    "Parliament will vote on the proposed changes to the education budget next week, officials said.",
+]
+# (rows, max tokens): shapes other than the exporter's example batch (2 rows)
+SHAPES = [(1, None), (3, None), (7, None), (5, 6)]
+FIXED = [20, 12, 3]
+PROPORTIONAL = [0.7, 0.5, 0.3]
+
+
+def batches(tokenizer):
+    for rows, length in SHAPES:
+        kwargs = {"truncation": True, "max_length": length} if length else {}
+        yield tokenizer(SENTENCES[:rows], padding=True, return_tensors="pt", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+@pytest.mark.parametrize("retention", [FIXED, PROPORTIONAL], ids=["fixed", "proportional"])
+@pytest.mark.parametrize("head", [BertForSequenceClassification, BertModel])
+def test_torch_export_takes_any_batch_and_length(tmp_path, tokenizer, head, retention):
+    folder = tiny_folder(tmp_path / "m", head=head, retention=retention)
+    model = (AutoModelForSequenceClassification if head is BertForSequenceClassification else AutoModel).from_pretrained(folder)
+    powerbert.patch(model)
+    model.eval()
+    loader = "sequence-classification" if head is BertForSequenceClassification else "bare"
+    example = tokenizer(SENTENCES[2:4], padding=True, return_tensors="pt")
+    program = export_program(model, dict(example), loader).module()
+    for batch in batches(tokenizer):
+        with torch.no_grad():
+            expected = model(**batch)
+            got = program(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        if loader == "bare":
+            hidden, kept, positions = got
+            assert torch.equal(positions, expected.kept_positions) and torch.equal(kept, expected.kept_mask)
+            torch.testing.assert_close(hidden, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(got, expected.logits, atol=1e-5, rtol=1e-5)
+
+
+def run_onnx(path, batch, names):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {name: batch[name].numpy() for name in names})
+
+
+@pytest.mark.parametrize("retention", [FIXED, PROPORTIONAL], ids=["fixed", "proportional"])
+def test_onnx_classifier_equals_the_eager_patched_model(tmp_path, tokenizer, retention):
+    folder = tiny_folder(tmp_path / "clf", retention=retention)
+    summary = export_onnx(folder, tmp_path / "clf.onnx")
+    assert summary["outputs"] == ["logits"] and summary["configuration"] == retention and summary["optimized"]
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    powerbert.patch(model)
+    for batch in batches(tokenizer):
+        with torch.no_grad():
+            expected = model(**batch).logits.numpy()
+        np.testing.assert_allclose(run_onnx(tmp_path / "clf.onnx", batch, summary["inputs"])[0], expected, atol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf", "clf.onnx"]  # no temporary file left
+
+
+def test_onnx_bare_encoder_keeps_the_same_positions(tmp_path, tokenizer):
+    folder = tiny_folder(tmp_path / "bare", head=BertModel, retention=PROPORTIONAL)
+    summary = export_onnx(folder, tmp_path / "bare.onnx")
+    assert summary["outputs"] == ["last_hidden_state", "kept_mask", "kept_positions"]
+    model = AutoModel.from_pretrained(folder).eval()
+    powerbert.patch(model)
+    for batch in batches(tokenizer):
+        with torch.no_grad():
+            expected = model(**batch)
+        hidden, kept, positions = run_onnx(tmp_path / "bare.onnx", batch, summary["inputs"])
+        assert np.array_equal(positions, expected.kept_positions.numpy())
+        assert np.array_equal(kept, expected.kept_mask.numpy())
+        np.testing.assert_allclose(hidden, expected.last_hidden_state.numpy(), atol=1e-4)
+
+
+def test_onnx_sentence_transformer_gives_its_embeddings(tmp_path, tokenizer):
+    st = pytest.importorskip("sentence_transformers")
+    bare = tiny_folder(tmp_path / "bare", head=BertModel, retention=None)
+    transformer = st.base.modules.Transformer(str(bare), max_seq_length=48)
+    modules = st.sentence_transformer.modules
+    model = st.SentenceTransformer(modules=[transformer, modules.Pooling(32, pooling_mode="mean"), modules.Normalize()],
+                                   device="cpu")
+    powerbert.patch(model, PROPORTIONAL)
+    model.save(str(tmp_path / "st"))
+    summary = export_onnx(tmp_path / "st", tmp_path / "st.onnx")
+    assert summary["loader"] == "sentence-transformers" and summary["outputs"] == ["sentence_embedding"]
+    loaded = powerbert.patch(st.SentenceTransformer(str(tmp_path / "st"), device="cpu"))
+    for rows, _ in SHAPES[:3]:
+        expected = loaded.encode(SENTENCES[:rows], batch_size=rows, convert_to_numpy=True)
+        batch = tokenizer(SENTENCES[:rows], padding=True, truncation=True, max_length=48, return_tensors="pt")
+        np.testing.assert_allclose(run_onnx(tmp_path / "st.onnx", batch, summary["inputs"])[0], expected, atol=1e-4)
+
+
+def test_int8_export_runs_close_to_fp32(tmp_path, tokenizer):
+    folder = tiny_folder(tmp_path / "clf", retention=FIXED)
+    summary = export_onnx(folder, tmp_path / "clf.int8.onnx", quantize="int8")
+    export_onnx(folder, tmp_path / "clf.onnx")
+    assert summary["quantize"] == "int8"
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    int8 = run_onnx(tmp_path / "clf.int8.onnx", batch, summary["inputs"])[0]
+    fp32 = run_onnx(tmp_path / "clf.onnx", batch, summary["inputs"])[0]
+    assert int8.shape == fp32.shape and np.isfinite(int8).all() and np.abs(int8 - fp32).max() < 0.1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--opset", "9"], "opset must be an int >= 18 and <= 23"),
+    (["--overwrite", "--output", "{model}"], "is a folder; give the file to write"),
+    (["--quantize", "int4"], "invalid choice: 'int4'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, message):
+    folder = tiny_folder(tmp_path / "clf", retention=FIXED)
+    capsys.readouterr()  # the folder's own saving messages
+    output = tmp_path / "out.onnx"
+    argv = ["export", "--model", str(folder), "--output", str(output)] + [a.format(model=folder) for a in extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not output.exists()
+
+
+def test_existing_output_and_folder_without_config_are_refused(tmp_path, capsys):
+    output = tmp_path / "out.onnx"
+    output.write_text("keep me")
+    folder = tiny_folder(tmp_path / "clf", retention=FIXED)
+    capsys.readouterr()
+    assert cli.main(["export", "--model", str(folder), "--output", str(output)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and output.read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["export", "--model", str(tmp_path / "empty"), "--output", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.json" in err and len(err.splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
+
+
+def test_the_cli_writes_the_file_and_prints_its_summary(tmp_path, capsys):
+    folder = tiny_folder(tmp_path / "clf", retention=PROPORTIONAL)
+    capsys.readouterr()
+    assert cli.main(["export", "--model", str(folder), "--output", str(tmp_path / "m.onnx"), "--no-optimize"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["output"] == str(tmp_path / "m.onnx") and not summary["optimized"]
+    assert summary["configuration"] == PROPORTIONAL and (tmp_path / "m.onnx").stat().st_size == summary["bytes"]
