@@ -1,0 +1,106 @@
+"""What int8 costs on top of elimination: test accuracy of saved classifiers in fp32 and int8,
+torch and ONNX Runtime.
+
+    python -m benchmarks.studies.int8_accuracy --model work/mr/finetune --model work/mr \\
+        --data data/mr_test.csv --out benchmarks/results/int8_accuracy.md
+
+For each model folder (patched from its ``config.json`` when it holds ``powerbert_retention``, as
+``powerbert evaluate`` runs it): torch fp32, torch int8 (``torch.ao.quantization.quantize_dynamic``
+of every ``nn.Linear``), ONNX Runtime fp32 and int8 (``powerbert export``, with and without
+``--quantize int8``). Texts are sorted by length and batched with dynamic padding; the accuracy is
+over every row of ``--data``, with its delta to the first model's torch fp32 in points, and the
+agreement of each variant's predictions with that model's own torch fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from powerbert.deployment import export_onnx
+from powerbert.inputs import examples as D
+from powerbert.inputs.files import write_text_atomic
+from powerbert.inputs.model_folder import label_space_from_config, load_model, load_tokenizer
+from powerbert.front_door import patch
+
+VARIANTS = ("torch fp32", "torch int8", "ORT fp32", "ORT int8")
+BATCH = 64
+
+
+def predictions(model_dir: Path, texts: list[str], work: Path, max_length: int) -> dict[str, np.ndarray]:
+    """``{variant: [rows] int64 predicted class}`` for the four variants of one model folder."""
+    import onnxruntime as ort
+
+    tokenizer = load_tokenizer(model_dir)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    batches = [(order[s:s + BATCH], tokenizer([texts[i] for i in order[s:s + BATCH]], padding=True, truncation=True,
+                                                max_length=max_length, return_tensors="pt"))
+               for s in range(0, len(texts), BATCH)]
+    model = load_model(model_dir).eval()
+    if getattr(model.config, "powerbert_retention", None) is not None:
+        patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    out = {}
+    for name, m in (("torch fp32", model), ("torch int8", quantized)):
+        pred = np.zeros(len(texts), dtype=np.int64)
+        with torch.inference_mode():
+            for index, batch in batches:
+                pred[index] = m(**batch).logits.argmax(-1).numpy()
+        out[name] = pred
+    work.mkdir(parents=True, exist_ok=True)
+    for name, quantize in (("ORT fp32", None), ("ORT int8", "int8")):
+        path = work / f"{model_dir.name}-{quantize or 'fp32'}.onnx"
+        summary = export_onnx(model_dir, path, quantize=quantize, overwrite=True)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        pred = np.zeros(len(texts), dtype=np.int64)
+        for index, batch in batches:
+            logits = session.run(None, {k: batch[k].numpy() for k in summary["inputs"]})[0]
+            pred[index] = logits.argmax(-1)
+        out[name] = pred
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, help="a classifier folder (repeat)")
+    parser.add_argument("--data", required=True, help="labelled test rows (.csv/.tsv/.jsonl)")
+    parser.add_argument("--out", required=True, help="the Markdown report (a .json is written beside it)")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    examples = D.load_examples(args.data)
+    out = Path(args.out)
+    rows, reference = [], None
+    for folder in map(Path, args.model):
+        labels = label_space_from_config(load_model(folder).config)
+        targets = labels.encode(examples.labels, examples.where).numpy()
+        preds = predictions(folder, examples.texts, out.parent / "int8-accuracy-onnx", args.max_length)
+        config = json.loads((folder / "config.json").read_text()).get("powerbert_retention")
+        for variant in VARIANTS:
+            accuracy = float((preds[variant] == targets).mean())
+            reference = accuracy if reference is None else reference
+            rows.append(dict(model=str(folder), configuration=config, variant=variant, accuracy=accuracy,
+                             delta_points=100 * (accuracy - reference),
+                             agreement_with_fp32=float((preds[variant] == preds["torch fp32"]).mean())))
+    lines = ["# Test accuracy: fp32 and int8, torch and ONNX Runtime", "",
+             f"`python -m benchmarks.studies.int8_accuracy` on {len(examples)} rows of `{args.data}`; delta in points "
+             f"to the first model's torch fp32; agreement = predictions equal to the same model's torch fp32.", "",
+             "| model | configuration | variant | accuracy | delta | agreement with its fp32 |",
+             "|---|---|---|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['configuration'] or 'stock'} | {r['variant']} | {100 * r['accuracy']:.2f} | "
+              f"{r['delta_points']:+.2f} | {100 * r['agreement_with_fp32']:.1f}% |" for r in rows]
+    write_text_atomic(out, "\n".join(lines) + "\n")
+    write_text_atomic(out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
