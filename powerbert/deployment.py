@@ -28,7 +28,6 @@ weights). Every file is written to a temporary path and renamed when complete.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -197,10 +196,3 @@ def _optimize(source: Path, target: Path, config) -> Path:
     optimized.save_model_to_file(str(target))
     return target
 
-
-def describe(path) -> str:
-    """One line: what an exported file holds (its inputs and outputs), for the CLI."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return json.dumps({"inputs": [i.name for i in graph.input], "outputs": [o.name for o in graph.output]})
