@@ -28,6 +28,7 @@ from powerbert.inputs.model_folder import label_space_from_config, load_model, l
 from powerbert.front_door import patch
 
 VARIANTS = ("torch fp32", "torch int8", "ORT fp32", "ORT int8")
+WORK = Path(__file__).resolve().parents[2] / "work" / "int8-accuracy-onnx"  # the exported files (ignored by git)
 BATCH = 64
 
 
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     for folder in map(Path, args.model):
         labels = label_space_from_config(load_model(folder).config)
         targets = labels.encode(examples.labels, examples.where).numpy()
-        preds = predictions(folder, examples.texts, out.parent / "int8-accuracy-onnx", args.max_length)
+        preds = predictions(folder, examples.texts, WORK, args.max_length)
         config = json.loads((folder / "config.json").read_text()).get("powerbert_retention")
         for variant in VARIANTS:
             accuracy = float((preds[variant] == targets).mean())
