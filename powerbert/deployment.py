@@ -29,7 +29,10 @@ weights). Every file is written to a temporary path and renamed when complete.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
+
+import torch
 
 from powerbert.inputs.checks import check_int
 from powerbert.inputs.files import atomic_path, check_output
@@ -48,33 +51,30 @@ EXAMPLE_TEXTS = ("An example sentence to trace the model with, of a few words mo
                  "A shorter one.")
 
 
-def forward_of(model, loader: str):
-    """An ``nn.Module`` whose ``forward(*inputs)`` is what gets exported (see the module docstring).
+class ExportForward(torch.nn.Module):
+    """What gets exported: ``forward(input_ids, attention_mask, token_type_ids=None)`` of the
+    wrapped model, returning ``OUTPUTS[loader]`` (see the module docstring).
 
     Args:
         model: a (patched or stock) Hugging Face model or sentence-transformers model.
         loader: ``"sequence-classification"``, ``"bare"`` or ``"sentence-transformers"``.
     """
-    import torch
 
-    class ExportForward(torch.nn.Module):
-        def __init__(self, wrapped, names):
-            super().__init__()
-            self.model = wrapped
-            self.names = names
+    def __init__(self, model, loader: str):
+        super().__init__()
+        self.model = model
+        self.loader = loader
 
-        def forward(self, input_ids, attention_mask, token_type_ids=None):
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if token_type_ids is not None:
-                inputs["token_type_ids"] = token_type_ids
-            if loader == "sentence-transformers":
-                return self.model(inputs)["sentence_embedding"]
-            out = self.model(**inputs)
-            if loader == "sequence-classification":
-                return out.logits
-            return out.last_hidden_state, out.kept_mask, out.kept_positions
-
-    return ExportForward
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        if self.loader == "sentence-transformers":
+            return self.model(inputs)["sentence_embedding"]
+        out = self.model(**inputs)
+        if self.loader == "sequence-classification":
+            return out.logits
+        return out.last_hidden_state, out.kept_mask, out.kept_positions
 
 
 def input_names(model, loader: str) -> tuple[str, ...]:
@@ -95,13 +95,11 @@ def export_program(model, example: dict, loader: str = "sequence-classification"
         loader: what the model is (``OUTPUTS``' keys).
 
     Returns:
-        ``torch.export.ExportedProgram``: ``program.module()(**inputs)`` runs it for any batch and
-        length (length >= 2).
+        ``torch.export.ExportedProgram``: ``program.module()(*tensors)``, the inputs in ``INPUTS``
+        order, runs it for any batch and length (length >= 2).
     """
-    import torch
-
     names = tuple(name for name in INPUTS if name in example)
-    forward = forward_of(model, loader)(model, names).eval()
+    forward = ExportForward(model, loader).eval()
     with torch.no_grad():
         return torch.export.export(forward, tuple(example[name] for name in names), dynamic_shapes=_dynamic(names))
 
@@ -140,7 +138,6 @@ def export_onnx(model_dir, output, *, max_length: int | None = None, opset: int 
         import onnxscript  # noqa: F401
     except ImportError:
         raise SystemExit("powerbert export needs onnx, onnxscript and onnxruntime: pip install 'powerbert[onnx]'") from None
-    import torch
 
     predictor = Predictor(spec)
     model = predictor.model
@@ -149,7 +146,7 @@ def export_onnx(model_dir, output, *, max_length: int | None = None, opset: int 
     batch = tokenizer(list(EXAMPLE_TEXTS), padding=True, truncation=True, max_length=spec.max_length,
                       return_tensors="pt")
     example = {name: batch[name] for name in names}
-    forward = forward_of(model, spec.loader)(model, names).eval()
+    forward = ExportForward(model, spec.loader).eval()
     outputs = OUTPUTS[spec.loader]
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".powerbert-export-") as work, atomic_path(output) as tmp:
@@ -161,14 +158,9 @@ def export_onnx(model_dir, output, *, max_length: int | None = None, opset: int 
         program.save(str(exported))
         current = exported
         if optimize:
-            current = _optimize(current, Path(work) / "optimized.onnx", _hf_config(model, spec.loader))
+            current = optimize_onnx(current, Path(work) / "optimized.onnx", _hf_config(model, spec.loader))
         if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantized = Path(work) / "int8.onnx"
-            quantize_dynamic(str(current), str(quantized), weight_type=QuantType.QInt8,
-                             extra_options={"DefaultTensorType": 1})  # 1: float, for tensors of unknown type
-            current = quantized
+            current = quantize_onnx_int8(current, Path(work) / "int8.onnx")
         tmp.write_bytes(current.read_bytes())
     return {"output": str(output), "inputs": list(names), "outputs": list(outputs), "kind": spec.kind,
             "loader": spec.loader, "configuration": None if spec.retention is None else list(spec.retention),
@@ -177,8 +169,6 @@ def export_onnx(model_dir, output, *, max_length: int | None = None, opset: int 
 
 def _dynamic(names) -> tuple:
     """Both dimensions of every input dynamic (batch and length), in the forward's argument order."""
-    import torch
-
     return tuple({0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for _ in names)
 
 
@@ -186,8 +176,27 @@ def _hf_config(model, loader: str):
     return model[0].auto_model.config if loader == "sentence-transformers" else model.config
 
 
-def _optimize(source: Path, target: Path, config) -> Path:
-    """ONNX Runtime's transformer optimizer on ``source`` (fusions of LayerNorm, Gelu, ...)."""
+def quantize_torch_int8(model):
+    """``model`` with every ``nn.Linear`` in dynamic int8 (``torch.ao.quantization.quantize_dynamic``,
+    a new model; a patched model stays patched)."""
+    with warnings.catch_warnings():  # torch 2.13 announces the move of quantisation to torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def quantize_onnx_int8(source: Path, target: Path) -> Path:
+    """ONNX Runtime's dynamic quantisation of ``source`` (int8 weights) into ``target``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": 1})  # 1: float, for tensors of unknown type
+    return target
+
+
+def optimize_onnx(source: Path, target: Path, config) -> Path:
+    """ONNX Runtime's transformer optimizer (``bert``) on ``source`` into ``target`` (fusions of
+    LayerNorm, Gelu, and of attention where it finds the stock pattern); ``config`` gives the
+    heads and hidden size."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim")

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
-from powerbert.deployment import export_onnx
+from powerbert.deployment import export_onnx, quantize_torch_int8
 from powerbert.inputs import examples as D
 from powerbert.inputs.files import write_text_atomic
 from powerbert.inputs.model_folder import label_space_from_config, load_model, load_tokenizer
@@ -44,9 +44,7 @@ def predictions(model_dir: Path, texts: list[str], work: Path, max_length: int) 
     model = load_model(model_dir).eval()
     if getattr(model.config, "powerbert_retention", None) is not None:
         patch(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    quantized = quantize_torch_int8(model)
     out = {}
     for name, m in (("torch fp32", model), ("torch int8", quantized)):
         pred = np.zeros(len(texts), dtype=np.int64)
@@ -80,10 +78,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     rows, reference = [], None
     for folder in map(Path, args.model):
-        labels = label_space_from_config(load_model(folder).config)
-        targets = labels.encode(examples.labels, examples.where).numpy()
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)  # the labels, without the weights
+        targets = label_space_from_config(config).encode(examples.labels, examples.where).numpy()
         preds = predictions(folder, examples.texts, WORK, args.max_length)
-        config = json.loads((folder / "config.json").read_text()).get("powerbert_retention")
+        config = getattr(config, "powerbert_retention", None)
         for variant in VARIANTS:
             accuracy = float((preds[variant] == targets).mean())
             reference = accuracy if reference is None else reference

@@ -71,8 +71,8 @@ class HardExtract:
         if torch.compiler.is_exporting() and not is_proportional(self.retention):
             # Symbolic n: ``k_l >= n`` would be a guard that fixes the length. Every layer takes
             # the per-row path instead, at width sym_min(k_l, n), with no comparison.
-            full = torch.full((mask.shape[0],), 1, dtype=torch.int64, device=mask.device)
-            return [(full * k, k) for k in self.retention]
+            return [(torch.full((mask.shape[0],), k, dtype=torch.int64, device=mask.device), k)
+                    for k in self.retention]
         if not is_proportional(self.retention):
             return None
         # Layers of a leading run of shares 1.0 keep every real token of every row (k = len_i):
