@@ -62,12 +62,15 @@ def head_ws_choose(probs: torch.Tensor, mask: torch.Tensor, k: int) -> list[int]
 
 
 @torch.no_grad()
-def spec_encoder(hidden: torch.Tensor, mask: torch.Tensor, layers, retention, choose=spec_choose):
+def spec_encoder(hidden: torch.Tensor, mask: torch.Tensor, layers, retention, choose=spec_choose,
+                 position_bias=None):
     """Run encoder layers with hard extraction. hidden [B, N, D], mask [B, N] 0/1.
 
     ``layers``: list of dicts as built by ``bert_layer_modules``; ``choose(probs [H, n, n],
-    mask [n], k) -> kept positions``. Returns the list of per-sequence outputs [k_L, D] and
-    the kept original positions of each sequence.
+    mask [n], k) -> kept positions``; ``position_bias(positions) -> [H, n, n]``: what every
+    layer adds to its scaled logits, from the original positions (a list) of the vectors alive
+    in it (§9, MPNet), or None. Returns the list of per-sequence outputs [k_L, D] and the kept
+    original positions of each sequence.
     """
     outputs, kept_positions = [], []
     for b in range(hidden.shape[0]):
@@ -82,6 +85,8 @@ def spec_encoder(hidden: torch.Tensor, mask: torch.Tensor, layers, retention, ch
             kk = mods["k"](h).view(n, heads, d).transpose(0, 1)
             v = mods["v"](h).view(n, heads, d).transpose(0, 1)
             logits = q @ kk.transpose(1, 2) / math.sqrt(d)
+            if position_bias is not None:
+                logits = logits + position_bias(positions)
             logits = logits.masked_fill(~m[None, None, :], float("-inf"))
             probs = logits.softmax(-1)
             context = (probs @ v).transpose(0, 1).reshape(n, width)

@@ -8,10 +8,13 @@ entry here, never a new copy of the forward.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ class Family:
             Called at every forward, so modules swapped after patching (quantisation,
             adapters) are the ones that run.
         enter: optional ``(encoder, hidden) -> hidden`` run before the first layer.
+        position_bias: optional ``(encoder, positions [B, n] int64) -> [B | 1, H, n, n]``, the
+            bias every layer adds to its scaled attention logits, from the original positions
+            of the vectors that enter it (MPNet's relative-position bias); called per layer.
+        base_forward: optional ``(base, **inputs) -> ModelOutput``, run instead of the base
+            model's stock forward where that forward does not pass its keyword arguments on to
+            the encoder (which is how ``forwards.BaseForward`` reaches it).
+        heads_pass_kwargs: whether the heads pass their keyword arguments on to the base model
+            (how a [CLS]-only head tells the encoder its last layer may shrink to [CLS]).
     """
 
     name: str
@@ -67,6 +78,9 @@ class Family:
     encoder: Callable[[nn.Module], nn.Module]
     layers: Callable[[nn.Module], list[LayerParts]]
     enter: Callable | None = None
+    position_bias: Callable | None = None
+    base_forward: Callable | None = None
+    heads_pass_kwargs: bool = True
 
 
 # Stands in for a dropout a family does not have at that place (ALBERT's FFN output,
@@ -227,7 +241,90 @@ ELECTRA = Family(
     layers=_bert_layers,
 )
 
-FAMILIES: tuple[Family, ...] = (BERT, ALBERT, ROBERTA, DISTILBERT, ELECTRA)
+def _mpnet_layer_parts(layer: nn.Module) -> LayerParts:
+    # MPNetLayer: the output projection ``o`` sits in the self-attention module, its dropout and
+    # LayerNorm in MPNetAttention; the FFN is BERT's.
+    attention = layer.attention
+    return LayerParts(
+        query=attention.attn.q,
+        key=attention.attn.k,
+        value=attention.attn.v,
+        num_heads=attention.attn.num_attention_heads,
+        probs_dropout=attention.attn.dropout,
+        attn_out=attention.attn.o,
+        attn_dropout=attention.dropout,
+        attn_norm=attention.LayerNorm,
+        ffn_in=layer.intermediate.dense,
+        ffn_act=layer.intermediate.intermediate_act_fn,
+        ffn_out=layer.output.dense,
+        ffn_dropout=layer.output.dropout,
+        ffn_norm=layer.output.LayerNorm,
+        module=layer,
+    )
+
+
+def _mpnet_layers(encoder: nn.Module) -> list[LayerParts]:
+    return [_mpnet_layer_parts(layer) for layer in encoder.layer]
+
+
+@functools.lru_cache(maxsize=None)
+def _stock_bucket_count(encoder_class: type) -> int:
+    # MPNetEncoder.forward calls compute_position_bias(hidden) with its default num_buckets (32),
+    # whatever config.relative_attention_num_buckets says: the patched model uses what stock uses.
+    return inspect.signature(encoder_class.compute_position_bias).parameters["num_buckets"].default
+
+
+def _mpnet_position_bias(encoder: nn.Module, positions):
+    """MPNet's relative-position bias over the vectors alive in a layer: ``positions [B, n]``
+    int64 (their slots in the input, as stock counts them) -> ``[B | 1, H, n, n]``, entry
+    ``[b, h, i, j]`` = ``relative_attention_bias(bucket(pos_j - pos_i))[h]``.
+
+    Stock computes it once from slot indices, ``arange(n)``; after elimination the survivors'
+    original positions take their place, so every pair keeps the offset it had in the input.
+    Rows that share one position vector (no padding, nothing eliminated yet: an expanded
+    ``arange``) get one ``[1, H, n, n]`` bias.
+    """
+    if positions.shape[0] > 1 and positions.stride(0) == 0:
+        positions = positions[:1]
+    relative = positions[:, None, :] - positions[:, :, None]  # [B, n_q, n_k]: key minus query, as stock
+    buckets = encoder.relative_position_bucket(relative, num_buckets=_stock_bucket_count(type(encoder)))
+    return encoder.relative_attention_bias(buckets).permute(0, 3, 1, 2)
+
+
+def _mpnet_base_forward(base: nn.Module, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                        return_dict=True, output_hidden_states=False, output_attentions=False, **encoder_kwargs):
+    """MPNetModel.forward with the keyword arguments passed on to the encoder (stock drops them).
+
+    The mask goes to the encoder as given (``[B, n]``): the patched encoder reads the key mask
+    itself, so stock's ``[B, 1, n, n]`` expansion is skipped. ``BaseForward`` asks for no
+    hidden states or attentions from here (it fills them) and returns a dict.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You have to specify exactly one of input_ids or inputs_embeds")
+    embedding_output = base.embeddings(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+    sequence_output = base.encoder(embedding_output, attention_mask=attention_mask, **encoder_kwargs)[0]
+    pooled_output = base.pooler(sequence_output) if base.pooler is not None else None
+    return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled_output)
+
+
+# MPNetForMultipleChoice classifies the pooler output, which reads position 0 only;
+# MPNetForSequenceClassification's MPNetClassificationHead takes ``features[:, 0, :]``. Both
+# call the base model without their **kwargs, so the [CLS]-only flag cannot reach the encoder:
+# the last layer runs on every survivor (k_L vectors instead of 1; the outputs are the same).
+MPNET = Family(
+    name="MPNet",
+    model_types=("mpnet",),
+    base_classes=("MPNetModel",),
+    head_classes={"MPNetForSequenceClassification": True, "MPNetForMultipleChoice": True},
+    base_attr="mpnet",
+    encoder=lambda base: base.encoder,
+    layers=_mpnet_layers,
+    position_bias=_mpnet_position_bias,
+    base_forward=_mpnet_base_forward,
+    heads_pass_kwargs=False,
+)
+
+FAMILIES: tuple[Family, ...] = (BERT, ALBERT, ROBERTA, DISTILBERT, ELECTRA, MPNET)
 
 
 def supported_models() -> list[str]:

@@ -96,7 +96,8 @@ class EncoderForward:
         family: ``Family.name`` (a name, so that the object pickles).
         runner: the layer runner: ``runner.plan(mask, *, static)`` (per-batch keep counts, or
             None), ``runner.layer(index, count, parts, hidden, mask, *, padded, need_probs,
-            cls_only_last, plan) -> layer.LayerOutput``, and ``runner.check(count)``.
+            cls_only_last, plan, bias) -> layer.LayerOutput`` (``bias``: the family's position
+            bias for this layer, or None), and ``runner.check(count)``.
         saved_forward: ``(had_one, value)``: the encoder's own instance ``forward`` before, if any.
         head: class name of the head that got a ``HeadForward``, or None.
     """
@@ -123,6 +124,10 @@ class EncoderForward:
         # layer's vectors or probabilities, it runs in full.
         cls_only_last = (record is not None and record.get("cls_only", False)
                          and hidden_states_out is None and not need_probs)
+        # MPNet adds a relative-position bias to every layer's logits: computed per layer from the
+        # survivors' original positions, so positions are followed even when nobody reads them.
+        position_bias = family.position_bias
+        follow_positions = record is not None or position_bias is not None
         static = static_shapes_now(getattr(self.runner, "static_shapes", None))
         if padded:
             # Real tokens first (any padding side), all-padding columns dropped unless static.
@@ -139,13 +144,14 @@ class EncoderForward:
         if hidden_states_out is not None:
             hidden_states_out.append(hidden)
         for index, parts in enumerate(layers):
+            bias = None if position_bias is None else position_bias(self.encoder, positions)
             step = functools.partial(self.runner.layer, index, len(layers), parts, padded=padded,
-                                     need_probs=need_probs, cls_only_last=cls_only_last, plan=plan)
+                                     need_probs=need_probs, cls_only_last=cls_only_last, plan=plan, bias=bias)
             out = _run_layer(parts.module, step, hidden, mask)
             hidden, mask, indices, probs = out
             if plan is not None and isinstance(plan[index], tuple):
                 padded = True  # rows kept different counts: the unused slots are padding
-            if indices is not None and record is not None:  # positions are only reported
+            if indices is not None and follow_positions:
                 positions = torch.gather(positions, 1, indices)
             if hidden_states_out is not None:
                 hidden_states_out.append(hidden)
@@ -164,11 +170,13 @@ class BaseForward:
     Attributes:
         base: the base model (``BertModel``, ...).
         saved_forward: ``(had_one, value)``: the base model's own instance ``forward`` before, if any.
+        family: ``Family.name``; its ``base_forward``, if any, runs instead of the class's forward.
     """
 
-    def __init__(self, base: nn.Module, saved_forward: tuple[bool, Any]):
+    def __init__(self, base: nn.Module, saved_forward: tuple[bool, Any], family: str | None = None):
         self.base = base
         self.saved_forward = saved_forward
+        self.family = family
 
     def _flag(self, kwargs: dict, name: str) -> bool:
         value = kwargs.pop(name, None)
@@ -194,7 +202,10 @@ class BaseForward:
         had_own, own = self.saved_forward
         # The class's function with the module as first argument, not bound with __get__: Dynamo
         # (torch 2.11) cannot trace function.__get__ and breaks the graph there.
-        forward = own if had_own else functools.partial(type(self.base).forward, self.base)
+        # (Objects pickled before ``family`` existed have none: their families all use the stock forward.)
+        family = family_named(self.family) if getattr(self, "family", None) else None
+        stock = type(self.base).forward if family is None or family.base_forward is None else family.base_forward
+        forward = own if had_own else functools.partial(stock, self.base)
         # The stock capture is switched off: its hooks sit on layer modules that no longer run.
         out = forward(*args, return_dict=True, output_hidden_states=False, output_attentions=False,
                       **{RECORD_KWARG: record}, **kwargs)
@@ -267,10 +278,10 @@ def install(model: nn.Module, family: Family, base: nn.Module, runner, *, cls_on
     ``base``), and ``HeadForward`` on ``model`` when ``cls_only_head``. The caller has checked that
     nothing is installed yet."""
     encoder = family.encoder(base)
-    head = model if cls_only_head and model is not base else None
+    head = model if cls_only_head and family.heads_pass_kwargs and model is not base else None
     forward = EncoderForward(encoder, family.name, runner, saved_attribute(encoder, "forward"),
                              head=type(head).__name__ if head is not None else None)
-    base_forward = BaseForward(base, saved_attribute(base, "forward"))
+    base_forward = BaseForward(base, saved_attribute(base, "forward"), family.name)
     if head is not None:
         head.forward = HeadForward(head, saved_attribute(head, "forward"))
     encoder.forward = forward

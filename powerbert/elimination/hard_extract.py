@@ -104,12 +104,13 @@ class HardExtract:
         return min(self.retention) >= n
 
     def layer(self, index: int, count: int, parts: LayerParts, hidden: torch.Tensor, mask: torch.Tensor, *,
-              padded: bool, need_probs: bool, cls_only_last: bool, plan: list | None = None) -> LayerOutput:
+              padded: bool, need_probs: bool, cls_only_last: bool, plan: list | None = None,
+              bias: torch.Tensor | None = None) -> LayerOutput:
         keep = self.retention[index] if plan is None else plan[index]
         return eliminating_layer(
             parts, hidden, mask, keep, padded=padded,
             cls_only=self.cls_only_last_layer and cls_only_last and index == count - 1,
-            selection=self.selection, need_probs=need_probs,
+            selection=self.selection, need_probs=need_probs, bias=bias,
         )
 
 

@@ -43,23 +43,36 @@ def feed_forward(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
     return parts.ffn_norm(parts.ffn_dropout(parts.ffn_out(parts.ffn_act(parts.ffn_in(x)))) + x)
 
 
-def _sdpa(parts: LayerParts, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-    attn_mask = None if mask is None else mask[:, None, None, :]
+def _sdpa(parts: LayerParts, q, k, v, mask: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if bias is None:
+        attn_mask = None if mask is None else mask[:, None, None, :]
+    else:
+        attn_mask = bias_with_padding(bias.to(q.dtype), mask)
     dropout = parts.probs_dropout.p if parts.probs_dropout.training else 0.0
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+
+
+def bias_with_padding(bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """An additive logits bias ``[B | 1, H, n_q, n_k]`` with padded keys (``mask [B, n_k]`` False)
+    set to the dtype's minimum, as the stock eager attention adds its mask; a new tensor."""
+    if mask is None:
+        return bias
+    return bias.masked_fill(~mask[:, None, None, :], torch.finfo(bias.dtype).min)
 
 
 SELECTIONS = ("attention", "first", "random")
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, *,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention probabilities, before dropout (significance is computed from these).
 
     Args:
         q, k: ``[B, H, n, d]`` (strided views are fine). mask: ``[B, n]`` bool or None (no padding).
         out: a contiguous buffer of at least ``B * H * n * n`` elements of q's dtype to compute
             in (logits, then the softmax in place), or None for fresh tensors. Not for autograd.
+        bias: ``[B | 1, H, n, n]`` added to the scaled logits (MPNet's relative-position bias,
+            ``Family.position_bias``), or None.
 
     Returns:
         ``[B, H, n, n]`` in q's dtype (a view of ``out`` when given); padded keys get probability 0.
@@ -73,7 +86,11 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
     scale = d ** -0.5
     q_rows = q.reshape(batch * heads, n, d)
     k_cols = k.transpose(-1, -2).reshape(batch * heads, d, k.shape[-2])
-    if mask is None:
+    if bias is not None:
+        # The position bias differs per query row: one [B * H, n, n] addend, padding folded in.
+        bias = bias_with_padding(bias.to(q.dtype), mask)
+        bias, beta = bias.expand(batch, heads, n, k.shape[-2]).reshape(batch * heads, n, -1), 1.0
+    elif mask is None:
         bias, beta = q.new_zeros(1, 1, 1), 0.0
     else:
         bias = q.new_zeros(batch, 1, 1, mask.shape[-1]).masked_fill_(
@@ -127,9 +144,9 @@ def _context_from_probs(parts: LayerParts, probs: torch.Tensor, v: torch.Tensor)
     return torch.matmul(parts.probs_dropout(probs), v)
 
 
-def _context(parts: LayerParts, q, k, v, attn_mask, probs: torch.Tensor | None) -> torch.Tensor:
+def _context(parts: LayerParts, q, k, v, attn_mask, probs: torch.Tensor | None, bias=None) -> torch.Tensor:
     """``[B, H, n, d]`` attention context: fused SDPA, or from ``probs`` when they are at hand."""
-    return _sdpa(parts, q, k, v, attn_mask) if probs is None else _context_from_probs(parts, probs, v)
+    return _sdpa(parts, q, k, v, attn_mask, bias) if probs is None else _context_from_probs(parts, probs, v)
 
 
 def eliminating_layer(
@@ -142,6 +159,7 @@ def eliminating_layer(
     cls_only: bool = False,
     selection: str = "attention",
     need_probs: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> LayerOutput:
     """Run one encoder layer with word-vector elimination.
 
@@ -162,6 +180,9 @@ def eliminating_layer(
             preferred under every strategy.
         need_probs: also return the ``[B, H, n, n]`` attention probabilities (``output_attentions``);
             the layer then takes the explicit-probabilities path even where SDPA would do.
+        bias: ``[B | 1, H, n, n]`` added to the scaled attention logits, from the original positions
+            of the n vectors that entered (MPNet's relative-position bias), or None. The fused
+            GPU kernel takes no bias: such a layer takes the probabilities path there.
 
     Returns:
         ``LayerOutput(hidden [B, k', D], mask [B, k'], indices, probs)`` with ``k' = min(keep, n)``
@@ -176,26 +197,26 @@ def eliminating_layer(
     if cls_only and not need_probs:
         residual = hidden[:, :1]
         q_proj = split_heads(parts.query, residual, parts.num_heads)
-        context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask)
+        context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask, None if bias is None else bias[:, :, :1])
         first = torch.zeros(hidden.shape[0], 1, dtype=torch.int64, device=hidden.device)
         return LayerOutput(feed_forward(parts, attention_output(parts, context, residual)), mask[:, :1], first, None)
 
     q_proj = split_heads(parts.query, hidden, parts.num_heads)
-    probs = attention_probs(q_proj, k_proj, attn_mask) if need_probs else None
+    probs = attention_probs(q_proj, k_proj, attn_mask, bias=bias) if need_probs else None
     if width is None and k >= n:
         # Nothing to eliminate: no scores needed, so use fused SDPA like the stock model.
-        context = _context(parts, q_proj, k_proj, v_proj, attn_mask, probs)
+        context = _context(parts, q_proj, k_proj, v_proj, attn_mask, probs, bias)
         return LayerOutput(feed_forward(parts, attention_output(parts, context, hidden)), mask, None, probs)
 
     if selection != "attention":
         # Ablations: the choice ignores attention, so attention itself can stay fused.
-        context = _context(parts, q_proj, k_proj, v_proj, attn_mask, probs)
+        context = _context(parts, q_proj, k_proj, v_proj, attn_mask, probs, bias)
         scores = baseline_scores(selection, mask)
         attention, mask, indices = dispatch.extract_from_scores(
             scores, attention_output(parts, context, hidden), mask, k, width=width)
         return LayerOutput(feed_forward(parts, attention), mask, indices, probs)
 
-    if probs is None and dispatch.fused_attention_available(hidden, q_proj.shape[-1]):
+    if probs is None and bias is None and dispatch.fused_attention_available(hidden, q_proj.shape[-1]):
         # GPU path: scores come out of the attention kernel; no [B, H, n, n] in memory.
         context, scores = dispatch.attention_with_significance(q_proj, k_proj, v_proj, mask)
         context, mask, indices = dispatch.extract_from_scores(scores, merge_heads(context), mask, k, width=width)
@@ -207,12 +228,12 @@ def eliminating_layer(
     if (probs is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and not (dropout.training and dropout.p > 0)):
         context, residual, mask, indices = _attend_and_extract_in_chunks(q_proj, k_proj, v_proj, hidden, mask,
-                                                                         attn_mask, k, width)
+                                                                         attn_mask, k, width, bias)
         return LayerOutput(feed_forward(parts, attention_output(parts, context, residual)), mask, indices, None)
 
     returned = probs  # returned only when asked for
     if probs is None:
-        probs = attention_probs(q_proj, k_proj, attn_mask)
+        probs = attention_probs(q_proj, k_proj, attn_mask, bias=bias)
 
     residual, mask, indices = dispatch.extract(probs, hidden, mask, k, width=width)
     batch, heads, _, _ = probs.shape
@@ -230,7 +251,7 @@ def eliminating_layer(
 PROBS_CHUNK_BYTES = 8 << 20
 
 
-def _attend_and_extract_in_chunks(q, k, v, hidden, mask, attn_mask, keep, width):
+def _attend_and_extract_in_chunks(q, k, v, hidden, mask, attn_mask, keep, width, bias=None):
     """Inference-only probabilities path, a group of batch rows at a time (selection is per row,
     so the result is the whole batch's): attention probabilities computed in one reused buffer
     (softmax in place), significance, selection and gather (``dispatch.extract``), the kept rows'
@@ -238,7 +259,7 @@ def _attend_and_extract_in_chunks(q, k, v, hidden, mask, attn_mask, keep, width)
 
     Args:
         q, k, v: ``[B, H, n, d]``. hidden: ``[B, n, D]``. mask: ``[B, n]`` bool. attn_mask: mask
-            or None (no padding). keep, width: as ``eliminating_layer``'s k and width.
+            or None (no padding). keep, width, bias: as ``eliminating_layer``'s k, width and bias.
 
     Returns:
         ``(context [B, H, k', d], residual [B, k', D], mask [B, k'], indices [B, k'])``.
@@ -253,7 +274,9 @@ def _attend_and_extract_in_chunks(q, k, v, hidden, mask, attn_mask, keep, width)
     for start in range(0, batch, group):
         rows = slice(start, start + group)
         size = min(group, batch - start)
-        probs = attention_probs(q[rows], k[rows], None if attn_mask is None else attn_mask[rows], out=probs_buffer)
+        rows_bias = None if bias is None else bias[rows] if bias.shape[0] > 1 else bias
+        probs = attention_probs(q[rows], k[rows], None if attn_mask is None else attn_mask[rows], out=probs_buffer,
+                                bias=rows_bias)
         keep_rows = keep if width is None else keep[rows]
         residual, mask_kept, indices = dispatch.extract(probs, hidden[rows], mask[rows], keep_rows, width=width)
         gathered = rows_buffer[:size * heads * kept * n].view(size, heads, kept, n)

@@ -121,6 +121,7 @@ def soft_extract_layer(
     cls_first: bool = True,
     relative: bool = False,
     return_probs: bool = False,
+    bias: torch.Tensor | None = None,
 ):
     """One encoder layer with soft extraction after its attention sub-layer.
 
@@ -136,6 +137,8 @@ def soft_extract_layer(
         cls_first: [CLS] takes rank 0 (see the module docstring).
         relative: proportional mode (see ``retention``).
         return_probs: also return the ``[B, H, n, n]`` attention probabilities.
+        bias: ``[B | 1, H, n, n]`` added to the scaled attention logits (``Family.position_bias``),
+            or None.
 
     Returns:
         ``[B, n, D]`` the layer output (and the probabilities with ``return_probs``).
@@ -144,7 +147,7 @@ def soft_extract_layer(
     q = split_heads(parts.query, hidden, parts.num_heads)
     k = split_heads(parts.key, hidden, parts.num_heads)
     v = split_heads(parts.value, hidden, parts.num_heads)
-    probs = attention_probs(q, k, mask if padded else None)  # explicit: significance needs them
+    probs = attention_probs(q, k, mask if padded else None, bias=bias)  # explicit: significance needs them
     scores = dispatch.significance(probs, mask)  # detached: the ranking is not differentiable; r and the vectors are
     ranks = soft_ranks(scores, cls_first=cls_first)
     context = torch.matmul(parts.probs_dropout(probs), v)
@@ -220,12 +223,12 @@ class SoftExtract(nn.Module):
         return None  # nothing is removed: every layer keeps the input's shape
 
     def layer(self, index: int, count: int, parts: LayerParts, hidden: torch.Tensor, mask: torch.Tensor, *,
-              padded: bool, need_probs: bool, cls_only_last: bool, plan=None) -> LayerOutput:
+              padded: bool, need_probs: bool, cls_only_last: bool, plan=None, bias=None) -> LayerOutput:
         if hidden.shape[1] > self.max_length:
             raise ValueError(f"input length {hidden.shape[1]} exceeds the soft extract's max_length {self.max_length}")
         hidden, probs = soft_extract_layer(parts, hidden, mask, self.retention[index], padded=padded,
                                            cls_first=self.cls_first, relative=self.mode == "proportional",
-                                           return_probs=True)
+                                           return_probs=True, bias=bias)
         return LayerOutput(hidden, mask, None, probs if need_probs else None)
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""powerbert.patch across model families: ALBERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA.
+"""powerbert.patch across model families: ALBERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA, MPNet.
 
 Every family runs through the one eliminating layer (``powerbert/elimination/layer.py``) via its entry in
 ``powerbert/elimination/families.py``. Here each family gets a small *test-side* adapter that pulls the
@@ -9,9 +9,11 @@ norm in the wrong place, a wrong number of ALBERT applications) shows up as a mi
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -30,6 +32,13 @@ from transformers import (
     ElectraForSequenceClassification,
     ElectraForTokenClassification,
     ElectraModel,
+    MPNetConfig,
+    MPNetForMaskedLM,
+    MPNetForMultipleChoice,
+    MPNetForQuestionAnswering,
+    MPNetForSequenceClassification,
+    MPNetForTokenClassification,
+    MPNetModel,
     RobertaConfig,
     RobertaForMultipleChoice,
     RobertaForSequenceClassification,
@@ -89,6 +98,41 @@ def _distilbert_layers(base) -> list[dict]:
     ]
 
 
+def _mpnet_layers(base) -> list[dict]:
+    return [
+        dict(
+            q=layer.attention.attn.q, k=layer.attention.attn.k, v=layer.attention.attn.v,
+            heads=layer.attention.attn.num_attention_heads, o=layer.attention.attn.o, ln1=layer.attention.LayerNorm,
+            ffn_in=layer.intermediate.dense, act=layer.intermediate.intermediate_act_fn,
+            ffn_out=layer.output.dense, ln2=layer.output.LayerNorm,
+        )
+        for layer in base.encoder.layer
+    ]
+
+
+def relative_bucket(offset: int, buckets: int = 32, max_distance: int = 128) -> int:
+    """MPNet's (T5's bidirectional) bucket of a key-minus-query offset, one int at a time; the
+    log in float32 as stock takes it (the boundaries fall on exact powers of two)."""
+    half = buckets // 2
+    bucket = half if offset > 0 else 0
+    distance = abs(offset)
+    exact = half // 2
+    if distance < exact:
+        return bucket + distance
+    ratio = np.log(np.float32(distance) / np.float32(exact)) / np.float32(math.log(max_distance / exact))
+    return bucket + min(half - 1, exact + int(np.float32(ratio * np.float32(half - exact))))
+
+
+def mpnet_bias(base):
+    """§9 for one sequence: original positions -> ``[H, n, n]`` from the encoder's bias table."""
+    table = base.encoder.relative_attention_bias.weight
+
+    def bias(positions):
+        buckets = torch.tensor([[relative_bucket(j - i) for j in positions] for i in positions])
+        return table[buckets].permute(2, 0, 1)
+    return bias
+
+
 def _electra_embed(base, ids):
     hidden = base.embeddings(input_ids=ids)
     return base.embeddings_project(hidden) if hasattr(base, "embeddings_project") else hidden
@@ -108,6 +152,8 @@ class Case:
     cls_logits: Callable  # (head model, final vectors [B, k, D]) -> logits [B, labels]
     multiple_choice: type | None = None
     applications: int = LAYERS
+    bias: Callable | None = None  # base -> (original positions -> [H, n, n]) for spec_encoder, or None
+    loads_as: str = "sdpa"  # the attn_implementation from_pretrained accepts (MPNet: eager only)
 
 
 CASES = {
@@ -160,6 +206,18 @@ CASES = {
         layers=lambda base: [_bertlike_layer(layer) for layer in base.encoder.layer],
         cls_logits=lambda m, h: m.classifier(h),  # ElectraClassificationHead reads features[:, 0, :]
     ),
+    "mpnet": Case(
+        # Stock MPNet runs eager attention only (set_attn_implementation("sdpa") leaves it eager).
+        config=lambda **kw: MPNetConfig(**{**BERTLIKE, **kw}),
+        base=MPNetModel, head=MPNetForSequenceClassification,
+        unsupported=(MPNetForTokenClassification, MPNetForQuestionAnswering, MPNetForMaskedLM), base_attr="mpnet",
+        embed=lambda base, ids: base.embeddings(input_ids=ids),
+        layers=_mpnet_layers,
+        cls_logits=lambda m, h: m.classifier(h),  # MPNetClassificationHead reads features[:, 0, :]
+        multiple_choice=MPNetForMultipleChoice,
+        bias=mpnet_bias,
+        loads_as="eager",
+    ),
 }
 FAMILIES = list(CASES)
 MC_FAMILIES = [name for name, case in CASES.items() if case.multiple_choice is not None]
@@ -203,7 +261,8 @@ def spec_outputs(name, base, inputs, retention):
     case = CASES[name]
     with torch.no_grad():
         hidden = case.embed(base, inputs["input_ids"])
-    return spec_encoder(hidden, inputs["attention_mask"], case.layers(base), retention)
+    bias = None if case.bias is None else case.bias(base)
+    return spec_encoder(hidden, inputs["attention_mask"], case.layers(base), retention, position_bias=bias)
 
 
 # ---------------------------------------------------------------- equivalence
@@ -366,7 +425,7 @@ def test_save_pretrained_round_trip(name, tmp_path):
         logits = model(**inputs).logits
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["powerbert_retention"] == [6, 4, 2]
-    loaded = head.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    loaded = head.from_pretrained(tmp_path, attn_implementation=CASES[name].loads_as).eval()
     powerbert.patch(loaded)
     assert powerbert.patched_retention(loaded) == (6, 4, 2)
     with torch.no_grad():
@@ -473,3 +532,13 @@ def test_hidden_states_attentions_and_kept_vectors(name):
     torch.testing.assert_close(out.hidden_states[-1], torch.stack(expected), atol=2e-5, rtol=2e-5)
     assert out.kept_positions.tolist() == positions
     assert torch.equal(out.kept_mask, torch.gather(inputs["attention_mask"], 1, out.kept_positions).bool())
+
+
+def test_mpnet_bucket_reference_is_stock_bucket():
+    """The test-side bucket (``relative_bucket``) equals MPNet's own for every offset up to
+    beyond max_distance, so ``mpnet_bias`` checks the positions fed to it, not a second formula."""
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+    offsets = torch.arange(-300, 301)
+    stock = MPNetEncoder.relative_position_bucket(offsets, num_buckets=32)
+    assert stock.tolist() == [relative_bucket(int(o)) for o in offsets]

