@@ -9,11 +9,9 @@ norm in the wrong place, a wrong number of ALBERT applications) shows up as a mi
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -53,6 +51,7 @@ from transformers import (
 
 import powerbert
 from spec_reference import spec_encoder
+from tiny_mpnet import mpnet_bias, mpnet_layers, relative_bucket
 
 LAYERS, LENGTH, VOCAB = 3, 13, 101
 COMMON = dict(vocab_size=VOCAB, max_position_embeddings=64, num_labels=3)
@@ -96,41 +95,6 @@ def _distilbert_layers(base) -> list[dict]:
         )
         for b in base.transformer.layer
     ]
-
-
-def _mpnet_layers(base) -> list[dict]:
-    return [
-        dict(
-            q=layer.attention.attn.q, k=layer.attention.attn.k, v=layer.attention.attn.v,
-            heads=layer.attention.attn.num_attention_heads, o=layer.attention.attn.o, ln1=layer.attention.LayerNorm,
-            ffn_in=layer.intermediate.dense, act=layer.intermediate.intermediate_act_fn,
-            ffn_out=layer.output.dense, ln2=layer.output.LayerNorm,
-        )
-        for layer in base.encoder.layer
-    ]
-
-
-def relative_bucket(offset: int, buckets: int = 32, max_distance: int = 128) -> int:
-    """MPNet's (T5's bidirectional) bucket of a key-minus-query offset, one int at a time; the
-    log in float32 as stock takes it (the boundaries fall on exact powers of two)."""
-    half = buckets // 2
-    bucket = half if offset > 0 else 0
-    distance = abs(offset)
-    exact = half // 2
-    if distance < exact:
-        return bucket + distance
-    ratio = np.log(np.float32(distance) / np.float32(exact)) / np.float32(math.log(max_distance / exact))
-    return bucket + min(half - 1, exact + int(np.float32(ratio * np.float32(half - exact))))
-
-
-def mpnet_bias(base):
-    """§9 for one sequence: original positions -> ``[H, n, n]`` from the encoder's bias table."""
-    table = base.encoder.relative_attention_bias.weight
-
-    def bias(positions):
-        buckets = torch.tensor([[relative_bucket(j - i) for j in positions] for i in positions])
-        return table[buckets].permute(2, 0, 1)
-    return bias
 
 
 def _electra_embed(base, ids):
@@ -212,7 +176,7 @@ CASES = {
         base=MPNetModel, head=MPNetForSequenceClassification,
         unsupported=(MPNetForTokenClassification, MPNetForQuestionAnswering, MPNetForMaskedLM), base_attr="mpnet",
         embed=lambda base, ids: base.embeddings(input_ids=ids),
-        layers=_mpnet_layers,
+        layers=mpnet_layers,
         cls_logits=lambda m, h: m.classifier(h),  # MPNetClassificationHead reads features[:, 0, :]
         multiple_choice=MPNetForMultipleChoice,
         bias=mpnet_bias,
