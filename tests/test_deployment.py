@@ -165,3 +165,4 @@ def test_the_cli_writes_the_file_and_prints_its_summary(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["output"] == str(tmp_path / "m.onnx") and not summary["optimized"]
     assert summary["configuration"] == PROPORTIONAL and (tmp_path / "m.onnx").stat().st_size == summary["bytes"]
+

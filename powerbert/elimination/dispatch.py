@@ -58,9 +58,15 @@ def fused_attention_available(hidden: torch.Tensor, head_dim: int) -> bool:
 
 
 def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Differentiable row gather: x ``[B, n, ...]``, indices ``[B, k]`` int64 -> ``[B, k, ...]``."""
-    index = indices.view(*indices.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return torch.gather(x, 1, index)
+    """Differentiable row gather: x ``[B, n, ...]``, indices ``[B, k]`` int64 -> ``[B, k, ...]``.
+
+    One ``index_select`` over the flattened ``[B * n]`` rows: ``torch.gather`` would need its index
+    expanded to the output's shape, which an exported graph materialises (ONNX Expand +
+    GatherElements).
+    """
+    batch, n = x.shape[:2]
+    flat = (indices + torch.arange(batch, device=indices.device)[:, None] * n).reshape(-1)
+    return x.reshape(batch * n, *x.shape[2:]).index_select(0, flat).view(*indices.shape, *x.shape[2:])
 
 
 def extract(probs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, k, width: int | None = None):

@@ -27,6 +27,24 @@ def split_heads(linear: torch.nn.Linear, x: torch.Tensor, num_heads: int) -> tor
     return y.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
 
 
+# A layer module may hold one Linear of its query, key and value projections stacked ([3 D, D]),
+# under this attribute (``deployment.fuse_qkv`` gives one to the copy it exports): the layer then
+# runs one GEMM instead of three, and ONNX Runtime's int8 quantises its input once, not thrice.
+FUSED_QKV = "powerbert_fused_qkv"
+
+
+def project_qkv(parts: LayerParts, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [B, n, D]`` -> ``(q, k, v)``, each ``[B, H, n, d]`` (strided views), through the fused
+    projection where the layer module holds one (``FUSED_QKV``), else the three Linears."""
+    fused = None if parts.module is None else getattr(parts.module, FUSED_QKV, None)
+    if fused is None:
+        return tuple(split_heads(linear, x, parts.num_heads) for linear in (parts.query, parts.key, parts.value))
+    y = fused(x)
+    batch, length, width = y.shape
+    heads = y.view(batch, length, 3, parts.num_heads, width // (3 * parts.num_heads)).permute(2, 0, 3, 1, 4)
+    return heads[0], heads[1], heads[2]
+
+
 def merge_heads(context: torch.Tensor) -> torch.Tensor:
     """``[B, H, n, d]`` -> ``[B, n, H * d]``: a view when the heads are laid out as ``[B, n, H, d]``
     in memory (the context of ``kernels.attention_with_significance``), a copy otherwise."""
@@ -191,17 +209,17 @@ def eliminating_layer(
     n = hidden.shape[1]
     k, width = keep if isinstance(keep, tuple) else (keep, None)
     attn_mask = mask if padded else None
-    k_proj = split_heads(parts.key, hidden, parts.num_heads)
-    v_proj = split_heads(parts.value, hidden, parts.num_heads)
 
     if cls_only and not need_probs:
+        k_proj = split_heads(parts.key, hidden, parts.num_heads)
+        v_proj = split_heads(parts.value, hidden, parts.num_heads)
         residual = hidden[:, :1]
         q_proj = split_heads(parts.query, residual, parts.num_heads)
         context = _sdpa(parts, q_proj, k_proj, v_proj, attn_mask, None if bias is None else bias[:, :, :1])
         first = torch.zeros(hidden.shape[0], 1, dtype=torch.int64, device=hidden.device)
         return LayerOutput(feed_forward(parts, attention_output(parts, context, residual)), mask[:, :1], first, None)
 
-    q_proj = split_heads(parts.query, hidden, parts.num_heads)
+    q_proj, k_proj, v_proj = project_qkv(parts, hidden)
     probs = attention_probs(q_proj, k_proj, attn_mask, bias=bias) if need_probs else None
     if width is None and k >= n:
         # Nothing to eliminate: no scores needed, so use fused SDPA like the stock model.
@@ -236,6 +254,14 @@ def eliminating_layer(
         probs = attention_probs(q_proj, k_proj, attn_mask, bias=bias)
 
     residual, mask, indices = dispatch.extract(probs, hidden, mask, k, width=width)
+    if torch.compiler.is_exporting():
+        # An exported graph (ONNX): P·V for every row, then the kept rows of the context by one flat
+        # gather. Gathering [B, H, k, n] probability rows needs an index of that size materialised
+        # (Expand + GatherElements: 7% of the ORT int8 movie-review graph); the (n - k) extra rows
+        # of P·V are under 1% of a layer's FLOPs at MiniLM's width.
+        context = dispatch.gather_rows(merge_heads(_context_from_probs(parts, probs, v_proj)), indices)
+        attention = parts.attn_norm(parts.attn_dropout(parts.attn_out(context)) + residual)
+        return LayerOutput(feed_forward(parts, attention), mask, indices, returned)
     batch, heads, _, _ = probs.shape
     kept = indices.shape[1]
     rows = torch.gather(probs, 2, indices.view(batch, 1, kept, 1).expand(batch, heads, kept, n))

@@ -506,3 +506,22 @@ def test_mpnet_bucket_reference_is_stock_bucket():
     offsets = torch.arange(-300, 301)
     stock = MPNetEncoder.relative_position_bucket(offsets, num_buckets=32)
     assert stock.tolist() == [relative_bucket(int(o)) for o in offsets]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fused_qkv_projection_gives_the_same_outputs(name):
+    """``fuse_qkv`` (what ``export_onnx`` does to the copy it exports) changes no value: one
+    stacked GEMM for the query, key and value projections of every layer, ALBERT's shared layer
+    once."""
+    from powerbert.deployment import fuse_qkv
+    from powerbert.elimination.layer import FUSED_QKV
+    model = build(name, CASES[name].head)
+    powerbert.patch(model, (9, 5, 2))
+    inputs = batch()
+    with torch.no_grad():
+        before = model(**inputs).logits
+        assert fuse_qkv(model) == (1 if name == "albert" else 3)
+        assert fuse_qkv(model) == 0  # already fused
+        after = model(**inputs).logits
+    assert sum(hasattr(m, FUSED_QKV) for m in model.modules()) == (1 if name == "albert" else 3)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
