@@ -6,12 +6,13 @@ articles (N 256), sorted by length and batched, each batch padded to its longest
 padding), 2 threads for torch and ONNX Runtime alike; every variant of a task is timed on the same
 batches in the same run:
 
-- stock: torch SDPA (``stock-torch``), ``torch.ao.quantization.quantize_dynamic`` int8
-  (``stock-torch-int8``), ONNX Runtime fp32 of the legacy export with eager attention through the
+- stock: torch SDPA (``stock-torch``), ``torch.ao.quantization.quantize_dynamic`` int8 of every
+  Linear (``stock-torch-int8``, as a user would quantise it), ONNX Runtime fp32 of the legacy export with eager attention through the
   transformer optimizer (``stock-ort``: fused Attention, SkipLayerNorm, BiasGelu) and its dynamic
   int8 (``stock-ort-int8``);
 - patched: torch (``patched-torch``), torch int8 (``patched-torch-int8``), and ``powerbert
-  export`` fp32 and int8 (``patched-ort``, ``patched-ort-int8``).
+  export`` fp32 and int8 (``patched-ort``, ``patched-ort-int8``); int8 as the library does it, the
+  first layer's FFN output projection in fp32 (``powerbert.deployment.FIRST_FFN_OUT``).
 
 The models: where ``make reproduce``'s cache holds them (``work/reproduce/<task>/base/finetune``
 and ``target_4.5x/retrain``; ``python -m benchmarks.studies.reproduce.train_target --task T
@@ -55,7 +56,7 @@ VARIANTS = ("stock-torch", "stock-torch-int8", "stock-ort", "stock-ort-int8",
             "patched-torch", "patched-torch-int8", "patched-ort", "patched-ort-int8")
 STOCK = VARIANTS[:4]
 THREADS = 2
-ROUNDS = 3
+ROUNDS = 5
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _cache: dict = {}
 
@@ -122,7 +123,8 @@ def _setup(task: str) -> dict:
         return ort.InferenceSession(str(folder / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
 
     models = {
-        "stock-torch": stock, "stock-torch-int8": quantize_torch_int8(BertForSequenceClassification.from_pretrained(stock_dir).eval()),
+        "stock-torch": stock, "stock-torch-int8": quantize_torch_int8(
+            BertForSequenceClassification.from_pretrained(stock_dir).eval(), int8_all=True),
         "stock-ort": session("stock-ort"), "stock-ort-int8": session("stock-ort-int8"),
         "patched-torch": patched, "patched-torch-int8": quantize_torch_int8(powerbert.patch(
             BertForSequenceClassification.from_pretrained(patched_dir).eval())),

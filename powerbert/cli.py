@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, help="a model folder: classifier, bare encoder or sentence-transformers")
     ex.add_argument("--output", required=True, help="the .onnx file to write")
     ex.add_argument("--quantize", choices=("int8",), default=None, help="int8: ONNX Runtime dynamic quantisation")
+    ex.add_argument("--int8-all", action="store_true",
+                    help="with --quantize int8: quantise every MatMul (by default the first layer's FFN output "
+                         "projection stays fp32: its input's outliers cost accuracy in int8)")
     ex.add_argument("--opset", type=_int_at_least(1), default=18, help="ONNX opset (18-23)")
     ex.add_argument("--max-length", type=_int_at_least(2), default=None,
                     help="N of the example batch traced (default: the model's); the graph takes any length")
@@ -280,7 +283,7 @@ def _run(args) -> int:
 
         print(json.dumps(export_onnx(args.model, args.output, max_length=args.max_length, opset=args.opset,
                                      quantize=args.quantize, optimize=not args.no_optimize,
-                                     overwrite=args.overwrite)))
+                                     overwrite=args.overwrite, int8_all=args.int8_all)))
         return 0
     if args.command == "evaluate":
         from powerbert.training.export import evaluate

@@ -166,3 +166,43 @@ def test_the_cli_writes_the_file_and_prints_its_summary(tmp_path, capsys):
     assert summary["output"] == str(tmp_path / "m.onnx") and not summary["optimized"]
     assert summary["configuration"] == PROPORTIONAL and (tmp_path / "m.onnx").stat().st_size == summary["bytes"]
 
+
+
+def _quantized_weights(path):
+    """(MatMul nodes fed by int8 weights, fp32 MatMul nodes with a constant weight) of an ONNX file."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    constants = {i.name for i in graph.initializer}
+    fp32 = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and constants & set(n.input)]
+    int8 = [n.name for n in graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    return int8, fp32
+
+
+def test_int8_keeps_the_first_ffn_output_projection_fp32(tmp_path, tokenizer):
+    """The int8 recipe: every projection in int8 but the first layer's FFN output (found again in
+    the exported graph by its weight), in ONNX and in torch alike; ``int8_all`` quantises it too."""
+    from powerbert.deployment import first_ffn_out, matmuls_of, quantize_torch_int8
+
+    folder = tiny_folder(tmp_path / "clf", retention=FIXED)
+    summary = export_onnx(folder, tmp_path / "kept.onnx", quantize="int8")
+    everything = export_onnx(folder, tmp_path / "all.onnx", quantize="int8", int8_all=True)
+    export_onnx(folder, tmp_path / "fp32.onnx")
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert len(matmuls_of(tmp_path / "fp32.onnx", first_ffn_out(model).weight)) == 1
+    int8_kept, fp32_kept = _quantized_weights(tmp_path / "kept.onnx")
+    int8_all, fp32_all = _quantized_weights(tmp_path / "all.onnx")
+    assert summary["fp32_matmuls"] == fp32_kept and len(fp32_kept) == 1 and everything["fp32_matmuls"] == []
+    assert fp32_all == [] and len(int8_kept) == len(int8_all) - 1
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    fp32 = run_onnx(tmp_path / "fp32.onnx", batch, summary["inputs"])[0]
+    assert np.abs(run_onnx(tmp_path / "kept.onnx", batch, summary["inputs"])[0] - fp32).max() < 0.1
+
+    powerbert.patch(model.eval())
+    kept = quantize_torch_int8(model)
+    linears = [name for name, m in kept.named_modules() if type(m) is torch.nn.Linear]
+    assert linears == ["bert.encoder.layer.0.output.dense"]
+    assert not any(type(m) is torch.nn.Linear for m in quantize_torch_int8(model, int8_all=True).modules())
+    assert powerbert.is_patched(kept) and type(first_ffn_out(model)) is torch.nn.Linear  # the user's model untouched
+    with torch.no_grad():
+        torch.testing.assert_close(kept(**batch).logits, model(**batch).logits, atol=0.1, rtol=0)

@@ -5,9 +5,10 @@ torch and ONNX Runtime.
         --data data/mr_test.csv --out benchmarks/results/int8_accuracy.md
 
 For each model folder (patched from its ``config.json`` when it holds ``powerbert_retention``, as
-``powerbert evaluate`` runs it): torch fp32, torch int8 (``torch.ao.quantization.quantize_dynamic``
-of every ``nn.Linear``), ONNX Runtime fp32 and int8 (``powerbert export``, with and without
-``--quantize int8``). Texts are sorted by length and batched with dynamic padding; the accuracy is
+``powerbert evaluate`` runs it): torch fp32, torch int8 (``torch.ao.quantization.quantize_dynamic``)
+of every ``nn.Linear`` ("all") and with the first layer's FFN output projection kept fp32 (the
+library's default, ``powerbert.deployment.FIRST_FFN_OUT``), ONNX Runtime fp32 and the same two
+int8 variants (``powerbert export``, ``--quantize int8`` with and without ``--int8-all``). Texts are sorted by length and batched with dynamic padding; the accuracy is
 over every row of ``--data``, with its delta to the first model's torch fp32 in points, and the
 agreement of each variant's predictions with that model's own torch fp32.
 """
@@ -27,13 +28,14 @@ from powerbert.inputs.files import write_text_atomic
 from powerbert.inputs.model_folder import label_space_from_config, load_model, load_tokenizer
 from powerbert.front_door import patch
 
-VARIANTS = ("torch fp32", "torch int8", "ORT fp32", "ORT int8")
+VARIANTS = ("torch fp32", "torch int8 all", "torch int8", "ORT fp32", "ORT int8 all", "ORT int8")
+# "int8" without "all": the first layer's FFN output projection stays fp32 (the library's default)
 WORK = Path(__file__).resolve().parents[2] / "work" / "int8-accuracy-onnx"  # the exported files (ignored by git)
 BATCH = 64
 
 
 def predictions(model_dir: Path, texts: list[str], work: Path, max_length: int) -> dict[str, np.ndarray]:
-    """``{variant: [rows] int64 predicted class}`` for the four variants of one model folder."""
+    """``{variant: [rows] int64 predicted class}`` for every variant (``VARIANTS``) of one model folder."""
     import onnxruntime as ort
 
     tokenizer = load_tokenizer(model_dir)
@@ -44,18 +46,18 @@ def predictions(model_dir: Path, texts: list[str], work: Path, max_length: int) 
     model = load_model(model_dir).eval()
     if getattr(model.config, "powerbert_retention", None) is not None:
         patch(model)
-    quantized = quantize_torch_int8(model)
     out = {}
-    for name, m in (("torch fp32", model), ("torch int8", quantized)):
+    for name, m in (("torch fp32", model), ("torch int8 all", quantize_torch_int8(model, int8_all=True)),
+                    ("torch int8", quantize_torch_int8(model))):
         pred = np.zeros(len(texts), dtype=np.int64)
         with torch.inference_mode():
             for index, batch in batches:
                 pred[index] = m(**batch).logits.argmax(-1).numpy()
         out[name] = pred
     work.mkdir(parents=True, exist_ok=True)
-    for name, quantize in (("ORT fp32", None), ("ORT int8", "int8")):
-        path = work / f"{model_dir.name}-{quantize or 'fp32'}.onnx"
-        summary = export_onnx(model_dir, path, quantize=quantize, overwrite=True)
+    for name, quantize, int8_all in (("ORT fp32", None, False), ("ORT int8 all", "int8", True), ("ORT int8", "int8", False)):
+        path = work / f"{model_dir.name}-{name.replace(' ', '-')}.onnx"
+        summary = export_onnx(model_dir, path, quantize=quantize, overwrite=True, int8_all=int8_all)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         pred = np.zeros(len(texts), dtype=np.int64)
         for index, batch in batches:
@@ -90,7 +92,9 @@ def main(argv=None) -> int:
                              agreement_with_fp32=float((preds[variant] == preds["torch fp32"]).mean())))
     lines = ["# Test accuracy: fp32 and int8, torch and ONNX Runtime", "",
              f"`python -m benchmarks.studies.int8_accuracy` on {len(examples)} rows of `{args.data}`; delta in points "
-             f"to the first model's torch fp32; agreement = predictions equal to the same model's torch fp32.", "",
+             f"to the first model's torch fp32; agreement = predictions equal to the same model's torch fp32. "
+             "int8 all: every projection in int8; int8: the first layer's FFN output projection kept fp32 "
+             "(the library's default).", "",
              "| model | configuration | variant | accuracy | delta | agreement with its fp32 |",
              "|---|---|---|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['configuration'] or 'stock'} | {r['variant']} | {100 * r['accuracy']:.2f} | "

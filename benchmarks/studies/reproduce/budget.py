@@ -39,6 +39,9 @@ class TaskSpec:
     # Training seeds (besides ``seed``) of the headline rows: baseline, the fastest fixed and the
     # fastest proportional model within 1 point at ``seed``, re-run from fine-tuning at each seed.
     headline_seeds: tuple[int, ...] = ()
+    # The pre-trained encoder (``experiment.MODELS``): "minilm" (MiniLM-L6, the default), "mpnet"
+    # (all-mpnet-base-v2, ``make mpnet``) or "tiny-mpnet" (a seeded random 2-layer MPNet: the quick mode).
+    model: str = "minilm"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -52,10 +55,11 @@ class Budget:
     wall_budget_min: float  # what the run may take on this 2-core machine, written beside what it took
     ablations: tuple[str, ...] = ("first", "random")
     notes: str = ""
+    results_name: str = "reproduce"  # <results_name>.json, .md, _splits.json, _<task>.png in the results folder
 
     def as_dict(self) -> dict:
         return {"name": self.name, "timing_rounds": self.timing_rounds, "wall_budget_min": self.wall_budget_min,
-                "ablations": list(self.ablations),
+                "ablations": list(self.ablations), "results_name": self.results_name,
                 "notes": self.notes, "tasks": [t.as_dict() for t in self.tasks]}
 
 
@@ -99,4 +103,25 @@ QUICK = Budget(
     notes="Smoke test of the full code path (CI); the numbers mean nothing.",
 )
 
-BUDGETS = {"full": FULL, "quick": QUICK}
+# Issue 22: the same pipeline on all-mpnet-base-v2 (12 layers, hidden 768; ~8x MiniLM-L6's FLOPs per token).
+MPNET_MOVIE_REVIEWS = dataclasses.replace(
+    MOVIE_REVIEWS, model="mpnet", train=MPNET_TRAIN, batch_size=16, lr_bert=2e-5, finetune_epochs=1,
+    targets=(4.5,), target_trials=3, target_subset=128, proportional_targets=(4.0,), headline_seeds=(1, 2),
+)
+MPNET_BBC_NEWS = dataclasses.replace(
+    BBC_NEWS, model="mpnet", train=MPNET_BBC_TRAIN, batch_size=8, lr_bert=2e-5, finetune_epochs=1,
+    targets=(7.0,), target_trials=3, target_subset=48, goal_speedup=4.0, proportional_targets=(),
+)
+MPNET_FULL = Budget(
+    name="mpnet-full", tasks=(MPNET_MOVIE_REVIEWS, MPNET_BBC_NEWS), timing_rounds=3, wall_budget_min=240,
+    ablations=(), results_name="reproduce_mpnet",
+    notes=MPNET_NOTES,
+)
+MPNET_QUICK = Budget(
+    name="mpnet-quick",
+    tasks=tuple(dataclasses.replace(t, model="tiny-mpnet") for t in QUICK.tasks),
+    timing_rounds=2, wall_budget_min=10, ablations=(), results_name="reproduce_mpnet",
+    notes="Smoke test of the MPNet code path (CI) on a seeded random 2-layer MPNet; the numbers mean nothing.",
+)
+
+BUDGETS = {"full": FULL, "quick": QUICK, "mpnet-full": MPNET_FULL, "mpnet-quick": MPNET_QUICK}
