@@ -1,4 +1,6 @@
-"""``python -m benchmarks.studies.reproduce.check RESULTS_DIR``: every expected file and key exists.
+"""``python -m benchmarks.studies.reproduce.check RESULTS_DIR [NAME]``: every expected file and key exists.
+
+NAME is the budget's ``results_name`` (``reproduce``, the default, or ``reproduce_mpnet``).
 
 Exits 1 naming what is missing (the quick mode's test-like check, run by ``make reproduce-quick``).
 """
@@ -21,21 +23,21 @@ POWER = ("lambda", "configuration", "vectors_kept", "vectors_total", "vector_rat
          "speedup_vs_padded", "speedup_vs_dynamic", "padded", "dynamic", "ablation")
 
 
-def problems(out: Path) -> list[str]:
+def problems(out: Path, stem: str = "reproduce") -> list[str]:
     found = []
-    result_path = out / "reproduce.json"
-    for name in ("reproduce.json", "reproduce.md", "reproduce_splits.json"):
+    result_path = out / f"{stem}.json"
+    for name in (f"{stem}.json", f"{stem}.md", f"{stem}_splits.json"):
         if not (out / name).is_file() or (out / name).stat().st_size == 0:
             found.append(f"missing or empty: {out / name}")
     if not result_path.is_file():
         return found
     result = json.loads(result_path.read_text())
-    found += [f"reproduce.json: no key {k!r}" for k in TOP if k not in result]
+    found += [f"{stem}.json: no key {k!r}" for k in TOP if k not in result]
     found += [f"machine: no key {k!r}" for k in MACHINE if k not in result.get("machine", {})]
     budget = result.get("budget", {})
     expected_tasks = [t["name"] for t in budget.get("tasks", [])]
-    splits = json.loads((out / "reproduce_splits.json").read_text()) if (out / "reproduce_splits.json").is_file() else {}
-    markdown = (out / "reproduce.md").read_text() if (out / "reproduce.md").is_file() else ""
+    splits = json.loads((out / f"{stem}_splits.json").read_text()) if (out / f"{stem}_splits.json").is_file() else {}
+    markdown = (out / f"{stem}.md").read_text() if (out / f"{stem}.md").is_file() else ""
     for name in expected_tasks:
         t = result.get("tasks", {}).get(name)
         if t is None:
@@ -47,7 +49,7 @@ def problems(out: Path) -> list[str]:
             if not t.get("splits", {}).get(split, {}).get("size"):
                 found.append(f"{name}.splits.{split}: no size")
             if not splits.get(name, {}).get(split):
-                found.append(f"reproduce_splits.json: no ids for {name}.{split}")
+                found.append(f"{stem}_splits.json: no ids for {name}.{split}")
         spec = next(s for s in budget["tasks"] if s["name"] == name)
         points = t.get("powerbert", [])
         if len(points) != len(spec["targets"]):
@@ -85,22 +87,22 @@ def problems(out: Path) -> list[str]:
                 elif not all(k in row for k in ("test_accuracy",) + (() if mode == "baseline" else HEADLINE)):
                     found.append(f"{name}.headline.{mode}: missing one of {HEADLINE}")
             if "goal" not in h or "Headline rows over" not in markdown:
-                found.append(f"{name}.headline: no goal, or no headline section in reproduce.md")
-        png = out / f"reproduce_{name}.png"
+                found.append(f"{name}.headline: no goal, or no headline section in {stem}.md")
+        png = out / f"{stem}_{name}.png"
         if not png.is_file() or png.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
             found.append(f"missing or not a PNG: {png}")
-        if f"reproduce_{name}.png" not in markdown or t.get("title", "?") not in markdown:
-            found.append(f"reproduce.md: no section or plot for {name}")
+        if f"{stem}_{name}.png" not in markdown or t.get("title", "?") not in markdown:
+            found.append(f"{stem}.md: no section or plot for {name}")
     return found
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
+    if len(argv) not in (1, 2):
         print(__doc__, file=sys.stderr)
         return 2
     out = Path(argv[0])
-    found = problems(out)
+    found = problems(out, *argv[1:])
     for problem in found:
         print(f"FAIL {problem}", file=sys.stderr)
     if not found:

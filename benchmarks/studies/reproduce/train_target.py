@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     task_dir = args.work / spec.name
     experiment.check_spec(task_dir, spec)
     reproduce_data.prepare(spec, args.data_dir, task_dir / "data")
-    base = experiment.base_config(spec, task_dir)
+    base = experiment.base_config(spec, task_dir, args.data_dir)
     (task_dir / "base").mkdir(parents=True, exist_ok=True)
     training_steps.finetune(base)
     cfg = experiment.target_config(base, task_dir, args.target, args.mode)
