@@ -24,7 +24,8 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
-          selection: str | None = None, static_shapes: bool | None = None, retention_min=None) -> nn.Module:
+          selection: str | None = None, static_shapes: bool | None = None, retention_min=None,
+          pool_eliminated: bool | None = None) -> nn.Module:
     """Make ``model`` eliminate word vectors (PoWER-BERT), in place.
 
     Args:
@@ -55,6 +56,11 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
             (``True``) keeps the input's shape: no synchronisation, for CUDA graphs and
             ``torch.compile``. None (default, CPU and CUDA): dynamic, static while
             ``torch.compile`` traces or a CUDA graph is captured.
+        pool_eliminated: ``SentenceTransformer`` only: the pooling reads every real token's last
+            vector (an eliminated token's as it entered the layer that dropped it) instead of the
+            survivors alone; the same work, more of the text in the embedding. Stored in the
+            config (``powerbert_pool_eliminated``) so it survives ``model.save``; None reads it
+            from there (default False).
 
     Returns:
         The same ``model``. ``model.config.powerbert_retention`` holds the configuration, so
@@ -70,7 +76,9 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
     options = dict(cls_only_last_layer=cls_only_last_layer, selection=selection, static_shapes=static_shapes,
                    retention_min=retention_min)
     if sentence_models.is_sentence_model(model):
-        return sentence_models.patch_sentence(model, retention, **options)
+        return sentence_models.patch_sentence(model, retention, pool_eliminated=pool_eliminated, **options)
+    if pool_eliminated:
+        raise TypeError(f"pool_eliminated is for a SentenceTransformer's pooling; {type(model).__name__} has none")
     return install_hard_extract(model, retention, **options)
 
 

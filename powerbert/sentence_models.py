@@ -13,7 +13,10 @@ through ``model.save``) and, for sentence embeddings, the module's ``forward``:
   positions of the survivors are in ``features["kept_positions"]``. Pooling modes that depend on
   where a token sits or on how many tokens the text has (``lasttoken``, ``weightedmean``,
   ``mean_sqrt_len_tokens``) and modules that align token vectors with ``input_ids`` (``WordWeights``,
-  ``LSTM``, ...) are refused at patch time.
+  ``LSTM``, ...) are refused at patch time. With ``pool_eliminated`` the module hands on, instead,
+  every real token's last vector (the base model's ``last_vectors``: an eliminated token's vector
+  as it entered the layer that dropped it) with the input mask, so the pooling sees the whole text
+  at no extra work; the choice is kept in the Hugging Face config (``POOL_ELIMINATED_KEY``).
 * ``CrossEncoder``: the model is a sequence-classification head reading [CLS]; its logits keep
   their shape, so patching the head is all it takes (its last layer runs for [CLS] alone).
 
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from powerbert.elimination.families import resolve
-from powerbert.elimination.forwards import restore_attribute, saved_attribute
+from powerbert.elimination.forwards import LAST_VECTORS_KWARG, restore_attribute, saved_attribute
 from powerbert.elimination.hard_extract import hard_extract_of, install_hard_extract, remove_hard_extract
 
 SENTENCE_PACKAGE = "sentence_transformers"
@@ -41,6 +44,7 @@ POOLING_MODES = ("mean", "cls", "max")
 # Modules that may follow the Transformer of a patched SentenceTransformer: they read the sentence
 # embedding, or token embeddings through their mask only.
 FOLLOWERS = ("Pooling", "Normalize", "Dense", "Dropout", "LayerNorm", "Router", "Asym")
+POOL_ELIMINATED_KEY = "powerbert_pool_eliminated"  # in the Hugging Face config, only while True
 
 
 def _sentence_class(model) -> str | None:
@@ -115,15 +119,22 @@ class TokenEmbeddingsForward:
     tokens first, in input order), ``features["attention_mask"]`` = ``[B, k]`` survivor mask (the
     input mask's dtype), ``features["kept_positions"]`` = ``[B, k]`` their input positions.
 
+    With ``pool_eliminated``: ``token_embeddings`` = ``[B, n, D]`` every input position's last
+    vector (zeros at padding) and ``attention_mask`` the input mask; ``kept_positions`` as above.
+
     A picklable object, not a closure (like ``encoder.EncoderForward``). Attributes:
         module: the ``Transformer`` module. poolings: the model's ``Pooling`` modules (for
         ``include_prompt``). saved_forward: ``(had_one, value)``, what ``unpatch`` restores.
+        pool_eliminated: see above. saved_config: ``(had_one, value)`` of the config key.
     """
 
-    def __init__(self, module: nn.Module, poolings: list[nn.Module], saved_forward: tuple[bool, Any]):
+    def __init__(self, module: nn.Module, poolings: list[nn.Module], saved_forward: tuple[bool, Any],
+                 pool_eliminated: bool = False, saved_config: tuple[bool, Any] = (False, None)):
         self.module = module
         self.poolings = poolings
         self.saved_forward = saved_forward
+        self.pool_eliminated = pool_eliminated
+        self.saved_config = saved_config
 
     def __call__(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
         if features.get("modality", "text") != "text":
@@ -132,13 +143,20 @@ class TokenEmbeddingsForward:
         names = _model_input_names(model)
         inputs = {key: value for key, value in {**features, **kwargs}.items() if key in names and key != "return_dict"}
         input_mask = inputs.get("attention_mask")
-        out = model(**inputs, return_dict=True)
+        pool_all = getattr(self, "pool_eliminated", False)  # objects pickled before it existed: False
+        out = model(**inputs, return_dict=True, **({LAST_VECTORS_KWARG: True} if pool_all else {}))
         mask = out["kept_mask"]
+        if pool_all:
+            vectors = out["last_vectors"]
+            mask = (torch.ones(vectors.shape[:2], dtype=torch.bool, device=vectors.device) if input_mask is None
+                    else input_mask.bool())
+        else:
+            vectors = out["last_hidden_state"]
         prompt_length = features.get("prompt_length")
-        if prompt_length is not None and self._excludes_prompt():
+        if prompt_length is not None and self._excludes_prompt() and not pool_all:
             mask = self._drop_prompt(mask, out["kept_positions"], input_mask, prompt_length)
             features["prompt_length"] = 0  # done here: Pooling would count slots, not input positions
-        features[self.module.module_output_name] = out["last_hidden_state"]
+        features[self.module.module_output_name] = vectors
         features["attention_mask"] = mask.to(torch.int64 if input_mask is None else input_mask.dtype)
         features["kept_positions"] = out["kept_positions"]
         if getattr(model.config, "output_hidden_states", False) and out.get("hidden_states") is not None:
@@ -167,12 +185,14 @@ def _patched_transformers(model: nn.Module) -> list[nn.Module]:
     return [module for module in _transformer_modules(model) if hard_extract_of(module.model) is not None]
 
 
-def patch_sentence(model: nn.Module, retention=None, **options) -> nn.Module:
+def patch_sentence(model: nn.Module, retention=None, *, pool_eliminated: bool | None = None, **options) -> nn.Module:
     """``powerbert.patch`` for a ``SentenceTransformer`` or ``CrossEncoder`` (see the module docstring).
 
     Every ``Transformer`` module's Hugging Face model is patched with ``retention`` and
     ``options`` (``powerbert.patch``'s keywords); None reads each model's ``config.json``
     (``powerbert_retention``, written by ``model.save`` after an earlier patch).
+    ``pool_eliminated`` (embeddings only): pool every real token's last vector (see
+    ``TokenEmbeddingsForward``); None reads ``POOL_ELIMINATED_KEY`` from the config.
 
     Raises:
         TypeError: no Transformer module, a model or module elimination does not support
@@ -187,6 +207,8 @@ def patch_sentence(model: nn.Module, retention=None, **options) -> nn.Module:
     if _patched_transformers(model):
         raise RuntimeError("model is already patched by powerbert; call powerbert.unpatch(model) first")
     poolings = _check_followers(model, modules) if kind == "embedding" else []
+    if pool_eliminated and kind != "embedding":
+        raise TypeError("pool_eliminated is for a SentenceTransformer's pooling; a CrossEncoder reads [CLS] alone")
     for module in modules:
         _check_modality(module, kind)
         _, base, cls_only = resolve(module.model)
@@ -202,7 +224,15 @@ def patch_sentence(model: nn.Module, retention=None, **options) -> nn.Module:
             install_hard_extract(module.model, retention, **options)
             done.append(module)
             if kind == "embedding":
-                module.forward = TokenEmbeddingsForward(module, poolings, saved_attribute(module, "forward"))
+                config = module.model.config
+                saved_config = (hasattr(config, POOL_ELIMINATED_KEY), getattr(config, POOL_ELIMINATED_KEY, None))
+                pool = bool(saved_config[1]) if pool_eliminated is None else bool(pool_eliminated)
+                if pool:
+                    setattr(config, POOL_ELIMINATED_KEY, True)
+                elif saved_config[0]:
+                    delattr(config, POOL_ELIMINATED_KEY)
+                module.forward = TokenEmbeddingsForward(module, poolings, saved_attribute(module, "forward"),
+                                                        pool_eliminated=pool, saved_config=saved_config)
     except BaseException:
         for module in done:
             _unpatch_module(module)
@@ -214,6 +244,12 @@ def _unpatch_module(module: nn.Module) -> None:
     forward = module.__dict__.get("forward")
     if isinstance(forward, TokenEmbeddingsForward):
         restore_attribute(module, "forward", forward.saved_forward)
+        had, value = getattr(forward, "saved_config", (False, None))
+        config = module.model.config
+        if had:
+            setattr(config, POOL_ELIMINATED_KEY, value)
+        elif hasattr(config, POOL_ELIMINATED_KEY):
+            delattr(config, POOL_ELIMINATED_KEY)
     remove_hard_extract(module.model)
 
 

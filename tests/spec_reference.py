@@ -63,21 +63,25 @@ def head_ws_choose(probs: torch.Tensor, mask: torch.Tensor, k: int) -> list[int]
 
 @torch.no_grad()
 def spec_encoder(hidden: torch.Tensor, mask: torch.Tensor, layers, retention, choose=spec_choose,
-                 position_bias=None):
+                 position_bias=None, last_vectors=None):
     """Run encoder layers with hard extraction. hidden [B, N, D], mask [B, N] 0/1.
 
     ``layers``: list of dicts as built by ``bert_layer_modules``; ``choose(probs [H, n, n],
     mask [n], k) -> kept positions``; ``position_bias(positions) -> [H, n, n]``: what every
     layer adds to its scaled logits, from the original positions (a list) of the vectors alive
     in it (§9, MPNet), or None. Returns the list of per-sequence outputs [k_L, D] and the kept
-    original positions of each sequence.
+    original positions of each sequence. ``last_vectors``: a list that receives, per sequence,
+    ``[N, D]`` every position's last vector (a survivor's output; an eliminated vector as it
+    entered the layer that dropped it).
     """
     outputs, kept_positions = [], []
     for b in range(hidden.shape[0]):
         h = hidden[b]
         m = mask[b].bool()
         positions = list(range(h.shape[0]))
+        last = h.clone()
         for mods, k in zip(layers, retention):
+            last[positions] = h
             n, width = h.shape
             heads = mods["heads"]
             d = width // heads
@@ -96,6 +100,9 @@ def spec_encoder(hidden: torch.Tensor, mask: torch.Tensor, layers, retention, ch
                 a, m = a[keep], m[keep]
                 positions = [positions[i] for i in keep]
             h = mods["ln2"](mods["ffn_out"](mods["act"](mods["ffn_in"](a))) + a)
+        last[positions] = h
         outputs.append(h)
         kept_positions.append(positions)
+        if last_vectors is not None:
+            last_vectors.append(last)
     return outputs, kept_positions

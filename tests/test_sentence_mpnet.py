@@ -109,3 +109,21 @@ def test_cross_encoder_padding_sides_agree_and_keep_all_is_stock(cross_encoder, 
     if retention == [1.0] * 3:
         torch.testing.assert_close(right, stock, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cross_encoder.predict(PAIRS, convert_to_tensor=True), stock, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_pool_eliminated_on_mpnet_is_the_spec_on_either_padding_side(sentence_model, padding_side):
+    """``pool_eliminated=True``: the mean over every real token's last vector (the §9 bias from the
+    survivors' positions), against each text alone; MPNet numbers positions after its padding id,
+    so left padding gives the same embeddings."""
+    last = []
+    each_row_alone(sentence_model[0].auto_model, sentence_model.preprocess(TEXTS), FRACTIONS, last_vectors=last)
+    tokenizer = sentence_model.tokenizer
+    powerbert.patch(sentence_model, FRACTIONS, pool_eliminated=True)
+    try:
+        tokenizer.padding_side = padding_side
+        ours = _encode(sentence_model)
+    finally:
+        tokenizer.padding_side = "right"
+        powerbert.unpatch(sentence_model)
+    torch.testing.assert_close(ours, torch.stack([vectors.mean(0) for vectors in last]), atol=3e-5, rtol=3e-5)

@@ -236,3 +236,52 @@ def test_cross_encoder_keep_all_equals_stock_to_the_bit(cross_encoder):
             assert torch.equal(cross_encoder.predict(PAIRS, convert_to_tensor=True), stock)
         finally:
             powerbert.unpatch(cross_encoder)
+
+
+@pytest.mark.parametrize("padding_side", ["right"])  # BERT's positions follow slots: left padding in test_sentence_mpnet
+def test_pool_eliminated_pools_every_tokens_last_vector(model, padding_side):
+    """``patch(..., pool_eliminated=True)``: mean pooling over every real token's last vector (an
+    eliminated token's as it entered the layer that dropped it), against the spec run on each
+    text alone; keep-all equals stock."""
+    stock = _encode(model, TEXTS)
+    last = []
+    per_sequence_reference(model[0].model, model.preprocess(TEXTS), FRACTIONS, last_vectors=last)
+    reference = torch.nn.functional.normalize(torch.stack([vectors.mean(0) for vectors in last]), dim=1)
+    side = model.tokenizer.padding_side
+    model.tokenizer.padding_side = padding_side
+    try:
+        for retention, expected in (([1.0] * 6, stock), (FRACTIONS, reference)):
+            powerbert.patch(model, retention, pool_eliminated=True)
+            try:
+                torch.testing.assert_close(_encode(model, TEXTS), expected, atol=3e-5, rtol=3e-5)
+            finally:
+                powerbert.unpatch(model)
+    finally:
+        model.tokenizer.padding_side = side
+    powerbert.patch(model, FRACTIONS)
+    try:
+        survivors = _encode(model, TEXTS)
+    finally:
+        powerbert.unpatch(model)
+    assert (survivors - reference).abs().max() > 1e-3  # a different embedding from the survivors' alone
+
+
+def test_pool_eliminated_survives_save_and_unpatch(model, tmp_path):
+    """The choice is in the config while patched (``model.save`` keeps it, ``patch`` of the loaded
+    model reads it), and ``unpatch`` removes it; a CrossEncoder or a bare model refuses it."""
+    from powerbert.sentence_models import POOL_ELIMINATED_KEY
+
+    config = model[0].model.config
+    assert not hasattr(config, POOL_ELIMINATED_KEY)
+    powerbert.patch(model, FRACTIONS, pool_eliminated=True)
+    try:
+        expected = _encode(model, TEXTS)
+        model.save(str(tmp_path / "saved"))
+    finally:
+        powerbert.unpatch(model)
+    assert not hasattr(config, POOL_ELIMINATED_KEY)
+    loaded = st.SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    powerbert.patch(loaded)
+    torch.testing.assert_close(_encode(loaded, TEXTS), expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(TypeError, match="pool_eliminated"):
+        powerbert.patch(copy.deepcopy(model[0].model), FRACTIONS, pool_eliminated=True)

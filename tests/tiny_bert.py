@@ -55,8 +55,9 @@ def reference_counts(fractions, minimum, length):
     return counts
 
 
-def per_sequence_reference(bert, inputs, fractions, minimum=None):
-    """Each row alone, without padding, through the spec with its own counts."""
+def per_sequence_reference(bert, inputs, fractions, minimum=None, last_vectors=None):
+    """Each row alone, without padding, through the spec with its own counts (``last_vectors``:
+    a list receiving each row's ``[len_i, D]`` last vectors, see ``spec_encoder``)."""
     layers = [bert_layer_modules(layer) for layer in bert.encoder.layer]
     outputs, positions = [], []
     for row in range(inputs["input_ids"].shape[0]):
@@ -65,7 +66,8 @@ def per_sequence_reference(bert, inputs, fractions, minimum=None):
         types = inputs["token_type_ids"][row:row + 1, :length]
         with torch.no_grad():
             hidden = bert.embeddings(input_ids=ids, token_type_ids=types)
-        out, kept = spec_encoder(hidden, torch.ones(1, length), layers, reference_counts(fractions, minimum, length))
+        out, kept = spec_encoder(hidden, torch.ones(1, length), layers, reference_counts(fractions, minimum, length),
+                                 last_vectors=last_vectors)
         outputs.append(out[0])
         positions.append(kept[0])
     return outputs, positions

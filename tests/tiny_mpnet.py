@@ -45,9 +45,10 @@ def mpnet_bias(base):
     return bias
 
 
-def each_row_alone(base, inputs, fractions):
+def each_row_alone(base, inputs, fractions, last_vectors=None):
     """Every row alone, unpadded, through the spec with its own §8 counts and the §9 bias:
-    ``(outputs [k_i, D] per row, kept original positions per row)``."""
+    ``(outputs [k_i, D] per row, kept original positions per row)``; ``last_vectors``: a list
+    receiving each row's ``[len_i, D]`` last vectors (``spec_encoder``)."""
     outputs, positions = [], []
     for row in range(inputs["input_ids"].shape[0]):
         length = int(inputs["attention_mask"][row].sum())
@@ -55,7 +56,8 @@ def each_row_alone(base, inputs, fractions):
         with torch.no_grad():
             hidden = base.embeddings(input_ids=ids)
         out, kept = spec_encoder(hidden, torch.ones(1, length), mpnet_layers(base),
-                                 reference_counts(fractions, None, length), position_bias=mpnet_bias(base))
+                                 reference_counts(fractions, None, length), position_bias=mpnet_bias(base),
+                                 last_vectors=last_vectors)
         outputs.append(out[0])
         positions.append(kept[0])
     return outputs, positions

@@ -14,7 +14,10 @@ run, and a deep copy runs its own weights.
   output capture (forward hooks on the stock layer modules, which no longer run) cannot give:
   ``hidden_states`` (L + 1 entries: the vectors entering the first layer, then each layer's
   survivors), ``attentions`` (each layer's probabilities over the vectors alive in it), and
-  ``kept_mask`` / ``kept_positions`` for the survivors of the last layer.
+  ``kept_mask`` / ``kept_positions`` for the survivors of the last layer; asked with
+  ``powerbert_last_vectors=True`` (``LAST_VECTORS_KWARG``), also ``last_vectors`` ``[B, n, D]``:
+  every input position's last vector (a survivor's last-layer output; an eliminated token's
+  vector as it entered the layer that dropped it), in input order, zeros at padding.
 * ``HeadForward`` (only on heads that read [CLS] alone, e.g. sequence classification) tells the
   encoder, through the base model's keyword arguments, that this call may run its last layer
   for [CLS] only. Calling the base model inside such a head directly still returns every
@@ -38,6 +41,20 @@ from powerbert.elimination.layout import real_tokens_first, static_shapes_now
 RECORD_KWARG = "powerbert_record"
 # The keyword through which HeadForward tells BaseForward that only [CLS] is read.
 CLS_ONLY_KWARG = "powerbert_cls_only"
+# The keyword that asks BaseForward for ``last_vectors`` (see the module docstring).
+LAST_VECTORS_KWARG = "powerbert_last_vectors"
+
+
+def write_rows(full: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``full`` ``[B, n + 1, D]`` with each real slot's vector written at its input position.
+
+    hidden ``[B, k, D]``, positions ``[B, k]`` int64 (input positions), mask ``[B, k]`` bool (the
+    slot holds a real token). Padding slots write to the spare column ``n`` (no two real slots
+    of a row share a position, so nothing real is written twice); no host read.
+    """
+    spare = full.shape[1] - 1
+    where = torch.where(mask, positions, torch.full_like(positions, spare))
+    return full.scatter(1, where[..., None].expand(-1, -1, hidden.shape[-1]), hidden.to(full.dtype))
 
 
 def key_mask(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -143,7 +160,14 @@ class EncoderForward:
             cls_only_last = False
         if hidden_states_out is not None:
             hidden_states_out.append(hidden)
+        want_last = record is not None and record.get("last_vectors") is not None
+        if want_last:
+            width = attention_mask.shape[-1] if attention_mask is not None else hidden_states.shape[1]
+            last = hidden.new_zeros(hidden.shape[0], width + 1, hidden.shape[-1])
+            follow_positions = True
         for index, parts in enumerate(layers):
+            if want_last:  # what enters this layer is the last vector of whatever it drops
+                last = write_rows(last, hidden, positions, mask)
             bias = None if position_bias is None else position_bias(self.encoder, positions)
             step = functools.partial(self.runner.layer, index, len(layers), parts, padded=padded,
                                      need_probs=need_probs, cls_only_last=cls_only_last, plan=plan, bias=bias)
@@ -160,6 +184,8 @@ class EncoderForward:
         if record is not None:
             record["kept_mask"] = mask
             record["kept_positions"] = positions
+            if want_last:
+                record["last_vectors"] = write_rows(last, hidden, positions, mask)[:, :-1]
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden)
 
 
@@ -198,6 +224,7 @@ class BaseForward:
             "attentions": [] if want_attentions else None,
             "kept_mask": None,
             "kept_positions": None,
+            "last_vectors": True if kwargs.pop(LAST_VECTORS_KWARG, False) else None,
         }
         had_own, own = self.saved_forward
         # The class's function with the module as first argument, not bound with __get__: Dynamo
@@ -216,6 +243,8 @@ class BaseForward:
         if record["kept_mask"] is not None:
             out["kept_mask"] = record["kept_mask"]
             out["kept_positions"] = record["kept_positions"]
+        if isinstance(record["last_vectors"], torch.Tensor):
+            out["last_vectors"] = record["last_vectors"]
         return out if return_dict else out.to_tuple()
 
 
