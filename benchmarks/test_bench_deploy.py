@@ -12,7 +12,7 @@ batches in the same run:
   int8 (``stock-ort-int8``);
 - patched: torch (``patched-torch``), torch int8 (``patched-torch-int8``), and ``powerbert
   export`` fp32 and int8 (``patched-ort``, ``patched-ort-int8``); int8 as the library does it, the
-  first layer's FFN output projection in fp32 (``powerbert.deployment.FIRST_FFN_OUT``).
+  first layer's FFN output projection in fp32 (``powerbert.deployment.first_ffn_out``).
 
 The models: where ``make reproduce``'s cache holds them (``work/reproduce/<task>/base/finetune``
 and ``target_4.5x/retrain``; ``python -m benchmarks.studies.reproduce.train_target --task T

@@ -50,6 +50,14 @@ class CalibrationWarning(UserWarning):
     """The held-out check is off or runs on too few texts (``holdout_warnings``)."""
 
 
+def family_configuration(a: float, b: float, num_layers: int) -> tuple[float, ...]:
+    """The family's configuration for shares ``a >= b``: ``f_l = a (b/a)^((l-1)/(L-1))`` over
+    ``num_layers`` layers, rounded to 4 decimals, never above the layer before (or 1.0)."""
+    steps = max(num_layers - 1, 1)
+    config = tuple(round(a * (b / a) ** (layer / steps), 4) for layer in range(num_layers))
+    return tuple(min(value, previous) for value, previous in zip(config, (1.0,) + config))
+
+
 def candidate_family(num_layers: int, shares=DEFAULT_SHARES) -> list[tuple[float, ...]]:
     """Every configuration ``f_l = a (b/a)^((l-1)/(L-1))`` for shares ``a >= b`` (keep-all left out),
     rounded to 4 decimals, without duplicates."""
@@ -62,9 +70,7 @@ def candidate_family(num_layers: int, shares=DEFAULT_SHARES) -> list[tuple[float
         for b in shares:
             if b > a:
                 continue
-            steps = max(num_layers - 1, 1)
-            config = tuple(round(a * (b / a) ** (layer / steps), 4) for layer in range(num_layers))
-            config = tuple(min(value, previous) for value, previous in zip(config, (1.0,) + config))
+            config = family_configuration(a, b, num_layers)
             if all(value == 1.0 for value in config):
                 continue
             out.setdefault(config, (a, b))

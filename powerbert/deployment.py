@@ -27,7 +27,7 @@ other path (ties to the lower index), written with ops ONNX has (TopK, CumSum, S
 weights). Every file is written to a temporary path and renamed when complete.
 
 int8 keeps one projection in fp32 by default, in both paths (``quantize_torch_int8``,
-``export_onnx(quantize="int8")``): the first layer's FFN output projection (``FIRST_FFN_OUT``).
+``export_onnx(quantize="int8")``): the first layer's FFN output projection (``first_ffn_out``).
 Its input (the GELU of the first FFN, every token of every row) has activation outliers that a
 per-tensor dynamic int8 scale cannot hold. On the ``make reproduce`` movie-review PoWER-BERT
 model (2,000 test sentences), int8 of every projection cost 0.75 points against the model's fp32
@@ -55,7 +55,6 @@ OUTPUTS = {
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OPSETS = range(18, 24)  # what torch 2.13's exporter and ONNX Runtime 1.32 both take
 QUANTIZE = ("int8",)
-FIRST_FFN_OUT = "the first layer's FFN output projection"  # what int8 keeps in fp32 unless int8_all
 # Two texts of different lengths: the example batch the exporter traces with (any batch works).
 EXAMPLE_TEXTS = ("An example sentence to trace the model with, of a few words more than the other.",
                  "A shorter one.")
@@ -248,7 +247,9 @@ def fuse_qkv(model) -> int:
 
 def _hugging_face(model):
     """The Hugging Face model inside a sentence-transformers model, or ``model`` itself."""
-    return model[0].auto_model if hasattr(model, "encode") else model
+    from powerbert.sentence_models import hf_model, is_sentence_model
+
+    return hf_model(model) if is_sentence_model(model) else model
 
 
 def _dynamic(names) -> tuple:

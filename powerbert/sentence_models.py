@@ -225,7 +225,7 @@ def patch_sentence(model: nn.Module, retention=None, *, pool_eliminated: bool | 
             done.append(module)
             if kind == "embedding":
                 config = module.model.config
-                saved_config = (hasattr(config, POOL_ELIMINATED_KEY), getattr(config, POOL_ELIMINATED_KEY, None))
+                saved_config = saved_attribute(config, POOL_ELIMINATED_KEY)
                 pool = bool(saved_config[1]) if pool_eliminated is None else bool(pool_eliminated)
                 if pool:
                     setattr(config, POOL_ELIMINATED_KEY, True)
@@ -244,12 +244,8 @@ def _unpatch_module(module: nn.Module) -> None:
     forward = module.__dict__.get("forward")
     if isinstance(forward, TokenEmbeddingsForward):
         restore_attribute(module, "forward", forward.saved_forward)
-        had, value = getattr(forward, "saved_config", (False, None))
-        config = module.model.config
-        if had:
-            setattr(config, POOL_ELIMINATED_KEY, value)
-        elif hasattr(config, POOL_ELIMINATED_KEY):
-            delattr(config, POOL_ELIMINATED_KEY)
+        # (objects pickled before saved_config existed never set the key)
+        restore_attribute(module.model.config, POOL_ELIMINATED_KEY, getattr(forward, "saved_config", (False, None)))
     remove_hard_extract(module.model)
 
 

@@ -7,7 +7,7 @@ torch and ONNX Runtime.
 For each model folder (patched from its ``config.json`` when it holds ``powerbert_retention``, as
 ``powerbert evaluate`` runs it): torch fp32, torch int8 (``torch.ao.quantization.quantize_dynamic``)
 of every ``nn.Linear`` ("all") and with the first layer's FFN output projection kept fp32 (the
-library's default, ``powerbert.deployment.FIRST_FFN_OUT``), ONNX Runtime fp32 and the same two
+library's default, ``powerbert.deployment.first_ffn_out``), ONNX Runtime fp32 and the same two
 int8 variants (``powerbert export``, ``--quantize int8`` with and without ``--int8-all``). Texts are sorted by length and batched with dynamic padding; the accuracy is
 over every row of ``--data``, with its delta to the first model's torch fp32 in points, and the
 agreement of each variant's predictions with that model's own torch fp32.

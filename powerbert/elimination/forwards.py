@@ -164,7 +164,6 @@ class EncoderForward:
         if want_last:
             width = attention_mask.shape[-1] if attention_mask is not None else hidden_states.shape[1]
             last = hidden.new_zeros(hidden.shape[0], width + 1, hidden.shape[-1])
-            follow_positions = True
         for index, parts in enumerate(layers):
             if want_last:  # what enters this layer is the last vector of whatever it drops
                 last = write_rows(last, hidden, positions, mask)

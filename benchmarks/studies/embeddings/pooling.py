@@ -6,7 +6,7 @@
 Issue 22, item 4: a patched ``SentenceTransformer`` mean-pools its last layer's survivors; with
 ``powerbert.patch(..., pool_eliminated=True)`` it pools every real token's last vector instead
 (an eliminated token's vector as it entered the layer that dropped it), at the same work. For
-each configuration of the calibration family (``powerbert.calibrate.candidates``'s
+each configuration of the calibration family (``powerbert.calibrate.family_configuration``:
 ``f_l = a * (b / a) ** ((l - 1) / (L - 1))``), both poolings' cosine to the stock embedding on the
 same movie-review sentences (seeded sample), no re-training: mean, 5th percentile and minimum.
 The same configuration does the same work either way, so this is accuracy at equal speed.
@@ -26,15 +26,11 @@ from powerbert.inputs.files import write_text_atomic
 SHARES = ((1.0, 0.7), (1.0, 0.5), (0.9, 0.5), (0.8, 0.3), (0.7, 0.2), (0.6, 0.1))
 
 
-def family(a: float, b: float, layers: int) -> list[float]:
-    """The calibration family's configuration for (a, b) over ``layers`` layers."""
-    return [round(a * (b / a) ** (layer / max(layers - 1, 1)), 4) for layer in range(layers)]
-
-
 def main(argv=None) -> int:
     from sentence_transformers import SentenceTransformer
 
     import powerbert
+    from powerbert.calibrate import family_configuration
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a SentenceTransformer folder")
@@ -58,7 +54,7 @@ def main(argv=None) -> int:
     stock = encode()
     rows = []
     for a, b in SHARES:
-        retention = family(a, b, layers)
+        retention = list(family_configuration(a, b, layers))
         for pool in (False, True):
             powerbert.patch(model, retention, pool_eliminated=pool)
             try:
@@ -70,7 +66,7 @@ def main(argv=None) -> int:
                              cosine_min=float(cosine.min())))
             print(rows[-1], flush=True)
     out = Path(args.out)
-    lines = [f"# Pooling of a patched SentenceTransformer: survivors or every token's last vector", "",
+    lines = ["# Pooling of a patched SentenceTransformer: survivors or every token's last vector", "",
              f"`python -m benchmarks.studies.embeddings.pooling --model {args.model}`: {len(texts)} movie-review "
              f"sentences (seed {args.seed}), cosine of each embedding to stock's, no re-training; "
              f"{layers} layers. Same configuration, same work.", "",
