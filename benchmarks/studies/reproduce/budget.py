@@ -127,7 +127,7 @@ MPNET_BBC_NEWS = dataclasses.replace(
     targets=(7.0,), target_trials=3, target_subset=48, goal_speedup=4.0, proportional_targets=(),
 )
 MPNET_FULL = Budget(
-    name="mpnet-full", tasks=(MPNET_MOVIE_REVIEWS, MPNET_BBC_NEWS), timing_rounds=3, wall_budget_min=240,
+    name="mpnet-full", tasks=(MPNET_MOVIE_REVIEWS, MPNET_BBC_NEWS), timing_rounds=2, wall_budget_min=240,
     ablations=(), results_name="reproduce_mpnet",
     notes=MPNET_NOTES,
 )

@@ -330,6 +330,10 @@ def markdown(result: dict) -> str:
         f"(this one {wall['this_invocation_s'] / 60:.1f} min; per invocation "
         f"{', '.join(f'{x / 60:.1f}' for x in wall['per_invocation_s'])} min); budget {budget['wall_budget_min']:g} min "
         f"({'within' if wall['total_s'] / 60 <= budget['wall_budget_min'] else 'over'} it).",
+        *[f"- {task}: from an earlier invocation over the same work folder (commit `{e['commit']}`, {e['finished_at']})."
+          for task, e in result.get("earlier_tasks", {}).items()],
+        *[f"- {t['name']}: in the budget, **not run**: no result for it here."
+          for t in budget["tasks"] if t["name"] not in result["tasks"]],
         "",
         "| task | N | train / dev / test | batch | LR | epochs (fine-tune / search / re-train) | target vector ratios "
         "(fixed; proportional over real lengths) | λ trials × subset | headline seeds |",
@@ -399,22 +403,51 @@ def plot(name: str, t: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge_earlier_tasks(result: dict, out: Path) -> dict:
+    """``result`` with the tasks of an earlier run of the same budget in ``out`` that this run did not do.
+
+    A budget's tasks may run as separate invocations (``--tasks``) over one work folder, so that each
+    task's results land as soon as it is done; the later invocation keeps the earlier tasks' blocks
+    (budget order) instead of overwriting them. Another budget's file is never merged.
+    """
+    path = out / f"{result['budget'].get('results_name', 'reproduce')}.json"
+    if not path.is_file():
+        return result
+    earlier = json.loads(path.read_text())
+    if earlier.get("budget", {}).get("name") != result["budget"]["name"]:
+        return result
+    tasks = {**{k: v for k, v in earlier["tasks"].items() if k not in result["tasks"]}, **result["tasks"]}
+    order = [t["name"] for t in result["budget"]["tasks"]]
+    merged = dict(result, tasks=dict(sorted(tasks.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
+                                            else len(order))))
+    merged["earlier_tasks"] = {k: {"commit": earlier.get("commit"), "finished_at": earlier.get("finished_at")}
+                               for k in tasks if k not in result["tasks"]}
+    return merged
+
+
 def write(result: dict, raws: list[dict], out: Path) -> list[Path]:
-    """Write every result file into ``out``; returns their paths."""
+    """Write every result file into ``out`` (keeping an earlier run's other tasks, see
+    ``merge_earlier_tasks``); returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
+    name = result["budget"].get("results_name", "reproduce")
+    result = merge_earlier_tasks(result, out)
+    earlier_splits = out / f"{name}_splits.json"
+    kept_splits = ({k: v for k, v in json.loads(earlier_splits.read_text()).items() if k in result.get("earlier_tasks", {})}
+                   if earlier_splits.is_file() else {})
     files = []
 
     def put(path: Path, text: str):
         write_text_atomic(path, text)
         files.append(path)
 
-    name = result["budget"].get("results_name", "reproduce")
     put(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
-    splits = {raw["spec"].name: {"seed": raw["splits"]["seed"], "method": raw["splits"]["method"],
+    splits = kept_splits | {raw["spec"].name: {"seed": raw["splits"]["seed"], "method": raw["splits"]["method"],
                                  **{k: v["ids"] for k, v in raw["splits"]["splits"].items()}} for raw in raws}
     put(out / f"{name}_splits.json", json.dumps(splits) + "\n")
     put(out / f"{name}.md", markdown(result))
     for task, t in result["tasks"].items():
+        if task in result.get("earlier_tasks", {}):
+            continue  # its plot is the earlier run's
         path = out / f"{name}_{task}.png"
         plot(task, t, path)
         files.append(path)
