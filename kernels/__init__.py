@@ -21,6 +21,7 @@ _EXPORTS = {
     "significance_ref": "kernels.significance",
     "select": "kernels.select",
     "select_ref": "kernels.select",
+    "onnx_tie_order": "kernels.select",
     "gather": "kernels.gather",
     "gather_ref": "kernels.gather",
     "extract": "kernels.extract",

@@ -18,6 +18,8 @@ public function.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -120,6 +122,38 @@ def _select_by_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
     return out.scatter_(1, slot, pos)[:, :k]
 
 
+# ONNX's TopK breaks ties by the lower index (the operator's specification; ONNX Runtime's CPU
+# kernel does, checked on heavily tied rows), torch.topk promises no order among ties. So a graph
+# bound for ONNX selects with plain TopK nodes (two per layer instead of the threshold selection's
+# ~16: prefix counts, a scatter), while torch.export, whose program runs torch.topk, keeps the
+# threshold selection. ``onnx_tie_order()`` is entered by ``powerbert.deployment.export_onnx``.
+_onnx_tie_order = False
+
+
+@contextlib.contextmanager
+def onnx_tie_order():
+    """Inside this block a traced selection relies on ONNX TopK's tie order (lower index first);
+    only for graphs that ONNX Runtime (or another ONNX runtime honouring the spec) will run."""
+    global _onnx_tie_order
+    previous, _onnx_tie_order = _onnx_tie_order, True
+    try:
+        yield
+    finally:
+        _onnx_tie_order = previous
+
+
+def _onnx_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, k]`` int64 positions of the k largest scores, [CLS] forced, NaN as -inf, in
+    descending score order with ties to the lower index *as ONNX TopK orders them*."""
+    s = _nan_to_neginf(scores.float())
+    s[:, 0] = float("inf")
+    return torch.topk(s, k, dim=1, sorted=True).indices
+
+
+def _onnx_graph() -> bool:
+    return _onnx_tie_order and torch.compiler.is_exporting()
+
+
 def select_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Vectorised torch path of :func:`select` for an int k, inputs unchecked.
 
@@ -131,6 +165,8 @@ def select_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
     Top-k of the packed keys (exact, no ties), then ascending order; float64 scores go through
     the threshold selection (:func:`_select_by_threshold`).
     """
+    if _onnx_graph() and scores.dtype != torch.float64:
+        return ascending(_onnx_topk_indices(scores, k))
     if scores.dtype == torch.float64 or torch.compiler.is_exporting():
         return _select_by_threshold(scores, k)
     n = scores.shape[1]
@@ -153,13 +189,16 @@ def select_torch_rows(scores: torch.Tensor, k: torch.Tensor, width: int):
     k = k.to(torch.int64).clamp(1, width)                  # k < 1 keeps [CLS]; k > W is cut to W
     rank = torch.arange(width, dtype=torch.int64, device=scores.device)
     filler = rank >= k[:, None]                            # [B, W]
-    if scores.dtype == torch.float64 or torch.compiler.is_exporting():
+    if _onnx_graph() and scores.dtype != torch.float64:
+        top_positions = _onnx_topk_indices(scores, width)
+    elif scores.dtype == torch.float64 or torch.compiler.is_exporting():
         return _select_by_threshold_rows(scores, k, width), filler
-    # The W largest keys, descending (sorted=True): keys are unique, so rank r is well defined,
-    # and row i keeps ranks r < k_i'. The ranks it drops become n + r, beyond every position,
-    # so the ascending sort puts the kept positions first, in slots 0..k_i'-1.
-    top = torch.topk(_packed_keys(scores), width, dim=1, sorted=True).values
-    idx = torch.where(filler, n + rank, (n - 1) - (top & 0xFFFFFFFF))
+    else:
+        # The W largest keys, descending (sorted=True): keys are unique, so rank r is well defined.
+        top_positions = (n - 1) - (torch.topk(_packed_keys(scores), width, dim=1, sorted=True).values & 0xFFFFFFFF)
+    # Row i keeps ranks r < k_i'. The ranks it drops become n + r, beyond every position, so the
+    # ascending sort puts the kept positions first, in slots 0..k_i'-1.
+    idx = torch.where(filler, n + rank, top_positions)
     idx = ascending(idx)
     return idx.masked_fill_(filler, 0), filler
 

@@ -2,6 +2,7 @@
 Runtime (``powerbert.deployment``, ``powerbert export``). Tiny random models with MiniLM's real
 tokenizer, on real sentences; outputs against the eager patched model, at batch sizes and lengths
 other than the ones traced."""
+import importlib
 import json
 
 import numpy as np
@@ -85,8 +86,9 @@ def test_onnx_classifier_equals_the_eager_patched_model(tmp_path, tokenizer, ret
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clf", "clf.onnx"]  # no temporary file left
 
 
-def test_onnx_bare_encoder_keeps_the_same_positions(tmp_path, tokenizer):
-    folder = tiny_folder(tmp_path / "bare", head=BertModel, retention=PROPORTIONAL)
+@pytest.mark.parametrize("retention", [FIXED, PROPORTIONAL], ids=["fixed", "proportional"])
+def test_onnx_bare_encoder_keeps_the_same_positions(tmp_path, tokenizer, retention):
+    folder = tiny_folder(tmp_path / "bare", head=BertModel, retention=retention)
     summary = export_onnx(folder, tmp_path / "bare.onnx")
     assert summary["outputs"] == ["last_hidden_state", "kept_mask", "kept_positions"]
     model = AutoModel.from_pretrained(folder).eval()
@@ -209,3 +211,45 @@ def test_int8_keeps_the_first_ffn_output_projection_fp32(tmp_path, tokenizer):
     assert powerbert.is_patched(kept) and type(first_ffn_out(model)) is torch.nn.Linear  # the user's model untouched
     with torch.no_grad():
         torch.testing.assert_close(kept(**batch).logits, model(**batch).logits, atol=0.1, rtol=0)
+
+
+class _Selection(torch.nn.Module):
+    """The torch path of ``kernels.select`` as a graph: int k, or per-row k with a width."""
+
+    def __init__(self, k: int, per_row: bool):
+        super().__init__()
+        self.k, self.per_row = k, per_row
+
+    def forward(self, scores, k_rows):
+        from kernels.select import select_torch, select_torch_rows
+
+        if self.per_row:
+            return select_torch_rows(scores, k_rows, self.k)[0]
+        return select_torch(scores, self.k)
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["int-k", "per-row-k"])
+def test_onnx_selection_breaks_ties_to_the_lower_index(tmp_path, per_row):
+    """Exported for ONNX (``kernels.onnx_tie_order``), selection is two TopK nodes relying on ONNX's
+    tie order; on rows of heavy ties, -inf padding and NaN it must equal the reference exactly."""
+    import kernels
+    from torch.export import Dim
+
+    k, n = 5, 12
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randint(0, 3, (2, n), generator=generator).float(), torch.tensor([2, 5])
+    with torch.no_grad(), kernels.onnx_tie_order():
+        program = torch.onnx.export(_Selection(k, per_row), example, dynamo=True, input_names=["scores", "k_rows"],
+                                    dynamic_shapes=({0: Dim("batch"), 1: Dim("length", min=k + 1)}, {0: Dim("batch")}))
+    program.save(str(tmp_path / "select.onnx"))
+    assert not importlib.import_module("kernels.select")._onnx_tie_order  # the block restores the flag
+    assert sum(node.op_type == "TopK" for node in program.model_proto.graph.node) == 2
+    session = ort.InferenceSession(str(tmp_path / "select.onnx"), providers=["CPUExecutionProvider"])
+    for rows, length in ((1, 7), (6, 12), (9, 30)):
+        scores = torch.randint(0, 3, (rows, length), generator=generator).float()
+        scores[:, length - 2:] = float("-inf")
+        scores[0, 1] = float("nan")
+        k_rows = torch.randint(0, k + 2, (rows,), generator=generator)
+        got = session.run(None, {"scores": scores.numpy(), "k_rows": k_rows.numpy()})[0]
+        expected = kernels.select_ref(scores, k_rows, width=k) if per_row else kernels.select_ref(scores, k)
+        assert np.array_equal(got, expected.numpy()), (rows, length)

@@ -240,7 +240,24 @@ def choose_headline(spec, accuracy: dict, steps: dict, proportional: dict, batch
         within = [o for o in options if o["within_1_point"]]
         chosen[mode] = (max(within, key=lambda o: o["ideal_vs_dynamic"]) if within
                         else max(options, key=lambda o: o["delta_points"]))
+    if spec.headline_modes == "best" and chosen:
+        # One mode only: the fastest (ideal) of the choices within 1 point, else the most accurate.
+        def rank(item):
+            choice = item[1]
+            return (choice["within_1_point"], choice["ideal_vs_dynamic"] if choice["within_1_point"]
+                    else choice["delta_points"])
+        mode, choice = max(chosen.items(), key=rank)
+        chosen = {mode: choice}
     return chosen
+
+
+def headline_config(spec, seed_base_cfg, seed_dir: Path, mode: str, choice: dict, seed0_search: dict):
+    """The pipeline configuration of a headline model at another seed: the seed-0 target, with its
+    own lambda bisection (``headline_lambda="search"``) or seed 0's lambda (``"seed"``)."""
+    cfg = target_config(seed_base_cfg, seed_dir, choice["target"], mode)
+    if spec.headline_lambda == "seed":
+        return dataclasses.replace(cfg, target_speedup=None, lam=seed0_search["lambda"])
+    return cfg
 
 
 def dynamic_batch_lengths(test, batch_size: int) -> list[list[int]]:
@@ -359,7 +376,8 @@ def run_task(spec, budget, data_dir: Path, work: Path, tick=lambda: None, timing
         record = {"finetune": training_steps.finetune(sbase)}
         tick()
         for mode, choice in headline.items():
-            cfg = target_config(sbase, seed_dir, choice["target"], mode)
+            seed0 = (steps if mode == "fixed" else proportional)[f"{choice['target']:g}"]["search"]
+            cfg = headline_config(spec, sbase, seed_dir, mode, choice, seed0)
             log.info("%s: seed %d, %s retention, %gx target: search + re-train", spec.name, seed, mode, choice["target"])
             record[mode] = {"target": choice["target"], "search": training_steps.search(cfg)}
             tick()
