@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+from powerbert.elimination import dispatch
 from powerbert.inputs.checks import check_int
 from powerbert.inputs.files import atomic_path, check_output
 from powerbert.predict import Predictor, inspect_model
@@ -166,7 +166,7 @@ def export_onnx(model_dir, output, *, max_length: int | None = None, opset: int 
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".powerbert-export-") as work, atomic_path(output) as tmp:
         exported = Path(work) / "exported.onnx"
         # The graph runs in ONNX Runtime: selection may rely on ONNX TopK's tie order (kernels.select).
-        with torch.no_grad(), kernels.onnx_tie_order():
+        with torch.no_grad(), dispatch.onnx_tie_order():
             program = torch.onnx.export(forward, tuple(example[name] for name in names), dynamo=True,
                                         dynamic_shapes=_dynamic(names), input_names=list(names),
                                         output_names=list(outputs), opset_version=opset, verbose=False)

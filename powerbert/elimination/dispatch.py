@@ -140,3 +140,9 @@ def extract_from_scores(scores: torch.Tensor, hidden: torch.Tensor, mask: torch.
     ``k`` and ``width`` and the result as :func:`extract`.
     """
     return _select_and_gather(kernels.extract_from_scores, scores, hidden, mask, k, width)
+
+
+def onnx_tie_order():
+    """Context manager: a selection traced inside it relies on ONNX TopK's tie order (lower index
+    first), two TopK nodes per layer; only for graphs bound for ONNX Runtime (``kernels.onnx_tie_order``)."""
+    return kernels.onnx_tie_order()
