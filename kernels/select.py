@@ -80,6 +80,14 @@ def _nan_to_neginf(s: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(s), torch.full((), float("-inf"), dtype=s.dtype, device=s.device), s)
 
 
+def _ranked(scores: torch.Tensor) -> torch.Tensor:
+    """A fresh copy of ``scores [B, n]`` as every torch path ranks them: NaN as -inf, [CLS]
+    (position 0) +inf so that it is always kept."""
+    s = _nan_to_neginf(scores)
+    s[:, 0] = float("inf")
+    return s
+
+
 def _packed_keys(scores: torch.Tensor) -> torch.Tensor:
     """int64 sort keys, unique per row: order-preserving score bits above the inverted index.
 
@@ -91,8 +99,7 @@ def _packed_keys(scores: torch.Tensor) -> torch.Tensor:
     maps below -inf, a positive one above +inf).
     """
     B, n = scores.shape
-    s = _nan_to_neginf(scores.float())           # a fresh fp32 tensor: safe to write into
-    s[:, 0] = float("inf")                       # [CLS] always kept
+    s = _ranked(scores.float())                  # a fresh fp32 tensor: safe to write into
     s = torch.where(s == 0, torch.zeros_like(s), s)  # -0.0 ties with +0.0, as in torch.sort
     bits = s.view(torch.int32)
     key32 = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
@@ -109,8 +116,7 @@ def _select_by_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
     No host synchronisation: the ascending slots come from a prefix count and a scatter.
     """
     B, n = scores.shape
-    s = _nan_to_neginf(scores)
-    s[:, 0] = float("inf")                                   # [CLS] always kept
+    s = _ranked(scores)
     kth = torch.topk(s, k, dim=1, sorted=True).values[:, k - 1:k]
     above = s > kth
     tied = s == kth
@@ -145,13 +151,13 @@ def onnx_tie_order():
 def _onnx_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``[B, k]`` int64 positions of the k largest scores, [CLS] forced, NaN as -inf, in
     descending score order with ties to the lower index *as ONNX TopK orders them*."""
-    s = _nan_to_neginf(scores.float())
-    s[:, 0] = float("inf")
-    return torch.topk(s, k, dim=1, sorted=True).indices
+    return torch.topk(_ranked(scores.float()), k, dim=1, sorted=True).indices
 
 
-def _onnx_graph() -> bool:
-    return _onnx_tie_order and torch.compiler.is_exporting()
+def _onnx_graph(scores: torch.Tensor) -> bool:
+    """True while tracing a graph bound for ONNX (``onnx_tie_order``) with scores TopK ranks in
+    fp32 (float64 scores keep the threshold selection: fp32 would merge distinct values)."""
+    return _onnx_tie_order and scores.dtype != torch.float64 and torch.compiler.is_exporting()
 
 
 def select_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -165,7 +171,7 @@ def select_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
     Top-k of the packed keys (exact, no ties), then ascending order; float64 scores go through
     the threshold selection (:func:`_select_by_threshold`).
     """
-    if _onnx_graph() and scores.dtype != torch.float64:
+    if _onnx_graph(scores):
         return ascending(_onnx_topk_indices(scores, k))
     if scores.dtype == torch.float64 or torch.compiler.is_exporting():
         return _select_by_threshold(scores, k)
@@ -189,7 +195,7 @@ def select_torch_rows(scores: torch.Tensor, k: torch.Tensor, width: int):
     k = k.to(torch.int64).clamp(1, width)                  # k < 1 keeps [CLS]; k > W is cut to W
     rank = torch.arange(width, dtype=torch.int64, device=scores.device)
     filler = rank >= k[:, None]                            # [B, W]
-    if _onnx_graph() and scores.dtype != torch.float64:
+    if _onnx_graph(scores):
         top_positions = _onnx_topk_indices(scores, width)
     elif scores.dtype == torch.float64 or torch.compiler.is_exporting():
         return _select_by_threshold_rows(scores, k, width), filler
@@ -208,8 +214,7 @@ def _select_by_threshold_rows(scores: torch.Tensor, k: torch.Tensor, width: int)
     :func:`_select_by_threshold`, with row i's threshold the k_i'-th largest value of its row
     (gathered from a sorted top-W). Filler slots j >= k_i' hold 0."""
     B, n = scores.shape
-    s = _nan_to_neginf(scores)
-    s[:, 0] = float("inf")                                   # [CLS] always kept
+    s = _ranked(scores)
     top = torch.topk(s, width, dim=1, sorted=True).values
     kth = top.gather(1, (k - 1)[:, None])                    # [B, 1]
     above = s > kth
