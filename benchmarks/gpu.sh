@@ -23,4 +23,6 @@ if [ -z "$PY" ]; then
         if [ "$arg" = "--dry-run" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
     done
 fi
+# The driver imports powerbert (no torch) before any step: the checkout on the path, as the steps get it.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PY" benchmarks/gpu.py "$@"

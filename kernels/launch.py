@@ -39,6 +39,25 @@ AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AOT_ROW_K_DTYPES = (torch.bfloat16,)
 
 
+def size_min(a, b):
+    """``min`` of two sizes, either a Python int or a symbolic one (``torch.SymInt``).
+
+    Plain ``min`` on two ints: Dynamo in torch 2.11 cannot trace ``torch.sym_min`` returning an
+    int (seen on the H200's image); ``torch.sym_min`` otherwise, which puts no guard on a
+    symbolic size (torch.export).
+    """
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    return torch.sym_min(a, b)
+
+
+def size_max(a, b):
+    """``max`` of two sizes, int or symbolic; as :func:`size_min`."""
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    return torch.sym_max(a, b)
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1). Pure Python: no triton import needed."""
     n = int(n)
@@ -204,7 +223,7 @@ def check_k_width(k, width, B: int, n: int, device: torch.device, device_of: str
         raise TypeError(f"k as a tensor has unsupported dtype {dtype_name(k.dtype)}; accepted: {names}")
     if k.device != device:
         raise ValueError(f"k as a tensor must be on {device_of}' device {device}, got {k.device}")
-    return k, torch.sym_min(check_width(width), n)  # sym_min: no guard on a symbolic n (torch.export)
+    return k, size_min(check_width(width), n)  # no guard on a symbolic n (torch.export)
 
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:

@@ -19,6 +19,7 @@ import contextlib
 import torch
 
 import kernels
+from kernels.launch import size_max, size_min  # noqa: F401 (re-exported: sizes int or symbolic)
 
 _forced_backend: str | None = None
 

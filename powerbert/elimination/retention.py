@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from powerbert.elimination.dispatch import size_max, size_min
+
 
 def is_proportional(retention: Sequence) -> bool:
     """True for a proportional configuration (floats), False for a fixed one (ints)."""
@@ -153,8 +155,8 @@ def keep_counts(retention: Sequence, seq_len: int, minimum: Sequence[int] | None
         counts, keep = [], seq_len
         for layer, fraction in enumerate(retention):
             m = 1 if minimum is None else minimum[layer]
-            # sym_min/sym_max: plain min/max on ints; no guard on a symbolic length (torch.export)
-            keep = torch.sym_min(keep, torch.sym_max(m, math.ceil(seq_len * float(fraction))))
+            # no guard on a symbolic length (torch.export)
+            keep = size_min(keep, size_max(m, math.ceil(seq_len * float(fraction))))
             counts.append(keep)
         return counts
     return effective_lengths(retention, seq_len)
