@@ -32,3 +32,31 @@ def test_another_budgets_file_is_never_merged(tmp_path):
     (tmp_path / "reproduce.json").write_text(json.dumps(_result("quick", {"movie_reviews": {"a": 1}})))
     result = _result("full", {"bbc_news": {"b": 2}})
     assert merge_earlier_tasks(result, tmp_path) is result
+
+
+def _headline_problems(tmp_path, headline_modes: str, rows: dict) -> list[str]:
+    from benchmarks.studies.reproduce.check import problems
+
+    spec = {"name": "movie_reviews", "seed": 0, "headline_seeds": [1, 2], "headline_modes": headline_modes,
+            "targets": [], "proportional_targets": []}
+    result = {"budget": {"tasks": [spec]},
+              "tasks": {"movie_reviews": {"headline": {"seeds": [0, 1, 2], "rows": rows, "goal": {}}}}}
+    (tmp_path / "reproduce.json").write_text(json.dumps(result))
+    (tmp_path / "reproduce.md").write_text("## Headline rows over 3 seeds\n")
+    return [p for p in problems(tmp_path) if ".headline" in p]
+
+
+def test_the_check_expects_the_headline_rows_of_its_modes(tmp_path):
+    """headline_modes 'best' re-runs one retention mode at the other seeds, 'each' both."""
+    keys = dict.fromkeys(("test_accuracy", "delta_points", "speedup_vs_dynamic", "ideal_vs_dynamic",
+                          "flops_ideal_vs_dynamic"), 1.0)
+    three = {"per_seed": [{}, {}, {}], **keys}
+    assert _headline_problems(tmp_path, "best", {"baseline": three, "proportional": three}) == []
+    assert _headline_problems(tmp_path, "best", {"baseline": three, "fixed": three}) == []
+    assert _headline_problems(tmp_path, "best", {"baseline": three}) == [
+        "movie_reviews.headline: no fixed or proportional row (headline_modes 'best')"]
+    assert _headline_problems(tmp_path, "each", {"baseline": three, "fixed": three}) == [
+        "movie_reviews.headline: no proportional row with one entry per seed"]
+    assert _headline_problems(tmp_path, "each", {"baseline": three, "fixed": {"per_seed": [{}], **keys},
+                                                 "proportional": three}) == [
+        "movie_reviews.headline: no fixed row with one entry per seed"]

@@ -80,8 +80,16 @@ def problems(out: Path, stem: str = "reproduce") -> list[str]:
             h = t.get("headline") or {}
             if h.get("seeds") != [spec["seed"], *spec["headline_seeds"]]:
                 found.append(f"{name}.headline: seeds {h.get('seeds')!r}, expected {[spec['seed'], *spec['headline_seeds']]}")
-            for mode in ("baseline", "fixed", "proportional"):
-                row = h.get("rows", {}).get(mode)
+            rows = h.get("rows", {})
+            if spec.get("headline_modes", "each") == "best":
+                # the one mode whose choice is fastest within 1 point (experiment.choose_headline)
+                modes = ["baseline", *[m for m in ("fixed", "proportional") if m in rows][:1]]
+                if len(modes) == 1:
+                    found.append(f"{name}.headline: no fixed or proportional row (headline_modes 'best')")
+            else:
+                modes = ["baseline", "fixed", "proportional"]
+            for mode in modes:
+                row = rows.get(mode)
                 if row is None or len(row.get("per_seed", [])) != len(h.get("seeds") or []):
                     found.append(f"{name}.headline: no {mode} row with one entry per seed")
                 elif not all(k in row for k in ("test_accuracy",) + (() if mode == "baseline" else HEADLINE)):
