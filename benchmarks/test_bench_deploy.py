@@ -12,7 +12,8 @@ batches in the same run:
   int8 (``stock-ort-int8``);
 - patched: torch (``patched-torch``), torch int8 (``patched-torch-int8``), and ``powerbert
   export`` fp32 and int8 (``patched-ort``, ``patched-ort-int8``); int8 as the library does it, the
-  first layer's FFN output projection in fp32 (``powerbert.deployment.first_ffn_out``).
+  first layer's FFN output projection in fp32 (``powerbert.deployment.first_ffn_out``), and with
+  every projection in int8 (``patched-ort-int8-all``, ``--int8-all``: faster, less accurate).
 
 The models: where ``make reproduce``'s cache holds them (``work/reproduce/<task>/base/finetune``
 and ``target_4.5x/retrain``; ``python -m benchmarks.studies.reproduce.train_target --task T
@@ -53,7 +54,7 @@ TASKS = {  # N, batch, texts timed without trained models, the fixed configurati
 REPRODUCE = ROOT / "work" / "reproduce"
 TARGET = "target_4.5x"  # the reproduce target whose re-trained model is timed (within 1 point on movie reviews)
 VARIANTS = ("stock-torch", "stock-torch-int8", "stock-ort", "stock-ort-int8",
-            "patched-torch", "patched-torch-int8", "patched-ort", "patched-ort-int8")
+            "patched-torch", "patched-torch-int8", "patched-ort", "patched-ort-int8", "patched-ort-int8-all")
 STOCK = VARIANTS[:4]
 THREADS = 2
 ROUNDS = 5
@@ -116,6 +117,7 @@ def _setup(task: str) -> dict:
     quantize_onnx_int8(folder / "stock-ort.onnx", folder / "stock-ort-int8.onnx")
     export_onnx(patched_dir, folder / "patched-ort.onnx", overwrite=True)
     export_onnx(patched_dir, folder / "patched-ort-int8.onnx", quantize="int8", overwrite=True)
+    export_onnx(patched_dir, folder / "patched-ort-int8-all.onnx", quantize="int8", int8_all=True, overwrite=True)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
     # Four sessions live side by side here, and after a run each one's pool threads spin-wait for
@@ -136,6 +138,7 @@ def _setup(task: str) -> dict:
         "patched-torch": patched, "patched-torch-int8": quantize_torch_int8(powerbert.patch(
             BertForSequenceClassification.from_pretrained(patched_dir).eval())),
         "patched-ort": session("patched-ort"), "patched-ort-int8": session("patched-ort-int8"),
+        "patched-ort-int8-all": session("patched-ort-int8-all"),
     }
     batch_lengths = [b["attention_mask"].sum(1).tolist() for b in batches]
     _cache[task] = dict(spec=spec, batches=batches, models=models, batch_lengths=batch_lengths, times={},
