@@ -34,15 +34,17 @@ WORK = Path(__file__).resolve().parents[2] / "work" / "int8-accuracy-onnx"  # th
 BATCH = 64
 
 
-def predictions(model_dir: Path, texts: list[str], work: Path, max_length: int) -> dict[str, np.ndarray]:
-    """``{variant: [rows] int64 predicted class}`` for every variant (``VARIANTS``) of one model folder."""
+def predictions(model_dir: Path, texts: list[str], work: Path, max_length: int,
+                batch_size: int = BATCH) -> dict[str, np.ndarray]:
+    """``{variant: [rows] int64 predicted class}`` for every variant (``VARIANTS``) of one model
+    folder, in batches of ``batch_size`` texts (dynamic int8 scales follow the batch)."""
     import onnxruntime as ort
 
     tokenizer = load_tokenizer(model_dir)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    batches = [(order[s:s + BATCH], tokenizer([texts[i] for i in order[s:s + BATCH]], padding=True, truncation=True,
-                                                max_length=max_length, return_tensors="pt"))
-               for s in range(0, len(texts), BATCH)]
+    batches = [(order[s:s + batch_size], tokenizer([texts[i] for i in order[s:s + batch_size]], padding=True,
+                                                     truncation=True, max_length=max_length, return_tensors="pt"))
+               for s in range(0, len(texts), batch_size)]
     model = load_model(model_dir).eval()
     if getattr(model.config, "powerbert_retention", None) is not None:
         patch(model)
@@ -74,7 +76,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="the Markdown report (a .json is written beside it)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=BATCH, help=f"texts per batch (default {BATCH})")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     torch.set_num_threads(args.threads)
     examples = D.load_examples(args.data)
     out = Path(args.out)
@@ -82,7 +87,7 @@ def main(argv=None) -> int:
     for folder in map(Path, args.model):
         config = AutoConfig.from_pretrained(folder, local_files_only=True)  # the labels, without the weights
         targets = label_space_from_config(config).encode(examples.labels, examples.where).numpy()
-        preds = predictions(folder, examples.texts, WORK, args.max_length)
+        preds = predictions(folder, examples.texts, WORK, args.max_length, args.batch_size)
         config = getattr(config, "powerbert_retention", None)
         for variant in VARIANTS:
             accuracy = float((preds[variant] == targets).mean())
@@ -91,7 +96,8 @@ def main(argv=None) -> int:
                              delta_points=100 * (accuracy - reference),
                              agreement_with_fp32=float((preds[variant] == preds["torch fp32"]).mean())))
     lines = ["# Test accuracy: fp32 and int8, torch and ONNX Runtime", "",
-             f"`python -m benchmarks.studies.int8_accuracy` on {len(examples)} rows of `{args.data}`; delta in points "
+             f"`python -m benchmarks.studies.int8_accuracy` on {len(examples)} rows of `{args.data}`, batches of "
+             f"{args.batch_size} texts sorted by characters; delta in points "
              f"to the first model's torch fp32; agreement = predictions equal to the same model's torch fp32. "
              "int8 all: every projection in int8; int8: the first layer's FFN output projection kept fp32 "
              "(the library's default).", "",
