@@ -21,9 +21,10 @@ and ``target_4.5x/retrain``; ``python -m benchmarks.studies.reproduce.train_targ
 PoWER-BERT model the patched one, timed on the whole test split, and each row carries its test
 accuracy (from the untimed pass: the accuracy study's numbers, on the same texts). Otherwise speed
 only: a seeded random head, the fixed configuration ``make reproduce`` found (``TASKS``), shuffled
-texts. ONNX Runtime's threads do not spin between runs (``_setup`` says why). Ratios are medians over alternated rounds (every round times every variant once, the order
-rotated) against stock torch and against the fastest stock deployment of the run, with the vector
-ideal (powerbert/ALGORITHM.md §8) beside the patched rows. Written to
+texts. ONNX Runtime's threads do not spin between runs (``_setup`` says why). Ratios are medians
+over alternated rounds (every round times every variant once, the order rotated) against stock
+torch and against the fastest stock deployment of the run, with the vector ideal
+(powerbert/ALGORITHM.md §8) beside the patched rows. Written to
 ``benchmarks/results/deploy_cpu.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -120,12 +121,13 @@ def _setup(task: str) -> dict:
     export_onnx(patched_dir, folder / "patched-ort-int8-all.onnx", quantize="int8", int8_all=True, overwrite=True)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
-    # Four sessions live side by side here, and after a run each one's pool threads spin-wait for
-    # work, taking the 2 cores from the next variant's run. Measured on this machine (2026-12-04,
-    # movie reviews, 9 alternated rounds): with spinning, patched-ort-int8 2.69 s and stock-ort-int8
-    # 3.20 s (1.19x); without, 1.99 s and 3.05 s (1.53x); each session alone, spinning: 1.96 s and
-    # 3.11 s (1.59x), not spinning 2.03 s and 3.19 s (1.57x). So no spinning: each variant as it
-    # runs alone, to within 4%, whatever ran before it.
+    # The ONNX Runtime sessions live side by side here, and after a run each one's pool threads
+    # spin-wait for work, taking the 2 cores from the next variant's run. Measured on this machine
+    # (2026-12-04, movie reviews, 9 alternated rounds, four sessions live): with spinning,
+    # patched-ort-int8 2.69 s and stock-ort-int8 3.20 s (1.19x); without, 1.99 s and 3.05 s
+    # (1.53x); each session alone, spinning 1.96 s and 3.11 s (1.59x), not spinning 2.03 s and
+    # 3.19 s (1.57x). So no spinning: each variant as it runs alone, to within 4%, whatever ran
+    # before it.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     def session(name):
