@@ -29,6 +29,12 @@ _EXPORTS = {
     "extract_from_scores": "kernels.extract",
     "attention_with_significance": "kernels.attention",
     "attention_with_significance_ref": "kernels.attention",
+    "varlen_attention": "kernels.varlen_attention",
+    "varlen_attention_ref": "kernels.varlen_attention",
+    "lse_significance": "kernels.lse_significance",
+    "lse_significance_ref": "kernels.lse_significance",
+    "select_gather_norm": "kernels.select_gather_norm",
+    "select_gather_norm_ref": "kernels.select_gather_norm",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -147,3 +147,95 @@ def onnx_tie_order():
     """Context manager: a selection traced inside it relies on ONNX TopK's tie order (lower index
     first), two TopK nodes per layer; only for graphs bound for ONNX Runtime (``kernels.onnx_tie_order``)."""
     return kernels.onnx_tie_order()
+
+
+# ----------------------------------------------------------------------------- packed (varlen) path
+
+_forced_packed: bool | None = None
+
+
+@contextlib.contextmanager
+def use_packed(enabled: bool | None):
+    """Force the packed (varlen) inference forward on (True), off (False) or by device (None)
+    inside a block. Forced on with CPU tensors, its kernels run under ``TRITON_INTERPRET=1``
+    (how the CPU tests run the GPU code path)."""
+    global _forced_packed
+    if enabled not in (None, True, False):
+        raise ValueError(f"use_packed takes None, True or False, got {enabled!r}")
+    previous, _forced_packed = _forced_packed, enabled
+    try:
+        yield
+    finally:
+        _forced_packed = previous
+
+
+PACKED_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def packed_wanted(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a forward on this device and dtype takes the packed path: forced by
+    :func:`use_packed`, else CUDA in fp16/bf16 (fp32, fp64 and CPU keep the padded layout)."""
+    if _forced_packed is not None:
+        return _forced_packed and dtype in PACKED_CUDA_DTYPES + (torch.float32,)
+    return device.type == "cuda" and dtype in PACKED_CUDA_DTYPES
+
+
+def head_dim_served(head_dim: int) -> bool:
+    """True when the attention kernels (Triton, and so the packed path) take this head dimension."""
+    from kernels.attention import HEAD_DIMS
+
+    return head_dim in HEAD_DIMS
+
+
+_capability: dict[int, tuple[int, int]] = {}
+
+
+def flash_attention_serves(q: torch.Tensor) -> bool:
+    """True when PyTorch's FlashAttention-2 varlen forward takes these ``[T, H, d]`` operands:
+    CUDA, fp16/bf16, sm80+, ``d % 8 == 0`` and ``d <= 256``, flash SDP enabled. Never when the
+    Triton backend is forced (the interpreter tests run the Triton varlen kernel)."""
+    if not q.is_cuda or q.dtype not in PACKED_CUDA_DTYPES or _forced_backend == "triton":
+        return False
+    if q.shape[-1] % 8 or q.shape[-1] > 256 or not torch.backends.cuda.flash_sdp_enabled():
+        return False
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if index not in _capability:
+        _capability[index] = torch.cuda.get_device_capability(index)
+    return _capability[index][0] >= 8
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int):
+    """Attention within each packed sequence: ``(out [T, H, d] in q's dtype, lse [H, T] fp32, natural log)``.
+
+    q, k, v: ``[T, H, d]`` (last dimension contiguous). cu_seqlens: ``[B + 1]`` int32 on their device.
+    max_len: a host int >= every sequence's length. FlashAttention-2 (one launch) where it
+    serves, else ``kernels.varlen_attention`` (Triton; the reference on CPU unless forced).
+    """
+    if flash_attention_serves(q):
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, False, False)
+        return out, lse
+    return kernels.varlen_attention(q, k, v, cu_seqlens, max_len, backend=_kernel_backend(q))
+
+
+def lse_significance(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_len: int) -> torch.Tensor:
+    """Per-head attention each packed key receives: ``[H, T]`` fp32 (``kernels.lse_significance``)."""
+    return kernels.lse_significance(q, k, lse, cu_seqlens, max_len, backend=_kernel_backend(q))
+
+
+def select_gather_norm(x: torch.Tensor, partials: torch.Tensor | None, cu_in: torch.Tensor, cu_out: torch.Tensor, *,
+                       max_len_in: int, max_keep: int, out_rows: int, norm: torch.nn.LayerNorm,
+                       pre_bias: torch.Tensor | None, residual_bias: torch.Tensor | None,
+                       positions: torch.Tensor, select: bool):
+    """Per-sequence top-k, gather, bias and LayerNorm of packed rows (``kernels.select_gather_norm``).
+
+    Returns ``(y [out_rows, D], y + residual_bias [out_rows, D], positions [out_rows] int64)``:
+    the survivors normalised by ``norm``, the same plus ``residual_bias``, and each survivor's
+    entry in ``positions`` (input positions carried through the layers at no extra launch).
+    """
+    y, y_plus, source = kernels.select_gather_norm(
+        x, partials, cu_in, cu_out, max_len_in=max_len_in, max_keep=max_keep, out_rows=out_rows,
+        weight=norm.weight, bias=norm.bias, eps=norm.eps, pre_bias=pre_bias, residual_bias=residual_bias,
+        select=select, backend=_kernel_backend(x))
+    return y, y_plus, positions.index_select(0, source)

@@ -26,6 +26,7 @@ run, and a deep copy runs its own weights.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -33,8 +34,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
+from powerbert.elimination import dispatch
 from powerbert.elimination.families import Family, family_named, resolve
 from powerbert.elimination.layout import real_tokens_first, static_shapes_now
+from powerbert.elimination.packed import layers_fit, packed_encoder
+from powerbert.elimination.packed_plan import host_mask, plan_packed
 
 # The keyword through which BaseForward hands the encoder a record to fill (every supported
 # base model passes its **kwargs on to the encoder).
@@ -130,6 +134,14 @@ class EncoderForward:
     def __call__(self, hidden_states, attention_mask=None, *args, **kwargs):
         record = kwargs.pop(RECORD_KWARG, None)
         family: Family = family_named(self.family)
+        plan = record.get("packed_plan") if record is not None else None
+        if plan is not None:
+            # BaseForward planned a packed forward and handed transformers no mask.
+            hidden = family.enter(self.encoder, hidden_states) if family.enter is not None else hidden_states
+            layers = family.layers(self.encoder)
+            self.runner.check(len(layers))
+            hidden, record["kept_mask"], record["kept_positions"] = packed_encoder(layers, hidden, plan)
+            return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden)
         mask, padded = key_mask(attention_mask, hidden_states)
         hidden = family.enter(self.encoder, hidden_states) if family.enter is not None else hidden_states
         layers = family.layers(self.encoder)
@@ -225,6 +237,7 @@ class BaseForward:
             "kept_positions": None,
             "last_vectors": True if kwargs.pop(LAST_VECTORS_KWARG, False) else None,
         }
+        args, kwargs = self._plan_packed(record, args, kwargs)
         had_own, own = self.saved_forward
         # The class's function with the module as first argument, not bound with __get__: Dynamo
         # (torch 2.11) cannot trace function.__get__ and breaks the graph there.
@@ -245,6 +258,63 @@ class BaseForward:
         if isinstance(record["last_vectors"], torch.Tensor):
             out["last_vectors"] = record["last_vectors"]
         return out if return_dict else out.to_tuple()
+
+
+    def _plan_packed(self, record: dict, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Plan a packed forward (``elimination/packed.py``) into ``record`` when this call can take
+        one, and take the attention mask away from the stock forward (transformers would expand
+        it and check it with ``.all()``, a host synchronisation); ``(args, kwargs)`` unchanged
+        otherwise.
+
+        The packed forward serves inference (no autograd, eval mode, not traced, exported or
+        captured) of a hard-extract runner that selects by attention, on CUDA in fp16/bf16 (or
+        forced, ``dispatch.use_packed``), when nothing asks for per-layer outputs, for families
+        without a position bias whose layers are plain Linear/LayerNorm modules.
+        The lengths come from the attention mask: one device-to-host read when it is on the
+        GPU, none when it is given on the CPU (the tokenizer's) or not at all.
+        """
+        if (record["hidden_states"] is not None or record["attentions"] is not None
+                or record["last_vectors"] is not None or self.base.training
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            return args, kwargs
+        forward = installed(self.base)
+        settings = getattr(forward.runner, "packed_settings", lambda: None)() if forward is not None else None
+        family = family_named(self.family) if getattr(self, "family", None) else None
+        if settings is None or family is None or family.position_bias is not None:
+            return args, kwargs
+        parameter = next(self.base.parameters(), None)
+        if parameter is None or not dispatch.packed_wanted(parameter.device, parameter.dtype):
+            return args, kwargs
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.base.parameters()):
+            return args, kwargs
+        if parameter.is_cuda and torch.cuda.is_current_stream_capturing():
+            return args, kwargs  # a plan copied from host memory cannot be replayed
+        names = _forward_parameters(type(self.base))
+        bound = dict(zip(names, args))
+        if set(bound) & set(kwargs):
+            return args, kwargs  # let the stock forward report the duplicate argument
+        bound.update(kwargs)
+        shaped = bound.get("input_ids") if bound.get("input_ids") is not None else bound.get("inputs_embeds")
+        if shaped is None or shaped.dim() < 2 or bound.get("past_key_values") is not None:
+            return args, kwargs
+        layers = family.layers(family.encoder(self.base))
+        if not layers_fit(layers, parameter.dtype):
+            return args, kwargs
+        batch, width = shaped.shape[:2]
+        retention, minimum = settings
+        mask = host_mask(bound.pop("attention_mask", None), batch, width)
+        record["packed_plan"] = plan_packed(
+            mask, retention, minimum=minimum, device=parameter.device,
+            cls_only_last=record["cls_only"] and forward.runner.cls_only_last_layer)
+        bound["attention_mask"] = None
+        return (), bound
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> tuple[str, ...]:
+    """Names of ``cls.forward``'s positional parameters after ``self`` (binding positional calls)."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 class HeadForward:

@@ -96,6 +96,12 @@ class HardExtract:
                     for layer, (high, low) in enumerate((max(high, 1), low) for high, low in stats)]
         return [mask.shape[1]] * keep_all + plan[keep_all:]
 
+    def packed_settings(self) -> tuple | None:
+        """``(retention, minimum)`` for the packed inference forward (``elimination/packed.py``),
+        or None when this runner cannot take it (the Head-WS / Rand-WS ablations select without
+        attention scores, on the padded path)."""
+        return (self.retention, self.minimum) if self.selection == "attention" else None
+
     def keeps_everything(self, n: int) -> bool:
         """True when no layer eliminates anything for inputs ``n`` slots wide: every k_l >= n
         (fixed), or every share 1.0 (proportional: each row keeps its own length)."""

@@ -1,0 +1,158 @@
+"""The packed (varlen) inference forward: real tokens only, no host synchronisation.
+
+Inference on CUDA in fp16/bf16 (and, forced with ``dispatch.use_packed(True)``, under the Triton
+interpreter on CPU tensors, which is how CPU tests run this code path). The batch's real tokens are
+packed into one ``[T, D]`` matrix at entry (``packed_plan``: rows and counts planned on the host);
+every projection, the attention and the FFN then run on real tokens only, and survivors are packed
+again after each layer. Nothing here reads a device value on the host.
+
+One eliminating layer is **9 launches** (``LAUNCHES_PER_ELIMINATING_LAYER``), against 17 for the
+padded GPU layer and about 13 for a stock BERT layer:
+
+1. one QKV GEMM with the three projections stacked (a weight cached per layer, rebuilt when a
+   parameter's storage or version changes, so quantisation or adapters applied later still count);
+2. attention over each sequence, output and row log-sum-exp (FlashAttention-2 varlen through
+   ``aten._flash_attention_forward`` where it serves, else the Triton varlen kernel);
+3. the attention each key receives, per head, from that log-sum-exp (``kernels.lse_significance``);
+4. the attention-output GEMM on *all* entering rows, the residual folded in (``addmm_`` in place:
+   C = residual); it spends the rows that are eliminated next, +2% of a layer's FLOPs at the
+   paper's configuration, and saves a gather of the residual;
+5. one kernel: per sequence top-k ([CLS] kept, order kept, ties to the lower index), gather of
+   the survivors, the output projection's bias, LayerNorm; it also writes each survivor with the
+   FFN output's bias added, the residual of step 8, and each survivor's input position;
+6. FFN-in GEMM (bias in the GEMM's epilogue); 7. the activation;
+8. FFN-out GEMM in place on (survivors + bias); 9. LayerNorm.
+
+A layer that eliminates nothing skips step 3 and selection (8 launches).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from powerbert.elimination import dispatch
+from powerbert.elimination.families import LayerParts
+from powerbert.elimination.packed_plan import PackedPlan
+
+LAUNCHES_PER_ELIMINATING_LAYER = 9
+LAUNCHES_PER_KEEPING_LAYER = 8
+
+
+def layers_fit(layers: list[LayerParts], dtype: torch.dtype) -> bool:
+    """True when every layer has the modules the packed forward runs: plain ``nn.Linear``
+    projections with biases in ``dtype`` (not quantised or replaced), ``nn.LayerNorm`` norms, and
+    a head dimension the attention kernels take."""
+    for parts in layers:
+        linears = (parts.query, parts.key, parts.value, parts.attn_out, parts.ffn_in, parts.ffn_out)
+        if any(type(m) is not nn.Linear or m.bias is None or m.weight.dtype != dtype for m in linears):
+            return False
+        if any(type(m) is not nn.LayerNorm or m.weight is None or m.bias is None
+               for m in (parts.attn_norm, parts.ffn_norm)):
+            return False
+        width = parts.query.out_features
+        if width % parts.num_heads or not dispatch.head_dim_served(width // parts.num_heads):
+            return False
+    return True
+
+
+# Per query Linear: (the six parameters' (data_ptr, _version), stacked weight [3 D, D], bias [3 D]).
+_QKV_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def fused_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's query, key and value projections stacked: ``(weight [3 D, D], bias [3 D])``.
+
+    Cached per layer (weakly, by its query module) and rebuilt when any of the six parameters
+    changed storage (``data_ptr``: ``.to()``, a new Parameter) or was written in place
+    (``_version``: an optimiser step, ``load_state_dict``), so the fused GEMM always runs the
+    weights the three Linears hold.
+    """
+    params = (parts.query.weight, parts.key.weight, parts.value.weight,
+              parts.query.bias, parts.key.bias, parts.value.bias)
+    stamp = tuple((p.data_ptr(), p._version) for p in params)
+    cached = _QKV_CACHE.get(parts.query)
+    if cached is not None and cached[0] == stamp:
+        return cached[1], cached[2]
+    with torch.no_grad():
+        weight = torch.cat(params[:3]).contiguous()
+        bias = torch.cat(params[3:]).contiguous()
+    _QKV_CACHE[parts.query] = (stamp, weight, bias)
+    return weight, bias
+
+
+def packed_layer(parts: LayerParts, x: torch.Tensor, plan: PackedPlan, index: int,
+                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One encoder layer on packed rows.
+
+    Args:
+        parts: the layer's modules (``layers_fit``). x: ``[T_in, D]`` packed rows entering the
+            layer; **overwritten** (the attention-output GEMM accumulates into it), so it must be
+            a buffer of the forward's own. plan: the batch's plan. index: the layer (0-based).
+        positions: ``[T_in]`` int64 input position of each row.
+
+    Returns:
+        ``(x_out [T_out, D], positions_out [T_out] int64)`` in x's dtype.
+    """
+    arrays = plan.device_arrays
+    cu_in, cu_out = arrays["cu"][index], arrays["cu"][index + 1]
+    max_in, eliminates = plan.max_len[index], plan.eliminates[index]
+    rows_in, width = x.shape
+    heads = parts.num_heads
+    head_dim = width // heads
+
+    weight, bias = fused_qkv(parts)
+    qkv = torch.addmm(bias, x, weight.t()).view(rows_in, 3, heads, head_dim)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    context, lse = dispatch.varlen_attention(q, k, v, cu_in, max_in)
+    partials = dispatch.lse_significance(q, k, lse, cu_in, max_in) if eliminates else None
+    # C = residual: the output projection accumulates into the entering rows (its bias is added
+    # by the gather kernel, on the survivors only).
+    attended = x.addmm_(context.view(rows_in, width), parts.attn_out.weight.t())
+    survivors, ffn_residual, positions = dispatch.select_gather_norm(
+        attended, partials, cu_in, cu_out, max_len_in=max_in, max_keep=plan.max_len[index + 1],
+        out_rows=plan.rows[index + 1], norm=parts.attn_norm, pre_bias=parts.attn_out.bias,
+        residual_bias=parts.ffn_out.bias, positions=positions, select=eliminates)
+    inner = parts.ffn_act(torch.addmm(parts.ffn_in.bias, survivors, parts.ffn_in.weight.t()))
+    out = ffn_residual.addmm_(inner, parts.ffn_out.weight.t())
+    norm = parts.ffn_norm
+    return F.layer_norm(out, norm.normalized_shape, norm.weight, norm.bias, norm.eps), positions
+
+
+def packed_encoder(layers: list[LayerParts], hidden: torch.Tensor, plan: PackedPlan
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every layer on packed rows, entry packing and exit unpacking included.
+
+    Args:
+        layers: the family's layers (``layers_fit``). hidden: ``[B, N, D]`` vectors entering the
+            first layer (the embeddings; padded slots are never read). plan: from
+            ``packed_plan.plan_packed`` for this batch's mask and the model's retention.
+
+    Returns:
+        ``(hidden [B, W, D], kept_mask [B, W] bool, kept_positions [B, W] int64)``: each
+        sequence's survivors of the last layer in input order in slots ``0..k - 1``, zeros in
+        the other slots (``W``: the most survivors of any sequence).
+    """
+    batch, width, dim = hidden.shape
+    arrays = plan.device_arrays
+    flat = hidden.reshape(batch * width, dim)
+    if plan.entry_is_identity:
+        # No padding: the rows are already packed. A copy all the same (one per forward): the
+        # layers accumulate into their input, and the embeddings may be held by someone (a hook).
+        x = flat.clone()
+    else:
+        x = flat.index_select(0, arrays["entry_rows"])
+    positions = arrays["entry_positions"]
+    for index, parts in enumerate(layers):
+        x, positions = packed_layer(parts, x, plan, index, positions)
+    out_width = plan.out_width
+    mask = arrays["kept_mask"]
+    if plan.exit_is_identity:
+        return x.view(batch, out_width, dim), mask, positions.view(batch, out_width)
+    exit_rows = arrays["exit_rows"]
+    out = x.new_zeros(batch * out_width, dim).index_copy_(0, exit_rows, x)
+    kept_positions = positions.new_zeros(batch * out_width).index_copy_(0, exit_rows, positions)
+    return out.view(batch, out_width, dim), mask, kept_positions.view(batch, out_width)
+

@@ -1,0 +1,191 @@
+"""The host plan of a packed (varlen) forward: everything that depends on the lengths alone.
+
+Which tokens survive a layer is decided on the device (by attention); *how many* survive depends
+only on each sequence's length and the retention (powerbert/ALGORITHM.md §2, §8):
+
+* fixed:        ``k_{l,i} = min(k_l, len_i)``;
+* proportional: ``k_{l,i} = min(k_{l-1,i}, max(m_l, ceil(f_l * len_i)))``, ``k_{0,i} = len_i``,
+  product and ceil in float64 (the same IEEE operations as ``retention.row_keep_counts`` on the
+  device, so the two agree exactly).
+
+Tokenizers produce the lengths on the host, so the packed forward plans every layer here, in
+numpy: the rows each sequence occupies before and after every layer (``cu_seqlens``), the
+longest sequence of each layer (grid sizes), which layers eliminate anything, where the real
+tokens sit in the padded input (either padding side) and where the survivors go in the padded
+output. The integer arrays travel to the device in **one** copy (one byte buffer, viewed as
+int64 / int32 / bool on arrival), and no layer reads a device value on the host after that.
+
+Packed layout: the B sequences' rows one after the other, ``cu[l][b] .. cu[l][b+1] - 1`` for
+sequence b after layer l (l = 0: the real tokens entering the first layer); a sequence keeps
+its tokens in input order, [CLS] first.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from powerbert.elimination.retention import is_proportional
+
+
+def keep_count_table(retention: Sequence, lengths: np.ndarray, minimum: Sequence[int] | None = None) -> np.ndarray:
+    """Vectors each sequence keeps after each layer, in numpy on the host.
+
+    Args:
+        retention: ints (fixed k_l) or floats (proportional f_l), one per layer.
+        lengths: ``[B]`` integer array of real tokens per sequence.
+        minimum: per-layer minimums m_l of a proportional configuration (None: all 1).
+
+    Returns:
+        ``[L, B]`` int64, equal to ``retention.keep_count_rows`` (the device-side formula) exactly.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not is_proportional(retention):
+        return np.minimum(np.asarray([int(k) for k in retention], dtype=np.int64)[:, None], lengths[None])
+    length = lengths.astype(np.float64)
+    keep = lengths.copy()
+    rows = []
+    for layer, fraction in enumerate(retention):
+        m = 1 if minimum is None else minimum[layer]
+        share = np.maximum(np.ceil(length * float(fraction)).astype(np.int64), m)
+        keep = np.minimum(keep, share)
+        rows.append(keep)
+    return np.stack(rows) if rows else np.zeros((0, lengths.shape[0]), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class PackedPlan:
+    """A packed forward's plan for one batch, on the host (numpy) with its device copy.
+
+    Attributes:
+        batch: B. width: N, the padded input's width. num_layers: L.
+        counts: ``[L + 1, B]`` int64: real tokens of each sequence entering the first layer
+            (row 0) and after each layer (rows 1..L).
+        cu: ``[L + 1, B + 1]`` int32 cumulative row offsets of ``counts``.
+        max_len: per boundary l, the longest sequence (host ints, >= 1: they size grids).
+        rows: per boundary l, the row count of the packed buffers (``cu[l][B]``, the total).
+        eliminates: per layer, whether any sequence keeps fewer vectors than entered it.
+        entry_rows: ``[T_0]`` int64 flat index ``b * N + j`` of each real input token, in order.
+        entry_positions: ``[T_0]`` int64 input position j of each of those tokens.
+        out_width: W, the padded output's width (the most survivors of any sequence, >= 1).
+        exit_rows: ``[T_L]`` int64 flat index ``b * W + r`` of each survivor in the padded output.
+        kept_mask: ``[B, W]`` bool, True where an output slot holds a survivor.
+        device: where ``device_arrays`` live. device_arrays: name -> tensor (views of one buffer).
+    """
+
+    batch: int
+    width: int
+    num_layers: int
+    counts: np.ndarray
+    cu: np.ndarray
+    max_len: tuple[int, ...]
+    rows: tuple[int, ...]
+    eliminates: tuple[bool, ...]
+    entry_rows: np.ndarray
+    entry_positions: np.ndarray
+    out_width: int
+    exit_rows: np.ndarray
+    kept_mask: np.ndarray
+    device: torch.device
+    device_arrays: dict
+
+    @property
+    def exit_is_identity(self) -> bool:
+        """True when every sequence fills all W output slots: the packed rows are the padded output."""
+        return self.rows[-1] == self.batch * self.out_width
+
+    @property
+    def entry_is_identity(self) -> bool:
+        """True when every input slot holds a real token (no padding): packing is a reshape."""
+        return self.rows[0] == self.batch * self.width
+
+
+def host_mask(attention_mask, batch: int, width: int) -> np.ndarray:
+    """The ``[B, N]`` key mask as a numpy bool array on the host.
+
+    ``attention_mask``: None (no padding) or a ``[B, N]`` tensor / array, nonzero = real token. A
+    CUDA tensor costs one device-to-host read (the one synchronisation of a forward that was not
+    given its mask on the CPU).
+    """
+    if attention_mask is None:
+        return np.ones((batch, width), dtype=bool)
+    if isinstance(attention_mask, torch.Tensor):
+        attention_mask = attention_mask.detach().to("cpu").numpy()
+    mask = np.asarray(attention_mask) != 0
+    if mask.shape != (batch, width):
+        raise ValueError(f"attention_mask has shape {mask.shape}, the input is {(batch, width)}")
+    return mask
+
+
+def plan_packed(mask: np.ndarray, retention: Sequence, *, minimum: Sequence[int] | None = None,
+                cls_only_last: bool = False, device: torch.device | str = "cpu") -> PackedPlan:
+    """Plan a packed forward for a batch and copy its integer arrays to ``device`` in one copy.
+
+    Args:
+        mask: ``[B, N]`` numpy bool, True for real tokens (any padding side); see :func:`host_mask`.
+        retention: the patched model's retention (ints or floats, one per layer).
+        minimum: per-layer minimums of a proportional configuration, or None.
+        cls_only_last: the caller reads only [CLS] of the last layer (a sequence-level head): the
+            last layer keeps [CLS] alone (its attention still sees every survivor of the layer before).
+        device: where the packed forward runs. A CUDA copy is made from pinned memory with
+            ``non_blocking=True`` (no host synchronisation).
+
+    Returns:
+        The :class:`PackedPlan`.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    batch, width = mask.shape
+    lengths = mask.sum(axis=1).astype(np.int64)
+    counts = np.concatenate([lengths[None], keep_count_table(retention, lengths, minimum)])
+    if cls_only_last and len(retention):
+        counts[-1] = np.minimum(counts[-1], 1)
+    num_layers = counts.shape[0] - 1
+    cu = np.zeros((num_layers + 1, batch + 1), dtype=np.int32)
+    np.cumsum(counts, axis=1, out=cu[:, 1:])
+    rows = tuple(int(r) for r in cu[:, -1])
+    max_len = tuple(max(1, int(c.max())) if batch else 1 for c in counts)
+    eliminates = tuple(bool((counts[layer + 1] < counts[layer]).any()) for layer in range(num_layers))
+
+    batch_index, position = np.nonzero(mask)  # row-major: each row's real tokens in input order
+    entry_rows = (batch_index * width + position).astype(np.int64)
+    entry_positions = position.astype(np.int64)
+    out_width = max(1, int(counts[-1].max())) if batch else 1
+    slot = np.arange(out_width)
+    kept_mask = slot[None, :] < counts[-1][:, None]
+    out_batch, out_slot = np.nonzero(kept_mask)
+    exit_rows = (out_batch * out_width + out_slot).astype(np.int64)
+
+    arrays = {"entry_rows": entry_rows, "entry_positions": entry_positions, "exit_rows": exit_rows,
+              "cu": cu, "kept_mask": kept_mask}
+    device_arrays = _to_device(arrays, torch.device(device))
+    return PackedPlan(batch=batch, width=width, num_layers=num_layers, counts=counts, cu=cu, max_len=max_len,
+                      rows=rows, eliminates=eliminates, entry_rows=entry_rows, entry_positions=entry_positions,
+                      out_width=out_width, exit_rows=exit_rows, kept_mask=kept_mask, device=torch.device(device),
+                      device_arrays=device_arrays)
+
+
+# numpy dtype -> torch dtype of the views made on the device
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(bool): torch.bool}
+
+
+def _to_device(arrays: dict, device: torch.device) -> dict:
+    """One byte buffer holding every array (8-byte aligned sections), copied once, viewed back."""
+    layout, offset = {}, 0
+    for name, array in arrays.items():
+        layout[name] = (offset, array.shape, array.dtype)
+        offset += math.ceil(array.nbytes / 8) * 8
+    pinned = device.type == "cuda"
+    blob = torch.empty(max(offset, 8), dtype=torch.uint8, pin_memory=pinned)
+    host = blob.numpy()
+    for name, array in arrays.items():
+        start = layout[name][0]
+        host[start:start + array.nbytes] = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+    on_device = blob.to(device, non_blocking=True) if device.type != "cpu" else blob
+    views = {}
+    for name, (start, shape, dtype) in layout.items():
+        size = int(np.prod(shape)) * dtype.itemsize
+        views[name] = on_device[start:start + size].view(_TORCH_DTYPES[dtype]).view(shape)
+    return views

@@ -1,0 +1,431 @@
+"""The packed (varlen) inference forward (powerbert/elimination/packed.py) and its host plan.
+
+On a CPU the packed path runs when forced (``dispatch.use_packed(True)``), its Triton kernels
+under the interpreter: the same code a CUDA fp16/bf16 model runs, but FlashAttention-2 (CUDA only)
+replaced by the Triton varlen attention. Checked here: the host plan against the device-side
+counts, selection and outputs against the per-sequence spec and the padded path, no host read
+of a device value in any layer, and the launch budget per eliminating layer.
+"""
+import contextlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import BertForSequenceClassification, BertModel
+
+import powerbert
+from powerbert.elimination import dispatch, packed
+from powerbert.elimination.packed_plan import keep_count_table, plan_packed
+from powerbert.elimination.retention import keep_count_rows
+from spec_reference import bert_layer_modules, spec_encoder
+from tiny_bert import batch, build, reference_counts
+
+# Head dimension 32: the smallest the attention kernels take.
+WIDE = dict(hidden_size=64, num_attention_heads=2, intermediate_size=96)
+FIXED = (9, 5, 2)
+FRACTIONS = (0.7, 0.45, 0.2)
+SIZES = (13, 9, 4, 1)
+
+
+@contextlib.contextmanager
+def packed_path(enabled=True):
+    with dispatch.use_packed(enabled), dispatch.use_backend("triton" if enabled else None):
+        yield
+
+
+# ---------------------------------------------------------------- host plan
+
+
+retentions = st.one_of(
+    st.lists(st.integers(1, 300), min_size=1, max_size=12).map(lambda ks: tuple(sorted(ks, reverse=True))),
+    st.lists(st.floats(0.01, 1.0), min_size=1, max_size=12).map(lambda fs: tuple(sorted(fs, reverse=True))),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(retention=retentions, lengths=st.lists(st.integers(0, 512), min_size=1, max_size=40),
+       minimum_seed=st.integers(0, 3))
+def test_host_counts_equal_device_counts(retention, lengths, minimum_seed):
+    """numpy on the host and torch on the device agree exactly (float64 products and ceils)."""
+    minimum = None
+    if isinstance(retention[0], float) and minimum_seed:
+        minimum = tuple(1 + (layer * minimum_seed) % 5 for layer in range(len(retention)))
+    host = keep_count_table(retention, np.asarray(lengths), minimum)
+    device = keep_count_rows(retention, torch.tensor(lengths), minimum).numpy()
+    np.testing.assert_array_equal(host, device)
+
+
+def test_host_counts_take_the_ceil_in_float64():
+    assert keep_count_table((0.29,), np.array([100]))[0, 0] == math.ceil(0.29 * 100)
+    assert keep_count_table((0.1,), np.array([30]))[0, 0] == math.ceil(0.1 * 30)
+
+
+@pytest.mark.parametrize("retention", [FIXED, FRACTIONS])
+def test_plan_rows_and_offsets(retention):
+    mask = np.zeros((4, 13), dtype=bool)
+    for row, size in enumerate((13, 0, 4, 1)):
+        mask[row, 13 - size:] = True  # left padding, and one empty row
+    plan = plan_packed(mask, retention)
+    lengths = mask.sum(1)
+    np.testing.assert_array_equal(plan.counts[0], lengths)
+    np.testing.assert_array_equal(plan.counts[1:], keep_count_table(retention, lengths))
+    for layer in range(len(retention) + 1):
+        assert plan.cu[layer, 0] == 0 and plan.cu[layer, -1] == plan.rows[layer] == plan.counts[layer].sum()
+        assert plan.max_len[layer] == max(1, plan.counts[layer].max())
+    assert plan.eliminates == tuple(bool((plan.counts[i + 1] < plan.counts[i]).any()) for i in range(3))
+    # entry: each row's real tokens, in order, whatever the padding side
+    assert plan.entry_positions.tolist() == list(range(13)) + [9, 10, 11, 12] + [12]
+    assert plan.entry_rows.tolist() == [p + 13 * r for r, n in ((0, 13), (2, 4), (3, 1))
+                                        for p in range(13 - n, 13)]
+    # exit: survivors in slots 0..k-1 of a [B, W] output
+    counts = plan.counts[-1]
+    assert plan.out_width == max(1, counts.max())
+    assert plan.kept_mask.sum(1).tolist() == counts.tolist()
+    for name, array in (("cu", plan.cu), ("entry_rows", plan.entry_rows), ("exit_rows", plan.exit_rows),
+                        ("kept_mask", plan.kept_mask)):
+        np.testing.assert_array_equal(plan.device_arrays[name].numpy(), array)
+
+
+def test_plan_for_a_head_that_reads_cls_only():
+    plan = plan_packed(np.ones((3, 8), dtype=bool), FIXED, cls_only_last=True)
+    assert plan.counts[-1].tolist() == [1, 1, 1] and plan.out_width == 1 and plan.exit_is_identity
+
+
+# ---------------------------------------------------------------- outputs and selection
+
+
+def fixed_counts(retention, length):
+    return [min(k, length) for k in retention]
+
+
+def per_sequence_spec(bert, inputs, retention):
+    """Each row alone, unpadded, through the spec with its own keep counts."""
+    layers = [bert_layer_modules(layer) for layer in bert.encoder.layer]
+    outputs, positions = [], []
+    for row in range(inputs["input_ids"].shape[0]):
+        real = inputs["attention_mask"][row].bool()
+        length = int(real.sum())
+        ids, types = inputs["input_ids"][row:row + 1, real], inputs["token_type_ids"][row:row + 1, real]
+        counts = (reference_counts(retention, None, length) if isinstance(retention[0], float)
+                  else fixed_counts(retention, length))
+        with torch.no_grad():
+            hidden = bert.embeddings(input_ids=ids, token_type_ids=types)
+            out, kept = spec_encoder(hidden, torch.ones(1, length), layers, counts)
+        outputs.append(out[0])
+        positions.append(kept[0])
+    return outputs, positions
+
+
+def spy_packed(monkeypatch):
+    calls = []
+    original = packed.packed_encoder
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("powerbert.elimination.forwards.packed_encoder", spy)
+    return calls
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("retention", [FIXED, FRACTIONS], ids=["fixed", "proportional"])
+def test_each_row_equals_the_row_alone_through_the_spec(retention, monkeypatch):
+    calls = spy_packed(monkeypatch)
+    model = build(BertModel, **WIDE)
+    inputs = batch(sizes=SIZES)
+    expected, positions = per_sequence_spec(model, inputs, retention)
+    powerbert.patch(model, list(retention))
+    with torch.no_grad(), packed_path():
+        out = model(**inputs)
+    assert calls, "the packed forward did not run"
+    for row, (reference, kept) in enumerate(zip(expected, positions)):
+        real = out.kept_mask[row]
+        assert out.kept_positions[row][real].tolist() == kept  # selection exact, in order
+        assert bool(real[:len(kept)].all()) and int(real.sum()) == len(kept)
+        torch.testing.assert_close(out.last_hidden_state[row][real], reference, atol=1e-4, rtol=1e-4)
+        assert not out.last_hidden_state[row][~real].any(), "slots without a survivor are zero"
+
+
+def left_padded(inputs):
+    """The same rows padded on the left, real tokens at positions 0..len-1 as on the right."""
+    mask = inputs["attention_mask"]
+    out = {}
+    for name, tensor in inputs.items():
+        rows = [torch.cat([t[m.bool().logical_not()], t[m.bool()]]) for t, m in zip(tensor, mask)]
+        out[name] = torch.stack(rows)
+    out["position_ids"] = (torch.cumsum(out["attention_mask"], 1) - 1).clamp(min=0)
+    return out
+
+
+@pytest.mark.interpreter
+def test_left_padding_equals_right_padding():
+    model = build(BertModel, **WIDE)
+    powerbert.patch(model, list(FRACTIONS))
+    inputs = batch(sizes=SIZES)
+    with torch.no_grad(), packed_path():
+        right = model(**inputs)
+        left = model(**left_padded(inputs))
+    torch.testing.assert_close(left.last_hidden_state, right.last_hidden_state, atol=1e-5, rtol=1e-5)
+    offsets = inputs["attention_mask"].shape[1] - inputs["attention_mask"].sum(1, keepdim=True)
+    assert torch.equal(torch.where(left.kept_mask, left.kept_positions - offsets, 0),
+                       torch.where(right.kept_mask, right.kept_positions, 0))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("retention", [FIXED, FRACTIONS], ids=["fixed", "proportional"])
+def test_packed_equals_padded_path(retention, dtype):
+    """The packed forward and the padded one (the CPU path) agree: selection exactly, values
+    within the dtype's tolerance; a classifier head reads [CLS] alone on both."""
+    model = build(BertForSequenceClassification, **WIDE).to(dtype)
+    powerbert.patch(model, list(retention))
+    inputs = batch(sizes=SIZES)
+    with torch.no_grad():
+        padded = model(**inputs, output_hidden_states=False)
+        base_padded = model.bert(**inputs)
+        with packed_path():
+            packed_out = model(**inputs)
+            base_packed = model.bert(**inputs)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(packed_out.logits, padded.logits, **tol)
+    mask = base_padded.kept_mask
+    width = mask.shape[1]
+    assert torch.equal(base_packed.kept_mask[:, :width], mask)
+    assert torch.equal(base_packed.kept_positions[:, :width][mask], base_padded.kept_positions[mask])
+    torch.testing.assert_close(base_packed.last_hidden_state[:, :width][mask], base_padded.last_hidden_state[mask],
+                               **tol)
+
+
+@pytest.mark.interpreter
+def test_cpu_mask_and_no_mask_are_taken(monkeypatch):
+    calls = spy_packed(monkeypatch)
+    model = build(BertModel, **WIDE)
+    powerbert.patch(model, list(FIXED))
+    inputs = batch(sizes=(13, 13))
+    no_mask = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    with torch.no_grad(), packed_path():
+        with_mask = model(**inputs).last_hidden_state
+        without = model(**no_mask).last_hidden_state
+        positional = model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]).last_hidden_state
+    assert len(calls) == 3
+    torch.testing.assert_close(with_mask, without)
+    torch.testing.assert_close(with_mask, positional)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", ["hidden_states", "attentions", "grad", "train", "fp64", "ablation"])
+def test_padded_path_where_packed_does_not_serve(case, monkeypatch):
+    calls = spy_packed(monkeypatch)
+    model = build(BertModel, **WIDE)
+    powerbert.patch(model, list(FIXED), selection="first" if case == "ablation" else None)
+    kwargs = {}
+    if case == "hidden_states":
+        kwargs["output_hidden_states"] = True
+    if case == "attentions":
+        model.set_attn_implementation("eager")
+        kwargs["output_attentions"] = True
+    if case == "train":
+        model.train()
+    if case == "fp64":
+        model.double()
+    context = torch.enable_grad() if case in ("grad", "train") else torch.no_grad()
+    with context, packed_path():
+        model(**batch(sizes=SIZES), **kwargs)
+    assert not calls
+
+
+@pytest.mark.interpreter
+def test_fused_qkv_follows_weight_changes():
+    model = build(BertModel, **WIDE)
+    powerbert.patch(model, list(FIXED))
+    inputs = batch(sizes=SIZES)
+    with torch.no_grad(), packed_path():
+        before = model(**inputs).last_hidden_state
+        model.encoder.layer[0].attention.self.key.weight.mul_(1.5)  # in place: _version changes
+        after = model(**inputs).last_hidden_state
+    with torch.no_grad():
+        padded = model(**inputs)
+    assert not torch.allclose(before, after)
+    mask = padded.kept_mask
+    torch.testing.assert_close(after[:, :mask.shape[1]][mask], padded.last_hidden_state[mask], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- no host synchronisation
+
+
+class _FailOnDataDependent(TorchDispatchMode):
+    """Fails on ops whose output shape or value needs a device value on the host (nonzero,
+    masked_select, unique, item, ...)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not _Interpreter.inside and (torch.Tag.dynamic_output_shape in func.tags
+                                        or torch.Tag.data_dependent_output in func.tags):
+            raise AssertionError(f"data-dependent op in a packed layer: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+class _Interpreter:
+    """Marks when the Triton interpreter runs a kernel: its numpy bridging is not the model's work."""
+    inside = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def watching(cls, monkeypatch, on_launch=None):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        original = InterpretedFunction.run
+
+        def run(self, *args, **kwargs):
+            if on_launch is not None:
+                on_launch(self)
+            cls.inside, before = True, cls.inside
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                cls.inside = before
+
+        monkeypatch.setattr(InterpretedFunction, "run", run)
+        yield
+
+
+def _host_read(name):
+    def refuse(self, *args, **kwargs):
+        if not _Interpreter.inside:
+            raise AssertionError(f"Tensor.{name} in a packed layer (a host synchronisation on CUDA)")
+        return getattr(torch.Tensor, f"_packed_test_{name}")(self, *args, **kwargs)
+    return refuse
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("retention", [FIXED, FRACTIONS], ids=["fixed", "proportional"])
+def test_no_layer_reads_a_device_value(retention, monkeypatch):
+    model = build(BertForSequenceClassification, **WIDE)
+    powerbert.patch(model, list(retention))
+    inputs = batch(sizes=SIZES)
+    original = packed.packed_encoder
+    ran = []
+
+    def guarded(*args, **kwargs):
+        reads = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+        with monkeypatch.context() as m:
+            for name in reads:
+                m.setattr(torch.Tensor, f"_packed_test_{name}", getattr(torch.Tensor, name), raising=False)
+                m.setattr(torch.Tensor, name, _host_read(name))
+            with _FailOnDataDependent():
+                out = original(*args, **kwargs)
+        ran.append(1)
+        return out
+
+    monkeypatch.setattr("powerbert.elimination.forwards.packed_encoder", guarded)
+    with torch.no_grad(), packed_path(), _Interpreter.watching(monkeypatch):
+        model(**inputs)
+    assert ran
+
+
+# ---------------------------------------------------------------- launch budget
+
+
+class _CountKernels(TorchDispatchMode):
+    """Counts aten ops that launch work (not views, not allocations), outside the interpreter."""
+
+    FREE = {"empty", "empty_strided", "detach", "lift_fresh", "_unsafe_view", "alias"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not _Interpreter.inside and not func.is_view and name not in self.FREE:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def count_layer_launches(model, inputs, monkeypatch):
+    """Per packed layer call: (aten ops, Triton launches, whether it eliminated)."""
+    monkeypatch.setattr("kernels.launch.poison_outputs", lambda: False)  # the tests' NaN fills
+    original = packed.packed_layer
+    layers = []
+
+    def counted(parts, x, plan, index, positions):
+        triton_launches = []
+        with _Interpreter.watching(monkeypatch, on_launch=triton_launches.append), _CountKernels() as mode:
+            out = original(parts, x, plan, index, positions)
+        layers.append((list(mode.ops), len(triton_launches), plan.eliminates[index]))
+        return out
+
+    with torch.no_grad(), packed_path():
+        model(**inputs)  # once uncounted: builds the per-layer stacked QKV weights (cached)
+        monkeypatch.setattr(packed, "packed_layer", counted)
+        model(**inputs)
+    return layers
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("retention", [FIXED, FRACTIONS], ids=["fixed", "proportional"])
+def test_launch_budget_per_layer(retention, monkeypatch):
+    model = build(BertForSequenceClassification, **WIDE)
+    powerbert.patch(model, list(retention))
+    layers = count_layer_launches(model, batch(sizes=SIZES), monkeypatch)
+    assert len(layers) == len(retention)
+    for ops, triton_launches, eliminates in layers:
+        total = len(ops) + triton_launches
+        budget = packed.LAUNCHES_PER_ELIMINATING_LAYER if eliminates else packed.LAUNCHES_PER_KEEPING_LAYER
+        assert total <= budget, f"{total} launches ({ops} + {triton_launches} Triton) > {budget}"
+    assert any(eliminates for *_, eliminates in layers)
+
+
+# ---------------------------------------------------------------- on a GPU (skipped here)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_flash_attention_lse_matches_the_triton_varlen_kernel(dtype):
+    """FlashAttention-2's varlen lse is [H, T], natural log, as the significance kernel reads it."""
+    from kernels.varlen_attention import varlen_attention
+
+    torch.manual_seed(0)
+    lengths = [128, 77, 1, 33]
+    cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32, device="cuda")
+    qkv = torch.randn(sum(lengths), 3, 12, 64, device="cuda", dtype=dtype)
+    q, k, v = qkv.unbind(1)
+    assert dispatch.flash_attention_serves(q)
+    out, lse = dispatch.varlen_attention(q, k, v, cu, max(lengths))
+    out_ref, lse_ref = varlen_attention(q, k, v, cu, max(lengths), backend="triton")
+    assert lse.shape == lse_ref.shape == (12, sum(lengths))
+    torch.testing.assert_close(lse, lse_ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out.float(), out_ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("retention", [(40, 30, 20, 10), (0.7, 0.5, 0.3, 0.1)], ids=["fixed", "proportional"])
+def test_packed_on_cuda_equals_padded_path(retention, dtype, monkeypatch):
+    """The default CUDA path is the packed one (FlashAttention-2); it agrees with the padded path."""
+    calls = spy_packed(monkeypatch)
+    config = dict(hidden_size=256, num_attention_heads=4, intermediate_size=512, num_hidden_layers=4,
+                  max_position_embeddings=128)
+    model = build(BertModel, **config).to("cuda", dtype)
+    powerbert.patch(model, list(retention))
+    inputs = batch(sizes=(64, 50, 17, 3, 1), length=64)
+    cuda_inputs = {name: t.cuda() for name, t in inputs.items()}
+    with torch.no_grad():
+        default = model(**dict(cuda_inputs, attention_mask=inputs["attention_mask"]))  # CPU mask: no sync
+        default_cuda = model(**cuda_inputs)
+        with dispatch.use_packed(False):
+            padded = model(**cuda_inputs)
+    assert len(calls) == 2
+    mask = padded.kept_mask
+    width = mask.shape[1]
+    torch.testing.assert_close(default.last_hidden_state, default_cuda.last_hidden_state)
+    assert torch.equal(default.kept_mask[:, :width].cpu(), mask.cpu())
+    agree = (default.kept_positions[:, :width][mask] == padded.kept_positions[mask]).float().mean().item()
+    assert agree > 0.97, f"selection agrees on {agree:.1%} of survivors (near-ties in half precision aside)"
+    same = (default.kept_positions[:, :width] == padded.kept_positions).all(1) & mask.any(1)
+    torch.testing.assert_close(default.last_hidden_state[:, :width][same], padded.last_hidden_state[same],
+                               atol=5e-2, rtol=5e-2)
