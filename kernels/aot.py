@@ -161,15 +161,36 @@ def _attention_calls(cap: int):
     return calls
 
 
+def _module_calls(module: str) -> Callable[[int], list]:
+    """The representative calls a kernel module lists itself (its ``aot_calls(cap)``): the packed
+    (varlen) path's kernels, each sized like BERT-base in its own file."""
+    def calls(cap: int):
+        import importlib
+
+        return importlib.import_module(module).aot_calls(cap)
+    return calls
+
+
+# The packed (varlen) path's kernels (powerbert/elimination/packed.py).
+PACKED_MODULES = ("kernels.varlen_attention", "kernels.lse_significance", "kernels.select_gather_norm")
 # Per module: the representative calls of its launchers. Modules import lazily (triton must not
 # be interpreting when they are imported).
-CALLS: dict[str, Callable[[int], list]] = {"elimination": _elimination_calls, "attention": _attention_calls}
+CALLS: dict[str, Callable[[int], list]] = {"elimination": _elimination_calls, "attention": _attention_calls,
+                                           **{m: _module_calls(m) for m in PACKED_MODULES}}
 # A launcher that launches several kernels names each by its jit function.
 KERNEL_NAMES = {"_attn_fwd_kernel": "attn_fwd", "_attn_colsum_kernel": "attn_colsum"}
 
 
+# Kernels that must not spill: the attention kernels (padded and varlen) and the lse column sums
+# in fp16/bf16 at head dims 64 and 128, and the packed path's gather + LayerNorm in fp16/bf16
+# (the dtypes the packed path runs in on CUDA; its fp32 variant spills 4 bytes on sm_80).
+NO_SPILL_ANY_DTYPE = re.compile(r"(select_)?gather_norm\[(float16|bfloat16)\]")
+
+
 def _no_spill(name: str) -> bool:
-    m = re.fullmatch(r"attn_\w+\[(\w+),d(\d+)(,n\d+)?\]", name)
+    if NO_SPILL_ANY_DTYPE.fullmatch(name):
+        return True
+    m = re.fullmatch(r"(?:attn_\w+|varlen_attn|lse_colsum)\[(\w+),d(\d+)(,n\d+)?\]", name)
     return bool(m) and m.group(1) in NO_SPILL_DTYPES and int(m.group(2)) in NO_SPILL_HEAD_DIMS
 
 

@@ -35,6 +35,9 @@ from kernels.select import select_ref, select_torch_rows
 
 # Output rows one program writes (it recomputes its sequence's selection once for all of them).
 MAX_ROWS = 16
+# fp32 values of the [TILE, BLOCK_D] tile the rows are normalised in: TILE rows' loads in flight
+# at once, and a few such tiles fit in registers without spilling.
+TILE_ELEMS = 4096
 
 
 # ----------------------------------------------------------------------------- reference
@@ -55,7 +58,7 @@ def _summed_scores(partials: torch.Tensor, cols) -> torch.Tensor:
 
 
 def select_gather_norm_ref(x, partials, cu_in, cu_out, *, max_len_in, max_keep, out_rows, weight, bias, eps,
-                           pre_bias=None, residual_bias=None, select=True):
+                           pre_bias=None, residual_bias=None, select=True, positions=None):
     """Eager reference of :func:`select_gather_norm` (same arguments, without ``backend``):
     a loop over the sequences, reading cu_in / cu_out on the host.
 
@@ -87,7 +90,7 @@ def select_gather_norm_ref(x, partials, cu_in, cu_out, *, max_len_in, max_keep, 
         y[o:o + k] = out.to(x.dtype)
         if y_plus is not None:
             y_plus[o:o + k] = (out + residual_bias.to(ct)).to(x.dtype)
-        source[o:o + k] = src
+        source[o:o + k] = src if positions is None else positions[src]
     return y, y_plus, source
 
 
@@ -95,7 +98,7 @@ def select_gather_norm_ref(x, partials, cu_in, cu_out, *, max_len_in, max_keep, 
 
 
 def select_gather_norm_torch(x, partials, cu_in, cu_out, max_len_in, max_keep, out_rows, weight, bias, eps,
-                             pre_bias, residual_bias, select):
+                             pre_bias, residual_bias, select, positions=None):
     """Vectorised torch path of :func:`select_gather_norm`, inputs unchecked, no host sync.
 
     Every sequence gets W = min(max_keep, max_len_in) slots (max_keep without selection): its
@@ -133,7 +136,7 @@ def select_gather_norm_torch(x, partials, cu_in, cu_out, max_len_in, max_keep, o
     y.index_copy_(0, dst, out.to(x.dtype))  # dead slots all land on the dump row out_rows
     if y_plus is not None:
         y_plus.index_copy_(0, dst, (out + residual_bias.to(ct)).to(x.dtype))
-    source.index_copy_(0, dst, src)
+    source.index_copy_(0, dst, src if positions is None else positions.index_select(0, src))
     return y[:out_rows], None if y_plus is None else y_plus[:out_rows], source[:out_rows]
 
 
@@ -142,11 +145,11 @@ def select_gather_norm_torch(x, partials, cu_in, cu_out, max_len_in, max_keep, o
 
 @triton.jit
 def _select_gather_norm_kernel(
-    x_ptr, p_ptr, cu_in_ptr, cu_out_ptr, w_ptr, b_ptr, pre_ptr, res_ptr, y_ptr, yp_ptr, src_ptr,
+    x_ptr, p_ptr, cu_in_ptr, cu_out_ptr, w_ptr, b_ptr, pre_ptr, res_ptr, pos_ptr, y_ptr, yp_ptr, src_ptr,
     H, D, out_rows, eps,
-    stride_xt, stride_ph, stride_pt, stride_w, stride_b, stride_pre, stride_res, stride_yt,
-    SELECT: tl.constexpr, HAS_PRE: tl.constexpr, HAS_RES: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_xt, stride_ph, stride_pt, stride_w, stride_b, stride_pre, stride_res, stride_pos, stride_yt,
+    SELECT: tl.constexpr, HAS_PRE: tl.constexpr, HAS_RES: tl.constexpr, HAS_POS: tl.constexpr,
+    ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid: (B, cdiv(max_keep, ROWS)); program (b, t) writes survivors r in [t*ROWS, (t+1)*ROWS)
     # of sequence b. Each program recomputes its sequence's whole selection: H loads of
@@ -160,7 +163,7 @@ def _select_gather_norm_kernel(
     k = tl.load(cu_out_ptr + b + 1) - out_start
     # The precondition is k <= n and cu_out[B] <= out_rows; clamping to both costs nothing and
     # keeps a broken cu array from reading or writing out of bounds.
-    r_end = tl.minimum(tl.minimum(r0 + ROWS, n), out_rows - out_start)
+    r_end = tl.minimum(tl.minimum(r0 + ROWS, tl.minimum(k, n)), out_rows - out_start)
     if r0 >= r_end:
         return
     if SELECT:
@@ -175,7 +178,8 @@ def _select_gather_norm_kernel(
             p_ptrs += stride_ph
         # The key of kernels.select.select_row, built the same way (that helper stores its
         # indices; here the kept mask is needed in registers). NaN counts as -inf, [CLS] is
-        # always kept, -0.0 ties with +0.0.
+        # always kept, -0.0 ties with +0.0 (a sum started at +0.0 never is -0.0; the line keeps
+        # the key select_row's exactly).
         score = tl.where(score != score, float("-inf"), score)
         score = tl.where(offs == 0, float("inf"), score)
         score = tl.where(score == 0.0, 0.0, score)
@@ -196,44 +200,54 @@ def _select_gather_norm_kernel(
         count = tl.cumsum((key >= kth).to(tl.int32), axis=0)
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
-    w = tl.load(w_ptr + offs_d * stride_w, mask=d_in, other=0.0).to(tl.float32)
-    bb = tl.load(b_ptr + offs_d * stride_b, mask=d_in, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs_d * stride_w, mask=d_in, other=0.0).to(tl.float32)[None, :]
+    bb = tl.load(b_ptr + offs_d * stride_b, mask=d_in, other=0.0).to(tl.float32)[None, :]
     if HAS_PRE:
-        pre = tl.load(pre_ptr + offs_d * stride_pre, mask=d_in, other=0.0).to(tl.float32)
+        pre = tl.load(pre_ptr + offs_d * stride_pre, mask=d_in, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
-        res = tl.load(res_ptr + offs_d * stride_res, mask=d_in, other=0.0).to(tl.float32)
-    for r in range(r0, r_end):
+        res = tl.load(res_ptr + offs_d * stride_res, mask=d_in, other=0.0).to(tl.float32)[None, :]
+    # The rows go TILE at a time as a [TILE, BLOCK_D] tile: TILE row loads in flight at once.
+    for t0 in range(r0, r_end, TILE):
+        r = t0 + tl.arange(0, TILE)
+        r_ok = r < r_end
         if SELECT:
-            j = tl.sum((count <= r).to(tl.int32), axis=0)
+            j = tl.sum((count[None, :] <= r[:, None]).to(tl.int32), axis=1)  # [TILE, BLOCK_N] -> [TILE]
         else:
             j = r
-        src = (start + j).to(tl.int64)  # int64: row * stride can exceed 2^31
-        v = tl.load(x_ptr + src * stride_xt + offs_d, mask=d_in, other=0.0).to(tl.float32)
+        src = start.to(tl.int64) + j.to(tl.int64)  # int64: row * stride can exceed 2^31
+        io = r_ok[:, None] & d_in[None, :]
+        v = tl.load(x_ptr + src[:, None] * stride_xt + offs_d[None, :], mask=io, other=0.0).to(tl.float32)
         if HAS_PRE:
             v += pre
-        mean = tl.sum(v, axis=0) / D
-        diff = tl.where(d_in, v - mean, 0.0)
-        var = tl.sum(diff * diff, axis=0) / D
-        out = diff * (1.0 / tl.sqrt(var + eps)) * w + bb  # fp32; one cast per store
-        dst = (out_start + r).to(tl.int64)
-        tl.store(y_ptr + dst * stride_yt + offs_d, out.to(y_ptr.dtype.element_ty), mask=d_in)
+        mean = tl.sum(v, axis=1) / D
+        diff = tl.where(io, v - mean[:, None], 0.0)
+        var = tl.sum(diff * diff, axis=1) / D
+        out = diff * (1.0 / tl.sqrt(var + eps))[:, None] * w + bb  # fp32; one cast per store
+        dst = out_start.to(tl.int64) + r.to(tl.int64)
+        tl.store(y_ptr + dst[:, None] * stride_yt + offs_d[None, :], out.to(y_ptr.dtype.element_ty), mask=io)
         if HAS_RES:
-            tl.store(yp_ptr + dst * stride_yt + offs_d, (out + res).to(yp_ptr.dtype.element_ty), mask=d_in)
-        tl.store(src_ptr + dst, src)
+            tl.store(yp_ptr + dst[:, None] * stride_yt + offs_d[None, :], (out + res).to(yp_ptr.dtype.element_ty),
+                     mask=io)
+        if HAS_POS:  # carry each row's input position along: no gather of its own per layer
+            tl.store(src_ptr + dst, tl.load(pos_ptr + src * stride_pos, mask=r_ok, other=0), mask=r_ok)
+        else:
+            tl.store(src_ptr + dst, src, mask=r_ok)
 
 
-def _block_sizes(max_len_in: int, max_keep: int, D: int, select: bool) -> tuple[int, int, int, int]:
-    """(ROWS, BLOCK_N, BLOCK_D, num_warps). ROWS: up to MAX_ROWS survivors per program (fewer
-    when no sequence keeps that many); BLOCK_N: the selection block (1 without selection);
-    warps by the larger of a row's ~4 live [BLOCK_D] fp32 vectors and the [BLOCK_N] int64 keys."""
+def _block_sizes(max_len_in: int, max_keep: int, D: int, select: bool) -> tuple[int, int, int, int, int]:
+    """(ROWS, TILE, BLOCK_N, BLOCK_D, num_warps). ROWS: up to MAX_ROWS survivors per program
+    (fewer when no sequence keeps that many), normalised TILE rows at a time, TILE * BLOCK_D
+    <= TILE_ELEMS; BLOCK_N: the selection block (1 without selection); warps by the larger of
+    the row tile and the [BLOCK_N] int64 keys."""
     rows = min(MAX_ROWS, L.next_power_of_2(max_keep))
-    block_n = L.next_power_of_2(max_len_in) if select else 1
     block_d = L.next_power_of_2(D)
-    return rows, block_n, block_d, L.num_warps_for(max(4 * block_d, 8 * block_n))
+    tile = max(1, min(rows, TILE_ELEMS // block_d))
+    block_n = L.next_power_of_2(max_len_in) if select else 1
+    return rows, tile, block_n, block_d, L.num_warps_for(max(tile * block_d, 8 * block_n))
 
 
 def launch_select_gather_norm(x, partials, cu_in, cu_out, max_len_in, max_keep, out_rows, weight, bias, eps,
-                              pre_bias, residual_bias, select):
+                              pre_bias, residual_bias, select, positions=None):
     """Launch the fused kernel, inputs unchecked (arguments as :func:`select_gather_norm`;
     partials may be None when select is False). One launch, or none when nothing can survive."""
     B, (T_in, D) = cu_in.shape[0] - 1, x.shape
@@ -242,18 +256,19 @@ def launch_select_gather_norm(x, partials, cu_in, cu_out, max_len_in, max_keep, 
     source = L.new_output((out_rows,), torch.int64, x.device)
     if B == 0 or max_keep == 0 or out_rows == 0 or T_in == 0:
         return y, y_plus, source
-    rows, block_n, block_d, num_warps = _block_sizes(max_len_in, max_keep, D, select)
+    rows, tile, block_n, block_d, num_warps = _block_sizes(max_len_in, max_keep, D, select)
     p = partials if select else weight                 # dummy pointers for absent inputs
     pre = pre_bias if pre_bias is not None else weight
     res = residual_bias if residual_bias is not None else weight
     yp = y_plus if y_plus is not None else y
+    pos = positions if positions is not None else source
     _select_gather_norm_kernel[(B, triton.cdiv(max_keep, rows))](
-        x, p, cu_in, cu_out, weight, bias, pre, res, y, yp, source,
+        x, p, cu_in, cu_out, weight, bias, pre, res, pos, y, yp, source,
         partials.shape[0] if select else 1, D, out_rows, float(eps),
         x.stride(0), *(partials.stride() if select else (0, 0)), weight.stride(0), bias.stride(0),
-        pre.stride(0), res.stride(0), y.stride(0),
-        SELECT=select, HAS_PRE=pre_bias is not None, HAS_RES=residual_bias is not None,
-        ROWS=rows, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+        pre.stride(0), res.stride(0), pos.stride(0), y.stride(0),
+        SELECT=select, HAS_PRE=pre_bias is not None, HAS_RES=residual_bias is not None, HAS_POS=positions is not None,
+        ROWS=rows, TILE=tile, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
     )
     return y, y_plus, source
 
@@ -291,7 +306,7 @@ def _check_cu(cu, name: str, device) -> int:
 
 
 def select_gather_norm(x, partials, cu_in, cu_out, *, max_len_in, max_keep, out_rows, weight, bias, eps,
-                       pre_bias=None, residual_bias=None, select=True, backend=None):
+                       pre_bias=None, residual_bias=None, select=True, positions=None, backend=None):
     """Per packed sequence: select the survivors, gather them, add a bias and LayerNorm them.
 
     Args:
@@ -327,7 +342,9 @@ def select_gather_norm(x, partials, cu_in, cu_out, *, max_len_in, max_keep, out_
             + bias, computed in fp32 (fp64 for fp64 x) and cast once;
         y_plus: [out_rows, D] x.dtype, (that unrounded y + residual_bias) cast once; None when
             residual_bias is None;
-        source: [out_rows] int64, the global input row cu_in[b]+j_r of each survivor.
+        source: [out_rows] int64, the global input row cu_in[b]+j_r of each survivor, or with
+            ``positions`` ([T_in] int64, any stride) that row's entry, positions[cu_in[b]+j_r]
+            (the packed forward carries input positions through its layers this way).
         No host synchronisation on either path (CUDA-graph safe).
     """
     L.check_tensor(x, "x")
@@ -361,6 +378,13 @@ def select_gather_norm(x, partials, cu_in, cu_out, *, max_len_in, max_keep, out_
     for name, v in (("weight", weight), ("bias", bias), ("pre_bias", pre_bias), ("residual_bias", residual_bias)):
         if v is not None or name in ("weight", "bias"):
             _check_vector(v, name, D, x.device)
+    if positions is not None:
+        L.check_tensor(positions, "positions")
+        if positions.dim() != 1 or positions.shape[0] != T_in or positions.dtype != torch.int64:
+            raise ValueError(f"positions must be [T_in] = [{T_in}] int64, got {list(positions.shape)} "
+                             f"{L.dtype_name(positions.dtype)}")
+        if positions.device != x.device:
+            raise ValueError(f"positions must be on x's device {x.device}, got {positions.device}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"eps must be a real number >= 0, got {eps!r}")
     if backend == "triton" and select and max_len_in > L.MAX_TRITON_N:
@@ -370,7 +394,7 @@ def select_gather_norm(x, partials, cu_in, cu_out, *, max_len_in, max_keep, out_
     resolved = L.resolve_backend(backend, x.device, n, L.MAX_TRITON_N, ("x", x.dtype))
     run = launch_select_gather_norm if resolved == "triton" else select_gather_norm_torch
     return run(x, partials, cu_in, cu_out, max_len_in, max_keep, out_rows, weight, bias, float(eps),
-               pre_bias, residual_bias, select)
+               pre_bias, residual_bias, select, positions)
 
 
 # ----------------------------------------------------------------------------- ahead-of-time
@@ -385,6 +409,7 @@ def aot_calls(cap: int):
     cu_in = torch.empty(B + 1, dtype=torch.int32)
     cu_out = torch.empty(B + 1, dtype=torch.int32)
     partials = torch.empty(H, B * N, dtype=torch.float32)
+    positions = torch.empty(B * N, dtype=torch.int64)
     calls = []
     for dtype in L.AOT_DTYPES:
         name = L.dtype_name(dtype)
@@ -395,6 +420,6 @@ def aot_calls(cap: int):
                 "kernels.select_gather_norm", f"{'select_' if select else ''}gather_norm[{name}]",
                 lambda x=x, w=w, b=b, pre=pre, res=res, s=select: launch_select_gather_norm(
                     x, partials, cu_in, cu_out if s else cu_in, N, K if s else N, B * (K if s else N),
-                    w, b, 1e-12, pre, res, s),
+                    w, b, 1e-12, pre, res, s, positions),
             ))
     return calls

@@ -234,8 +234,7 @@ def select_gather_norm(x: torch.Tensor, partials: torch.Tensor | None, cu_in: to
     the survivors normalised by ``norm``, the same plus ``residual_bias``, and each survivor's
     entry in ``positions`` (input positions carried through the layers at no extra launch).
     """
-    y, y_plus, source = kernels.select_gather_norm(
+    return kernels.select_gather_norm(
         x, partials, cu_in, cu_out, max_len_in=max_len_in, max_keep=max_keep, out_rows=out_rows,
         weight=norm.weight, bias=norm.bias, eps=norm.eps, pre_bias=pre_bias, residual_bias=residual_bias,
-        select=select, backend=_kernel_backend(x))
-    return y, y_plus, positions.index_select(0, source)
+        positions=positions, select=select, backend=_kernel_backend(x))

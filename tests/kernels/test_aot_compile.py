@@ -24,6 +24,13 @@ PER_ROW = ["select_rows[bfloat16]", "score_select_rows[bfloat16]", "gather_rows[
 ATTENTION = [f"{kernel}[{dtype},d{d}{suffix}]" for kernel in ("attn_fwd", "attn_colsum")
              for dtype in ATTENTION_DTYPES for d in ATTENTION_HEAD_DIMS
              for suffix in ("" if n == N else f",n{n}" for n in ATTENTION_LENGTHS)]
+# The packed (varlen) path's kernels: attention with its lse, the lse column sums (per dtype, head
+# dim and length), and the selection + gather + LayerNorm (per dtype, with and without selection).
+PACKED = ([f"varlen_attn[{dtype},d{d}{suffix}]" for dtype in ATTENTION_DTYPES for d in ATTENTION_HEAD_DIMS
+           for suffix in ("", ",n77", ",n512")]
+          + [f"lse_colsum[{dtype},d{d}{suffix}]" for dtype in ATTENTION_DTYPES for d in ATTENTION_HEAD_DIMS
+             for suffix in ("", ",n77")]
+          + [f"{kernel}[{dtype}]" for kernel in ("select_gather_norm", "gather_norm") for dtype in DTYPES])
 
 
 def run_aot(*args, timeout=900):
@@ -40,7 +47,7 @@ def aot_run():
 def test_aot_compiles_every_kernel(aot_run):
     assert aot_run.returncode == 0, aot_run.stdout[-3000:] + aot_run.stderr[-5000:]
     lines = aot_run.stdout.splitlines()
-    expected = {f"{k}[{d}]" for k in ELIMINATION for d in DTYPES} | set(PER_ROW) | set(ATTENTION)
+    expected = {f"{k}[{d}]" for k in ELIMINATION for d in DTYPES} | set(PER_ROW) | set(ATTENTION) | set(PACKED)
     for name in sorted(expected):
         for cap in ARCHS:
             hits = [line for line in lines if line.startswith(f"OK {name} sm_{cap} regs=")]

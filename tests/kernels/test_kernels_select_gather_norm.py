@@ -6,8 +6,13 @@ poisoned before the kernel writes them (POWERBERT_POISON_OUTPUTS=1, also on the 
 an unwritten survivor row fails, and rows past cu_out[B] must stay untouched.
 
 The interpreter costs ~2 ms per output row and a sort per program: the packed layouts stay
-small (a few sequences of <= 40 rows, one of 128) and the property test draws few examples.
+small (a few sequences of <= 40 rows; one of 128 and one of 512 with few survivors) and the
+property test draws few examples.
 """
+import importlib
+
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -34,6 +39,9 @@ TOL = {
 MIXED = dict(lengths=[5, 0, 1, 17, 9, 24, 6], keeps=[3, 0, 1, 17, 1, 20, 6], max_len_in=27, max_keep=21)
 NO_SELECT = dict(lengths=[5, 0, 1, 19, 2], keeps=[5, 0, 1, 19, 2], max_len_in=19, max_keep=19)
 assert max(MIXED["keeps"]) > MAX_ROWS
+# The module itself (its TILE_ELEMS is patched): ``import kernels.<op> as m`` would bind the op,
+# which kernels/__init__ exports under the module's name.
+SGN = importlib.import_module("kernels.select_gather_norm")
 
 
 # +inf + -inf in a score sum is NaN by design ('specials'); the interpreter's numpy says so.
@@ -146,6 +154,25 @@ def test_no_select_is_identity_gather(dtype, device):
     assert torch.equal(out[2][:written].cpu(), torch.arange(written))
 
 
+@pytest.mark.parametrize("select", [True, False])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_positions_are_carried(select, backend, device):
+    """With ``positions``, ``source`` holds each survivor's entry of it (strided positions too):
+    the input position a packed row carries through the layers, at no launch of its own."""
+    if backend == "triton" and device == "cpu" and not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("Triton on CPU needs the interpreter")
+    case = make_case(**(MIXED if select else NO_SELECT), D=33, dtype=torch.float16, device=device, select=select)
+    T_in = case["x"].shape[0]
+    g = torch.Generator().manual_seed(7)
+    positions = torch.randint(0, 10_000, (2 * T_in,), generator=g).to(device)[::2]  # stride 2
+    _, _, rows = select_gather_norm(**case, backend=backend)
+    y, _, carried = select_gather_norm(**case, positions=positions, backend=backend)
+    written = int(case["cu_out"][-1])
+    assert torch.equal(carried[:written], positions[rows[:written]])
+    ref = select_gather_norm_ref(**case, positions=positions)[2]
+    assert torch.equal(carried[:written].cpu(), ref[:written].cpu())
+
+
 @pytest.mark.parametrize("pre,res", [(False, False), (True, False), (False, True)])
 def test_bias_variants(pre, res, device):
     case = make_case(**MIXED, D=33, dtype=torch.bfloat16, device=device, pre=pre, res=res)
@@ -153,13 +180,29 @@ def test_bias_variants(pre, res, device):
 
 
 def test_non_contiguous_inputs(device):
-    """x with a row stride > D, partials a transposed view, weight / bias strided views."""
+    """x with a row stride > D, partials a transposed view, a strided weight, an fp32 bias."""
     case = make_case(**MIXED, D=33, dtype=torch.float16, device=device, row_pad=7, kind="ties")
     assert case["x"].stride() == (40, 1)
     case["partials"] = case["partials"].t().contiguous().t()
     assert case["partials"].stride() == (1, 3)
     case["weight"] = torch.stack([case["weight"], case["weight"] * 0], dim=1)[:, 0]
     assert case["weight"].stride() == (2,)
+    case["bias"] = case["bias"].float()  # the affine may have another float dtype than x
+    check(select_gather_norm(**case, backend="triton"), case)
+
+
+@pytest.mark.parametrize("tile_elems", [64, 128, 2048])
+def test_row_tiles(tile_elems, monkeypatch, device):
+    """Rows normalised 1, 2 and 32 at a time (TILE = tile_elems // BLOCK_D, BLOCK_D = 64 here):
+    several tiles per program, the last one partial."""
+    monkeypatch.setattr(SGN, "TILE_ELEMS", tile_elems)
+    case = make_case(**MIXED, D=33, dtype=torch.float32, device=device, kind="specials")
+    check(select_gather_norm(**case, backend="triton"), case)
+
+
+def test_bert_width(device):
+    """D = 768 (BLOCK_D 1024, tiles of 4 rows), with a row stride > D."""
+    case = make_case([9, 5, 1], [7, 5, 1], 9, 7, D=768, dtype=torch.bfloat16, device=device, row_pad=32)
     check(select_gather_norm(**case, backend="triton"), case)
 
 
@@ -251,7 +294,7 @@ def packed_cases(draw):
 
 
 @pytest.mark.interpreter  # hypothesis draws CPU tensors; the GPU run has the device-fixture tests
-@settings(max_examples=8, deadline=None, derandomize=True, database=None,
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(packed_cases())
 def test_property_triton_and_torch_match_reference(case):

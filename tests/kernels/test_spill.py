@@ -1,4 +1,4 @@
-"""Registers and spills of the attention kernels as the JIT compiles them for sm_80 and sm_90.
+"""Registers and spills of the attention kernels (and the packed path's) as the JIT compiles them for sm_80 and sm_90.
 
 ``pytest -k spill``. No GPU needed: ``python -m kernels.aot`` (in a subprocess without
 TRITON_INTERPRET, which this session sets) records the launcher's launches on BERT-base-shaped
@@ -19,9 +19,15 @@ import pytest
 from kernels.aot import ARCHS, ATTENTION_LENGTHS, N, NO_SPILL_DTYPES, NO_SPILL_HEAD_DIMS
 
 REPO = Path(__file__).resolve().parents[2]
-NO_SPILL = r"^attn_\w+\[(float16|bfloat16),d(64|128)(,n\d+)?\]$"
-KERNELS = [f"{kernel}[{dtype},d{d}{'' if n == N else f',n{n}'}]" for kernel in ("attn_fwd", "attn_colsum")
-           for dtype in NO_SPILL_DTYPES for d in NO_SPILL_HEAD_DIMS for n in ATTENTION_LENGTHS]
+NO_SPILL = (r"^((attn_\w+|varlen_attn|lse_colsum)\[(float16|bfloat16),d(64|128)(,n\d+)?\]"
+            r"|(select_)?gather_norm\[(float16|bfloat16)\])$")
+KERNELS = ([f"{kernel}[{dtype},d{d}{'' if n == N else f',n{n}'}]" for kernel in ("attn_fwd", "attn_colsum")
+            for dtype in NO_SPILL_DTYPES for d in NO_SPILL_HEAD_DIMS for n in ATTENTION_LENGTHS]
+           # the packed path's kernels (kernels/varlen_attention.py, lse_significance.py, select_gather_norm.py)
+           + [f"{kernel}[{dtype},d{d}{suffix}]" for kernel, suffixes in (("varlen_attn", ("", ",n77", ",n512")),
+                                                                        ("lse_colsum", ("", ",n77")))
+              for dtype in NO_SPILL_DTYPES for d in NO_SPILL_HEAD_DIMS for suffix in suffixes]
+           + [f"{kernel}[{dtype}]" for kernel in ("select_gather_norm", "gather_norm") for dtype in NO_SPILL_DTYPES])
 
 
 def run_aot(*args):
