@@ -10,12 +10,16 @@ Three ways a benchmark runs:
   under ``TRITON_INTERPRET=1``. It checks the plumbing (cases, records, table); its numbers mean
   nothing.
 
+``POWERBERT_BENCH_QUICK=1`` (``gpu.sh quick``, dry run or not) narrows a grid to the quick step's
+(``test_bench_peers``: fp16 only, and batch 256 besides 1, 8, 64).
+
 Only environment variables decide the case grid, so collecting a benchmark never queries the GPU;
 :func:`device` asks torch when a case runs.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 DRY_RUN = os.environ.get("POWERBERT_BENCH_DRY_RUN", "") == "1"
+QUICK = os.environ.get("POWERBERT_BENCH_QUICK", "") == "1"
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 # gpu.sh points this at $OUT; by default the committed results folder.
 RESULTS = Path(os.environ.get("POWERBERT_RESULTS") or Path(__file__).parent / "results")
@@ -54,6 +59,30 @@ def rounds(gpu: int, cpu: int | None = None) -> int:
     if DRY_RUN:
         return 1
     return gpu if device() == "cuda" else (gpu if cpu is None else cpu)
+
+
+def save_case(benchmark, name: str, dev: str, **fields) -> Path:
+    """Merge this finished case into ``<name>_<dev>.json`` under RESULTS, written atomically at
+    once (a run cut short keeps every case before it). The entry has pytest-benchmark's JSON form
+    (name, fullname, group, stats, extra_info), so ``table.py`` reads both alike; a case run again
+    replaces its entry. ``fields`` go to the file's top level (device, versions)."""
+    from powerbert.inputs.files import write_json_atomic
+
+    stats = benchmark.stats.stats
+    entry = dict(name=benchmark.name, fullname=benchmark.fullname, group=benchmark.group,
+                 stats={key: getattr(stats, key) for key in ("min", "max", "mean", "median", "stddev", "iqr", "rounds")},
+                 extra_info=dict(benchmark.extra_info))
+    path = RESULTS / f"{name}_{dev}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    entries = {b["name"]: b for b in record.get("benchmarks", []) if isinstance(b, dict) and "name" in b}
+    entries[entry["name"]] = entry
+    record.update(fields, dry_run=DRY_RUN, torch=torch.__version__, benchmarks=list(entries.values()))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+    return path
 
 
 def synchronize(dev: str) -> None:
@@ -190,6 +219,4 @@ def _cuda_driver_api() -> int | None:
 
 
 if __name__ == "__main__":  # gpu.sh records this in gpu_run.json, from a process of its own
-    import json
-
     print(json.dumps(environment()))

@@ -5,8 +5,12 @@
 
 For every case: the median, sequences per second (``extra_info["sequences"]`` per call over the
 median) and the ratio against its baseline, the case of the same group whose ``impl`` the case's
-``extra_info["baseline"]`` names: baseline median / this median, so > 1 is faster. Files that are
-missing or unreadable are listed (with the step that writes them) instead of failing; a dry run
+``extra_info["baseline"]`` names: baseline median / this median, so > 1 is faster. The end-to-end
+cases of ``test_bench_peers`` (``peers_e2e_<device>.json``, written case by case, and
+``gpu_model.json``) get a table of their own: each row's ratio to the strongest stock of its shape
+(the fastest row with ``extra_info["stock"]``), named, and the FLOPs ideal against that stock
+beside it. Files that are missing or unreadable are listed (with the step that writes them)
+instead of failing, only for the steps ``gpu_run.json`` says ran when it says; a dry run
 (``gpu.sh --dry-run``) is marked as such at the top.
 """
 from __future__ import annotations
@@ -16,13 +20,18 @@ import json
 import sys
 from pathlib import Path
 
-# file -> the gpu.sh step that writes it
+# file -> the gpu.sh steps that write it (None: any step)
 EXPECTED = {
-    "gpu_run.json": "any step",
-    "gpu_kernels.json": "gpu.sh kernels",
-    "gpu_model.json": "gpu.sh model",
+    "gpu_run.json": None,
+    "gpu_kernels.json": ("kernels",),
+    "gpu_model.json": ("model",),
 }
-RECORDS = {"model_e2e": "gpu.sh model", "families_e2e": "gpu.sh model"}
+RECORDS = {"model_e2e": ("model",), "families_e2e": ("model",), "peers_e2e": ("model", "quick")}
+PEERS = "peers_e2e"  # test_bench_peers' record: rendered by _peers_lines, not _record_lines
+PEERS_TITLE = "## End to end against the strongest stock"  # gpu.py's QUICK_TABLE_MARKER
+# Stock rows where extra_info lacks "stock" (results written before it was recorded).
+STOCK_IMPLS = ("stock-sdpa", "stock-graph", "stock-unpadded", "stock-unpadded-graph")
+PEERS_NOTES = ("path", "real_tokens", "attention", "max_abs_diff_vs_stock", "max_abs_diff_vs_eager")
 # extra_info shown in the notes column, in this order, when present.
 NOTES = ("real_tokens", "device_ms", "ideal_vectors", "attention", "max_abs_diff_vs_stock", "max_abs_diff_vs_eager", "sdpa_backend", "packed_tokens",
          "speedup_vs_eager_ref", "ratio_vs_bytes_floor", "effective_GBps", "paired_speedup_vs_stock-sdpa",
@@ -77,6 +86,56 @@ def _steps_lines(steps: dict) -> list[str]:
     return lines + [""]
 
 
+def _step_names(steps) -> str:
+    return "any step" if steps is None else "gpu.sh " + " or ".join(steps)
+
+
+def _is_peers(bench: dict) -> bool:
+    return bench.get("fullname", "").split("[")[0].endswith("test_bench_peers.py::test_peers")
+
+
+def _is_stock(info: dict) -> bool:
+    return bool(info["stock"]) if "stock" in info else info.get("impl") in STOCK_IMPLS
+
+
+def _peers_lines(benches: list[dict]) -> list[str]:
+    """test_bench_peers' rows, by shape: median, sequences/s, the ratio to the strongest stock
+    of the shape (its median / this median: > 1 is faster than every stock measured), which
+    stock that is, and the FLOPs ideal against it (patched rows)."""
+    if not benches:
+        return []
+    groups: dict[str, list[dict]] = {}
+    for bench in benches:
+        groups.setdefault(bench.get("group") or "ungrouped", []).append(bench)
+    lines = [PEERS_TITLE, "",
+             "ratio: the strongest stock's median / this median (> 1: faster than the fastest stock of the shape). "
+             "FLOPs ideal: stock's multiply-adds over the patched model's (§6), against that stock (padded to the "
+             "batch's longest, or real tokens only for stock-unpadded); vector ideal: vectors processed against "
+             "stock padded to the batch's longest.", "",
+             "| shape | case | median ms | sequences/s | vs strongest stock | strongest stock | FLOPs ideal | "
+             "vector ideal | rounds | notes |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    for group, rows in groups.items():
+        stocks = {b["extra_info"]["impl"]: b["stats"]["median"] for b in rows
+                  if _is_stock(b.get("extra_info", {})) and b["stats"]["median"] > 0}
+        strongest = min(stocks, key=stocks.get) if stocks else None
+        shape = group.removeprefix("bert e2e ")
+        for i, bench in enumerate(rows):
+            info = bench.get("extra_info", {})
+            median = bench["stats"]["median"]
+            sequences = info.get("sequences")
+            rate = f"{sequences / median:,.0f}" if sequences and median > 0 else "-"
+            ratio = f"{stocks[strongest] / median:.2f}x" if strongest and median > 0 else "-"
+            key = "ideal_flops_vs_unpadded" if (strongest or "").startswith("stock-unpadded") else "ideal_flops"
+            flops = f"{info[key]:.2f}x" if info.get(key) is not None and not _is_stock(info) else "-"
+            vectors = f"{info['ideal_vectors']:.2f}x" if info.get("ideal_vectors") is not None else "-"
+            notes = "; ".join(f"{k} {_fmt(info[k])}" for k in PEERS_NOTES if info.get(k) is not None)
+            lines.append(f"| {shape if i == 0 else ''} | {info.get('impl', bench['name'])} | {1e3 * median:.3f} | "
+                         f"{rate} | {ratio} | {strongest or '(no stock row)'} | {flops} | {vectors} | "
+                         f"{bench['stats'].get('rounds', '')} | {notes} |")
+    return lines + [""]
+
+
 def _benchmark_lines(title: str, data: dict) -> list[str]:
     """One table per benchmark function; rows grouped by pytest-benchmark group."""
     by_function: dict[str, dict[str, list]] = {}
@@ -112,18 +171,20 @@ def _benchmark_lines(title: str, data: dict) -> list[str]:
     return lines
 
 
-def _record_lines(out: Path) -> tuple[list[str], list[str]]:
+def _record_lines(out: Path, ran: set | None = None) -> tuple[list[str], list[str]]:
     """The model benchmarks' speedups beside their ideals (model_e2e_*.json, families_e2e_*.json)."""
     lines, missing = [], []
-    for prefix, step in RECORDS.items():
+    for prefix, steps in RECORDS.items():
         paths = sorted(out.glob(f"{prefix}_*.json"))
-        if not paths:
-            missing.append(f"{prefix}_<device>.json ({step})")
+        if not paths and (ran is None or ran & set(steps)):
+            missing.append(f"{prefix}_<device>.json ({_step_names(steps)})")
         for path in paths:
             record, problem = _load(path)
             if problem:
                 missing.append(f"{path.name} ({problem})")
                 continue
+            if prefix == PEERS:
+                continue  # _peers_lines
             lines += [f"## {path.name}: speedup beside the ideal ({record.get('device', '?')}, {record.get('dtype', '?')})", ""]
             if prefix == "model_e2e":
                 lines += ["| case | patched | baseline | patched ms | baseline ms | speedup | paired | vector ideal | FLOPs ideal |",
@@ -148,29 +209,43 @@ def _record_lines(out: Path) -> tuple[list[str], list[str]]:
 def render(out: Path) -> tuple[str, list[str]]:
     """Markdown for the gpu.sh files in ``out``; returns (text, the files missing or unreadable)."""
     out = Path(out)
+    run, problem = _load(out / "gpu_run.json")
+    run = run or {}
+    # The steps that ran (gpu_run.json): files of other steps are not missing. Unknown: expect all.
+    ran = {s for s in run.get("steps", {}) if s != "table"} or None
     loaded, missing = {}, []
-    for name, step in EXPECTED.items():
+    if problem:
+        missing.append(f"gpu_run.json ({_step_names(None)}{'' if problem == 'missing' else ', ' + problem})")
+    for name, steps in EXPECTED.items():
+        if name == "gpu_run.json":
+            continue
         data, problem = _load(out / name)
         loaded[name] = data
-        if problem:
-            missing.append(f"{name} ({step}{'' if problem == 'missing' else ', ' + problem})")
-    run = loaded["gpu_run.json"] or {}
+        if problem and (ran is None or ran & set(steps) or problem != "missing"):
+            missing.append(f"{name} ({_step_names(steps)}{'' if problem == 'missing' else ', ' + problem})")
+    # test_bench_peers: its record (case by case) over gpu_model.json's entries of the same case.
+    peers = {b["name"]: b for b in (loaded["gpu_model.json"] or {}).get("benchmarks", []) if _is_peers(b)}
+    for path in sorted(out.glob(f"{PEERS}_*.json")):
+        record, _ = _load(path)
+        peers.update((b["name"], b) for b in (record or {}).get("benchmarks", []) if isinstance(b, dict) and "name" in b)
     benchmarks = [b for name in ("gpu_kernels.json", "gpu_model.json") for b in (loaded[name] or {}).get("benchmarks", [])]
-    dry_run = run.get("dry_run") or any(b.get("extra_info", {}).get("dry_run") for b in benchmarks)
+    dry_run = run.get("dry_run") or any(b.get("extra_info", {}).get("dry_run") for b in [*benchmarks, *peers.values()])
     env = run.get("environment") or {}
     title = "# GPU benchmark results" + (" (DRY RUN)" if dry_run else f": {env.get('device', 'unknown device')}")
     lines = [title, ""]
     if dry_run:
         lines += [DRY_RUN_BANNER, ""]
     lines += _environment_lines(env)
-    records, records_missing = _record_lines(out)
+    records, records_missing = _record_lines(out, ran)
     missing += records_missing
     if missing:
         lines += ["**Missing:** " + "; ".join(missing), ""]
     lines += _steps_lines(run.get("steps", {}))
+    lines += _peers_lines(list(peers.values()))
     for name, title in (("gpu_kernels.json", "Kernels"), ("gpu_model.json", "Models")):
         if loaded[name] is not None:
-            lines += _benchmark_lines(title, loaded[name])
+            data = dict(loaded[name], benchmarks=[b for b in loaded[name].get("benchmarks", []) if not _is_peers(b)])
+            lines += _benchmark_lines(title, data)
     lines += records
     return "\n".join(lines).rstrip() + "\n", missing
 

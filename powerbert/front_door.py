@@ -25,7 +25,7 @@ def is_patched(model: nn.Module) -> bool:
 
 def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
           selection: str | None = None, static_shapes: bool | None = None, retention_min=None,
-          pool_eliminated: bool | None = None) -> nn.Module:
+          pool_eliminated: bool | None = None, cuda_graphs: bool = True) -> nn.Module:
     """Make ``model`` eliminate word vectors (PoWER-BERT), in place.
 
     Args:
@@ -61,6 +61,10 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
             survivors alone; the same work, more of the text in the embedding. Stored in the
             config (``powerbert_pool_eliminated``) so it survives ``model.save``; None reads it
             from there (default False).
+        cuda_graphs: on CUDA in fp16/bf16, inference runs the packed (varlen) forward
+            (``powerbert/elimination/packed.py``) and replays it from a pool of CUDA graphs,
+            one per shape bucket, captured the first time a bucket is met
+            (``powerbert/elimination/packed_graphs.py``). False runs the packed forward eagerly.
 
     Returns:
         The same ``model``. ``model.config.powerbert_retention`` holds the configuration, so
@@ -74,7 +78,7 @@ def patch(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a transformers model, got {type(model).__name__}")
     options = dict(cls_only_last_layer=cls_only_last_layer, selection=selection, static_shapes=static_shapes,
-                   retention_min=retention_min)
+                   retention_min=retention_min, cuda_graphs=cuda_graphs)
     if sentence_models.is_sentence_model(model):
         return sentence_models.patch_sentence(model, retention, pool_eliminated=pool_eliminated, **options)
     if pool_eliminated:

@@ -1,5 +1,6 @@
-"""The GPU steps' plumbing, checked on CPU: ``benchmarks/gpu.sh --dry-run``, ``benchmarks/table.py``,
-the unpadded stock baseline, and the GPU run of this suite skipping what it cannot run.
+"""The GPU steps' plumbing, checked on CPU: ``benchmarks/gpu.sh --dry-run`` (the quick step too),
+``benchmarks/table.py``, the unpadded stock baselines, and the GPU run of this suite skipping what
+it cannot run.
 
 ``make gpu-dry-run`` (CI) runs every dry-run case; here a few cases per step keep it short.
 """
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy
@@ -14,7 +16,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from benchmarks import table
+from benchmarks import gpu, table
 from benchmarks.unpadded import bert_forward_unpadded, pack, varlen_attention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +48,14 @@ def test_dry_run_writes_the_table_in_at_most_eight_files(tmp_path):
     file (the tests step only collects, in the full dry run): the files, the DRY RUN marker, a
     ratio and sequences/s."""
     out = tmp_path / "out"
-    cases = "B1-N16-float16-equal-sdpa-flash or B1-N16-float16-equal-triton or cuda-fp16-torch or cls-head or bert-"
+    cases = ("B1-N16-float16-equal-sdpa-flash or B1-N16-float16-equal-triton or cuda-fp16-torch or cls-head or bert- "
+             "or B1-N16-float16-equal-stock-sdpa")
     proc = subprocess.run(["bash", str(GPU_SH), "--dry-run", "kernels", "model", "table", "--", "-k", cases],
                           cwd=ROOT, env=_clean_env(OUT=str(out)), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
     assert files == ["families_e2e_cpu.json", "gpu.log", "gpu_kernels.json", "gpu_model.json", "gpu_results.md",
-                     "gpu_run.json", "model_e2e_cpu.json"]
+                     "gpu_run.json", "model_e2e_cpu.json", "peers_e2e_cpu.json"]
     text = (out / "gpu_results.md").read_text()
     assert text.startswith("# GPU benchmark results (DRY RUN)") and "not measurements" in text
     assert "Missing" not in text
@@ -65,6 +68,81 @@ def test_dry_run_writes_the_table_in_at_most_eight_files(tmp_path):
     rows = [line.split(" | ") for line in text.splitlines() if "| sdpa-flash |" in line or "| triton |" in line]
     assert any(r[1] == "sdpa-flash" and r[4] == "1.00x" for r in rows)
     assert all(float(r[3].replace(",", "")) > 0 and r[4].endswith("x") for r in rows)
+
+
+@INTERPRETER_NUMPY
+def test_dry_run_quick_step_saves_cases_and_renders_the_strongest_stock_table(tmp_path):
+    """``gpu.sh --dry-run quick``: the tests that need CUDA selected and skipped (CUDA hidden), the
+    end-to-end cases (batch 1 here) saved one by one, the table with each row's strongest stock,
+    in four files. The patched row runs the packed forward, patched-padded the padded one."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(GPU_SH), "--dry-run", "quick", "--", "-k", "not B3"],
+                          cwd=ROOT, env=_clean_env(OUT=str(out)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert files == ["gpu.log", "gpu_results.md", "gpu_run.json", "peers_e2e_cpu.json"]
+    run = json.loads((out / "gpu_run.json").read_text())
+    quick = run["steps"]["quick"]
+    assert list(run["steps"]) == ["quick"] and quick["rc"] == 0 and not quick["timed_out"]
+    # (a): only tests that need CUDA, every one skipped here; the others deselected by the plugin.
+    counts = quick["tests"]["counts"]
+    assert counts.get("skipped", 0) > 0 and counts.get("deselected", 0) > 0 and "passed" not in counts
+    # (b): fp16 only, batch 1; the graphs skip on CPU. Each case is in the record.
+    record = json.loads((out / "peers_e2e_cpu.json").read_text())
+    names = {b["name"] for b in record["benchmarks"]}
+    assert names == {f"test_peers[B1-N16-float16-{scenario}-{impl}]" for scenario, impls in
+                     (("equal", ("stock-sdpa", "patched", "patched-padded")),
+                      ("ragged", ("stock-sdpa", "stock-unpadded", "patched", "patched-padded"))) for impl in impls}
+    # (c): the table, marked, each row against the fastest stock of its shape, FLOPs ideal beside.
+    text = (out / "gpu_results.md").read_text()
+    assert text.startswith("# GPU benchmark results (DRY RUN)") and gpu.QUICK_TABLE_MARKER in text
+    assert "Missing" not in text and "| quick | 0 |" in text
+    rows = _peer_rows(text)
+    assert rows[("equal", "stock-sdpa")][5] == "stock-sdpa"  # the only stock row on CPU
+    assert rows[("ragged", "stock-sdpa")][5] in ("stock-sdpa", "stock-unpadded")
+    patched = rows[("ragged", "patched")]
+    assert patched[4].endswith("x") and patched[6].endswith("x") and "path packed" in patched[9]
+    assert "path padded" in rows[("ragged", "patched-padded")][9]
+
+
+def test_step_arguments_and_timeouts(tmp_path, monkeypatch):
+    """``all`` is every step in order, quick included; quick's default time-out is 330 s (the step
+    ends within 6 minutes), the others' 480, and ``--step-timeout`` sets them all."""
+    calls = []
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(gpu, "_environment", lambda env: {"device": "test"})
+    monkeypatch.setattr(gpu, "_table", lambda out, quiet=False: dict(rc=0, missing=[]))
+    monkeypatch.setattr(gpu, "_tests", lambda out, env, dry, timeout, extra: calls.append(("tests", timeout)) or dict(rc=0))
+    monkeypatch.setattr(gpu, "_benchmarks", lambda step, out, env, timeout, extra: calls.append((step, timeout)) or dict(rc=0))
+
+    def quick(out, env, dry, end, extra, save):
+        calls.append(("quick", round(end - time.time())))
+        assert env["POWERBERT_BENCH_QUICK"] == "1" and extra == ["-k", "x"]
+        return dict(rc=0)
+
+    monkeypatch.setattr(gpu, "_quick", quick)
+    gpu.main(["--dry-run", "all", "--", "-k", "x"])
+    assert calls == [("tests", 480), ("kernels", 480), ("model", 480), ("quick", 330)]
+    assert list(json.loads((tmp_path / "gpu_run.json").read_text())["steps"]) == list(gpu.STEPS)
+    calls.clear()
+    gpu.main(["--dry-run", "--step-timeout", "100", "quick", "--", "-k", "x"])
+    assert calls == [("quick", 100)]
+    assert gpu.STEPS == ("tests", "kernels", "model", "quick", "table")
+
+
+def test_quick_tests_select_what_needs_cuda():
+    """The quick step's pytest plugin keeps tests marked gpu and tests on the device fixture."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-p", "benchmarks.gpu", "tests/test_cuda_graph.py", "tests/kernels/test_kernels_gather.py"],
+                          cwd=ROOT, env=_clean_env(POWERBERT_TEST_GPU="1", PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    selected = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert any("test_cuda_graph.py::test_replay_equals_the_eager_static_forward" in n for n in selected)  # gpu
+    assert any(n.startswith("tests/kernels/test_kernels_gather.py::") for n in selected)  # device fixture
+    assert not any("test_argument_checks_run_before_anything_touches_cuda" in n for n in selected)  # CPU only
+    assert "deselected" in proc.stdout.splitlines()[-1]
+    assert all(Path(ROOT / f).parent.is_dir() for f in gpu.QUICK_TESTS)
 
 
 def test_dry_run_refuses_the_committed_results_folder():
@@ -103,7 +181,7 @@ def test_table_ratio_against_the_named_baseline_with_sequences_per_second(tmp_pa
     (tmp_path / "gpu_kernels.json").write_text(json.dumps({"benchmarks": benches}))
     (tmp_path / "gpu_run.json").write_text(json.dumps(
         {"dry_run": False, "environment": {"device": "test device", "torch": "x"},
-         "steps": {"kernels": {"rc": 0, "seconds": 1.0, "summary": "3 passed"}}}))
+         "steps": {"kernels": {"rc": 0, "seconds": 1.0, "summary": "3 passed"}, "model": {"rc": 1}}}))
     text, missing = table.render(tmp_path)
     assert text.startswith("# GPU benchmark results: test device") and "DRY RUN" not in text
     lines = {line.split(" | ")[1]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
@@ -111,6 +189,53 @@ def test_table_ratio_against_the_named_baseline_with_sequences_per_second(tmp_pa
     assert lines["patched"][2:6] == ["4.000", "2,000", "2.50x", "stock"]
     assert lines["other"][4] == "(baseline missing)"
     assert "gpu_model.json (gpu.sh model)" in missing and "gpu_kernels.json" not in " ".join(missing)
+
+
+def _peer(group, impl, median, stock=False, **extra):
+    """A test_bench_peers entry (pytest-benchmark's form), group "equal B8 N128 float16"."""
+    bench = _bench(f"{group}-{impl}", impl, median, "stock-sdpa", group=f"bert e2e {group}", stock=stock, **extra)
+    bench["fullname"] = f"benchmarks/test_bench_peers.py::test_peers[{group}-{impl}]"
+    return bench
+
+
+def _peer_rows(text):
+    """The end-to-end table's rows by (scenario, case): its cells split (notes last)."""
+    rows, shape = {}, ""
+    for line in text.split(table.PEERS_TITLE, 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = line.split(" | ")
+        if len(cells) == 10 and cells[1] != "case":
+            shape = cells[0].lstrip("| ") or shape
+            rows[(shape.split()[0], cells[1])] = cells
+    return rows
+
+
+def test_table_peers_against_the_strongest_stock_with_its_flops_ideal(tmp_path):
+    """Each end-to-end row: ratio to the fastest stock row of its shape, named; the FLOPs ideal
+    against stock padded to the longest, or against stock on real tokens where that is fastest.
+    The record (written case by case) wins over gpu_model.json's entry of the same case; only
+    the steps that ran are expected."""
+    ideals = dict(ideal_flops=3.0, ideal_flops_vs_unpadded=2.0, ideal_vectors=3.5)
+    model = [_peer("equal B8 N128 float16", "stock-sdpa", 0.010, stock=True),
+             _peer("equal B8 N128 float16", "stock-graph", 0.008, stock=True),
+             _peer("equal B8 N128 float16", "patched", 0.004, **ideals),
+             _peer("ragged B8 N128 float16", "stock-sdpa", 0.010, stock=True),
+             _peer("ragged B8 N128 float16", "patched", 0.999, **ideals)]
+    record = [_peer("ragged B8 N128 float16", "stock-unpadded", 0.005, stock=True),
+              _peer("ragged B8 N128 float16", "patched", 0.004, path="packed", **ideals)]
+    (tmp_path / "gpu_model.json").write_text(json.dumps({"benchmarks": model}))
+    (tmp_path / "peers_e2e_cuda.json").write_text(json.dumps({"benchmarks": record}))
+    (tmp_path / "gpu_run.json").write_text(json.dumps({"dry_run": False, "environment": {"device": "d"},
+                                                      "steps": {"quick": {"rc": 0, "summary": ""}}}))
+    text, missing = table.render(tmp_path)
+    assert missing == []  # quick ran: nothing of kernels' or model's is missing
+    assert text.count(table.PEERS_TITLE) == 1 and table.PEERS_TITLE == gpu.QUICK_TABLE_MARKER
+    assert "test_peers" not in text  # not again in the Models table
+    rows = _peer_rows(text)
+    assert rows[("equal", "patched")][2:8] == ["4.000", "2,000", "2.00x", "stock-graph", "3.00x", "3.50x"]
+    assert rows[("equal", "stock-sdpa")][4:7] == ["0.80x", "stock-graph", "-"]
+    assert rows[("ragged", "patched")][2:8] == ["4.000", "2,000", "1.25x", "stock-unpadded", "2.00x", "3.50x"]
+    assert "path packed" in rows[("ragged", "patched")][9]
+    assert rows[("ragged", "stock-unpadded")][4] == "1.00x"
 
 
 # ----------------------------------------------------------------------------- unpadded baseline
@@ -129,6 +254,26 @@ def test_unpadded_bert_matches_stock_on_real_tokens(one_thread):
         packed, indices, cu_seqlens = bert_forward_unpadded(model, ids, mask)
     assert cu_seqlens.tolist() == [0, 11, 18, 20] and packed.shape == (20, 64)
     torch.testing.assert_close(packed, stock.flatten(0, 1)[indices], atol=1e-5, rtol=1e-5)
+
+
+def test_unpadded_with_fixed_lengths_matches_unpadded(one_thread):
+    """stock-unpadded-graph's module (packing computed once, for capture) computes stock-unpadded."""
+    from benchmarks import test_bench_peers as peers
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=96)).eval()
+    inputs = peers._inputs("ragged", 3, 16, "cpu")
+    inputs["input_ids"] = inputs["input_ids"] % 101
+    fixed = peers.UnpaddedFixedLengths(model, inputs["attention_mask"]).eval()
+    with torch.no_grad():
+        expected = peers._classify_unpadded(model, inputs)
+        got = fixed(input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"])
+        stock = model(**inputs).logits
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, stock, atol=1e-5, rtol=1e-5)
+    assert peers.unpadded.pack is pack  # restored after the call
 
 
 def test_varlen_attention_is_attention_within_each_sequence():

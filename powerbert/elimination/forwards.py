@@ -37,8 +37,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 from powerbert.elimination import dispatch
 from powerbert.elimination.families import Family, family_named, resolve
 from powerbert.elimination.layout import real_tokens_first, static_shapes_now
+from powerbert.elimination import packed_graphs
 from powerbert.elimination.packed import layers_fit, packed_encoder
-from powerbert.elimination.packed_plan import host_mask, plan_packed
+from powerbert.elimination.packed_plan import bucket_capacities, host_mask, plan_packed
 
 # The keyword through which BaseForward hands the encoder a record to fill (every supported
 # base model passes its **kwargs on to the encoder).
@@ -140,7 +141,14 @@ class EncoderForward:
             hidden = family.enter(self.encoder, hidden_states) if family.enter is not None else hidden_states
             layers = family.layers(self.encoder)
             self.runner.check(len(layers))
-            hidden, record["kept_mask"], record["kept_positions"] = packed_encoder(layers, hidden, plan)
+            out = None
+            if plan.bucket is not None:
+                settings = record["packed_settings"]
+                out = packed_graphs.pool_for(self.encoder).run(
+                    layers, hidden, plan, bucket_capacities(plan.bucket, *settings), settings)
+            if out is None:
+                out = packed_encoder(layers, hidden, plan)
+            hidden, record["kept_mask"], record["kept_positions"] = out
             return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden)
         mask, padded = key_mask(attention_mask, hidden_states)
         hidden = family.enter(self.encoder, hidden_states) if family.enter is not None else hidden_states
@@ -301,11 +309,16 @@ class BaseForward:
         if not layers_fit(layers, parameter.dtype):
             return args, kwargs
         batch, width = shaped.shape[:2]
-        retention, minimum = settings
+        retention, minimum, cuda_graphs = settings
         mask = host_mask(bound.pop("attention_mask", None), batch, width)
-        record["packed_plan"] = plan_packed(
-            mask, retention, minimum=minimum, device=parameter.device,
-            cls_only_last=record["cls_only"] and forward.runner.cls_only_last_layer)
+        cls_only = bool(record["cls_only"] and forward.runner.cls_only_last_layer)
+        bucket = None
+        if cuda_graphs and packed_graphs.graphs_serve(parameter.device):
+            lengths = mask.sum(axis=1)
+            bucket = packed_graphs.bucket_for(batch, int(lengths.sum()), int(lengths.max()) if batch else 0)
+        record["packed_plan"] = plan_packed(mask, retention, minimum=minimum, device=parameter.device,
+                                            cls_only_last=cls_only, bucket=bucket)
+        record["packed_settings"] = (retention, minimum, cls_only)
         bound["attention_mask"] = None
         return (), bound
 

@@ -39,6 +39,7 @@ class HardExtract:
         config_saved: ``{key: (had_it, value)}`` of the config keys patch wrote.
         static_shapes: None (auto), True or False; see ``layout.static_shapes_now``.
         minimum: per-layer minimums m_l of a proportional configuration, or None (all 1).
+        cuda_graphs: the packed CUDA forward replays graphs from a pool (``packed_graphs``).
     """
 
     retention: tuple
@@ -47,6 +48,7 @@ class HardExtract:
     config_saved: dict[str, tuple[bool, Any]]
     static_shapes: bool | None = None
     minimum: tuple[int, ...] | None = None
+    cuda_graphs: bool = True
 
     installed_message = (
         "model is already patched by powerbert (its encoder, possibly through the model that holds it); "
@@ -97,10 +99,14 @@ class HardExtract:
         return [mask.shape[1]] * keep_all + plan[keep_all:]
 
     def packed_settings(self) -> tuple | None:
-        """``(retention, minimum)`` for the packed inference forward (``elimination/packed.py``),
-        or None when this runner cannot take it (the Head-WS / Rand-WS ablations select without
-        attention scores, on the padded path)."""
-        return (self.retention, self.minimum) if self.selection == "attention" else None
+        """``(retention, minimum, cuda_graphs)`` for the packed inference forward
+        (``elimination/packed.py``), or None when this runner does not take it: the Head-WS /
+        Rand-WS ablations select without attention scores, and ``static_shapes=True`` promises
+        outputs as wide as the input (both on the padded path)."""
+        if self.selection != "attention" or self.static_shapes is True:
+            return None
+        # Objects pickled before cuda_graphs existed have none: graphs by default.
+        return self.retention, self.minimum, getattr(self, "cuda_graphs", True)
 
     def keeps_everything(self, n: int) -> bool:
         """True when no layer eliminates anything for inputs ``n`` slots wide: every k_l >= n
@@ -129,7 +135,7 @@ def hard_extract_of(model: nn.Module) -> HardExtract | None:
 
 def install_hard_extract(model: nn.Module, retention=None, *, cls_only_last_layer: bool = True,
                          selection: str | None = None, static_shapes: bool | None = None,
-                         retention_min=None) -> nn.Module:
+                         retention_min=None, cuda_graphs: bool = True) -> nn.Module:
     """``powerbert.patch`` for a Hugging Face model: every argument as there (``front_door.patch``).
 
     Raises:
@@ -159,6 +165,8 @@ def install_hard_extract(model: nn.Module, retention=None, *, cls_only_last_laye
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if static_shapes not in (None, True, False):
         raise TypeError(f"static_shapes must be None, True or False, got {static_shapes!r}")
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
 
     runner = HardExtract(
         retention=retention,
@@ -167,6 +175,7 @@ def install_hard_extract(model: nn.Module, retention=None, *, cls_only_last_laye
         config_saved={key: saved_attribute(config, key) for key in (CONFIG_KEY, SELECTION_KEY, MINIMUM_KEY)},
         static_shapes=static_shapes,
         minimum=minimum,
+        cuda_graphs=cuda_graphs,
     )
     install(model, family, base, runner, cls_only_head=runner.cls_only_last_layer)
     setattr(config, CONFIG_KEY, list(retention))

@@ -35,7 +35,7 @@ from torch import nn
 
 from powerbert.elimination import dispatch
 from powerbert.elimination.families import LayerParts
-from powerbert.elimination.packed_plan import PackedPlan
+from powerbert.elimination.packed_plan import LayerShapes, PackedPlan
 
 LAUNCHES_PER_ELIMINATING_LAYER = 9
 LAUNCHES_PER_KEEPING_LAYER = 8
@@ -65,10 +65,11 @@ _QKV_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDicti
 def fused_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's query, key and value projections stacked: ``(weight [3 D, D], bias [3 D])``.
 
-    Cached per layer (weakly, by its query module) and rebuilt when any of the six parameters
+    Cached per layer (weakly, by its query module) and refreshed when any of the six parameters
     changed storage (``data_ptr``: ``.to()``, a new Parameter) or was written in place
     (``_version``: an optimiser step, ``load_state_dict``), so the fused GEMM always runs the
-    weights the three Linears hold.
+    weights the three Linears hold. A refresh writes into the cached tensors when their shape,
+    dtype and device still fit: a CUDA graph that captured them stays valid.
     """
     params = (parts.query.weight, parts.key.weight, parts.value.weight,
               parts.query.bias, parts.key.bias, parts.value.bias)
@@ -77,28 +78,32 @@ def fused_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor]:
     if cached is not None and cached[0] == stamp:
         return cached[1], cached[2]
     with torch.no_grad():
-        weight = torch.cat(params[:3]).contiguous()
-        bias = torch.cat(params[3:]).contiguous()
+        weight = torch.cat(params[:3])
+        bias = torch.cat(params[3:])
+        if cached is not None and _same_layout(cached[1], weight) and _same_layout(cached[2], bias):
+            weight, bias = cached[1].copy_(weight), cached[2].copy_(bias)
     _QKV_CACHE[parts.query] = (stamp, weight, bias)
     return weight, bias
 
 
-def packed_layer(parts: LayerParts, x: torch.Tensor, plan: PackedPlan, index: int,
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+def packed_layer(parts: LayerParts, x: torch.Tensor, shapes: LayerShapes,
                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One encoder layer on packed rows.
 
     Args:
         parts: the layer's modules (``layers_fit``). x: ``[T_in, D]`` packed rows entering the
             layer; **overwritten** (the attention-output GEMM accumulates into it), so it must be
-            a buffer of the forward's own. plan: the batch's plan. index: the layer (0-based).
-        positions: ``[T_in]`` int64 input position of each row.
+            a buffer of the forward's own. Rows past ``cu_in[B]`` are never read for a sequence.
+        shapes: the layer's offsets and sizes. positions: ``[T_in]`` int64 input position of each row.
 
     Returns:
-        ``(x_out [T_out, D], positions_out [T_out] int64)`` in x's dtype.
+        ``(x_out [rows_out, D], positions_out [rows_out] int64)`` in x's dtype; rows past
+        ``cu_out[B]`` hold no sequence.
     """
-    arrays = plan.device_arrays
-    cu_in, cu_out = arrays["cu"][index], arrays["cu"][index + 1]
-    max_in, eliminates = plan.max_len[index], plan.eliminates[index]
     rows_in, width = x.shape
     heads = parts.num_heads
     head_dim = width // heads
@@ -106,19 +111,28 @@ def packed_layer(parts: LayerParts, x: torch.Tensor, plan: PackedPlan, index: in
     weight, bias = fused_qkv(parts)
     qkv = torch.addmm(bias, x, weight.t()).view(rows_in, 3, heads, head_dim)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    context, lse = dispatch.varlen_attention(q, k, v, cu_in, max_in)
-    partials = dispatch.lse_significance(q, k, lse, cu_in, max_in) if eliminates else None
+    context, lse = dispatch.varlen_attention(q, k, v, shapes.cu_in, shapes.max_in)
+    partials = dispatch.lse_significance(q, k, lse, shapes.cu_in, shapes.max_in) if shapes.eliminates else None
     # C = residual: the output projection accumulates into the entering rows (its bias is added
     # by the gather kernel, on the survivors only).
     attended = x.addmm_(context.view(rows_in, width), parts.attn_out.weight.t())
     survivors, ffn_residual, positions = dispatch.select_gather_norm(
-        attended, partials, cu_in, cu_out, max_len_in=max_in, max_keep=plan.max_len[index + 1],
-        out_rows=plan.rows[index + 1], norm=parts.attn_norm, pre_bias=parts.attn_out.bias,
-        residual_bias=parts.ffn_out.bias, positions=positions, select=eliminates)
+        attended, partials, shapes.cu_in, shapes.cu_out, max_len_in=shapes.max_in, max_keep=shapes.max_out,
+        out_rows=shapes.rows_out, norm=parts.attn_norm, pre_bias=parts.attn_out.bias,
+        residual_bias=parts.ffn_out.bias, positions=positions, select=shapes.eliminates)
     inner = parts.ffn_act(torch.addmm(parts.ffn_in.bias, survivors, parts.ffn_in.weight.t()))
     out = ffn_residual.addmm_(inner, parts.ffn_out.weight.t())
     norm = parts.ffn_norm
     return F.layer_norm(out, norm.normalized_shape, norm.weight, norm.bias, norm.eps), positions
+
+
+def packed_layers(layers: list[LayerParts], x: torch.Tensor, positions: torch.Tensor,
+                  shapes: list[LayerShapes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every layer on packed rows: ``x [T_0, D]`` (overwritten) and ``positions [T_0]`` in,
+    the last layer's ``(x [rows_out, D], positions [rows_out])`` out. What a CUDA graph captures."""
+    for parts, layer_shapes in zip(layers, shapes):
+        x, positions = packed_layer(parts, x, layer_shapes, positions)
+    return x, positions
 
 
 def packed_encoder(layers: list[LayerParts], hidden: torch.Tensor, plan: PackedPlan
@@ -144,15 +158,27 @@ def packed_encoder(layers: list[LayerParts], hidden: torch.Tensor, plan: PackedP
         x = flat.clone()
     else:
         x = flat.index_select(0, arrays["entry_rows"])
-    positions = arrays["entry_positions"]
-    for index, parts in enumerate(layers):
-        x, positions = packed_layer(parts, x, plan, index, positions)
+    x, positions = packed_layers(layers, x, arrays["entry_positions"][:plan.rows[0]], plan.layer_shapes())
+    return unpack_exit(x, positions, plan)
+
+
+def unpack_exit(x: torch.Tensor, positions: torch.Tensor, plan: PackedPlan, *, fresh: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last layer's packed rows ``x [>= T_L, D]`` and ``positions`` in the padded output
+    layout ``[B, W, D]``, ``kept_mask [B, W]``, ``kept_positions [B, W]``; zeros in empty slots.
+    ``fresh``: never a view of ``x`` (a graph's output buffer is overwritten by the next replay)."""
+    batch, dim = plan.batch, x.shape[1]
+    arrays = plan.device_arrays
     out_width = plan.out_width
     mask = arrays["kept_mask"]
+    total = plan.rows[-1]
     if plan.exit_is_identity:
-        return x.view(batch, out_width, dim), mask, positions.view(batch, out_width)
+        out, kept_positions = x[:total], positions[:total]
+        if fresh:
+            out, kept_positions = out.clone(), kept_positions.clone()
+        return out.view(batch, out_width, dim), mask, kept_positions.view(batch, out_width)
     exit_rows = arrays["exit_rows"]
-    out = x.new_zeros(batch * out_width, dim).index_copy_(0, exit_rows, x)
-    kept_positions = positions.new_zeros(batch * out_width).index_copy_(0, exit_rows, positions)
+    out = x.new_zeros(batch * out_width, dim).index_copy_(0, exit_rows, x[:total])
+    kept_positions = positions.new_zeros(batch * out_width).index_copy_(0, exit_rows, positions[:total])
     return out.view(batch, out_width, dim), mask, kept_positions.view(batch, out_width)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,73 @@ def keep_count_table(retention: Sequence, lengths: np.ndarray, minimum: Sequence
     return np.stack(rows) if rows else np.zeros((0, lengths.shape[0]), dtype=np.int64)
 
 
+class LayerShapes(NamedTuple):
+    """What one packed layer needs of the plan: device offsets and host sizes.
+
+    cu_in, cu_out: ``[B + 1]`` int32 row offsets of each sequence before and after the layer.
+    max_in, max_out: host ints >= the longest sequence before and after (grid sizes).
+    rows_out: host int, the output buffers' rows (>= ``cu_out[B]``; more in a graph's bucket).
+    eliminates: False when no sequence can drop anything here (no scores, no selection).
+    """
+
+    cu_in: torch.Tensor
+    cu_out: torch.Tensor
+    max_in: int
+    max_out: int
+    rows_out: int
+    eliminates: bool
+
+
+class Bucket(NamedTuple):
+    """A CUDA graph's shape class: up to ``batch`` sequences, ``tokens`` real tokens in all, none
+    longer than ``length``. Its capacities (``bucket_capacities``) hold every batch inside it."""
+
+    batch: int
+    tokens: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Capacities:
+    """Per layer boundary l = 0..L, what a bucket's buffers and grids must hold: ``rows[l]``
+    packed rows, sequences of at most ``max_len[l]``; ``eliminates[l - 1]``: layer l may drop
+    vectors for some batch of the bucket (the graph then selects; a batch that drops nothing
+    there selects everything, the same result)."""
+
+    rows: tuple[int, ...]
+    max_len: tuple[int, ...]
+    eliminates: tuple[bool, ...]
+
+
+def bucket_capacities(bucket: Bucket, retention: Sequence, minimum: Sequence[int] | None = None,
+                      cls_only_last: bool = False) -> Capacities:
+    """Bounds on every layer's rows and longest sequence over all batches of ``bucket``.
+
+    Fixed: ``k_{l,i} = min(k_l, len_i)``, so rows <= B k_l and lengths <= min(k_l, N).
+    Proportional: ``k_{l,i} <= max(m_l, ceil(f_l len_i)) <= f_l len_i + max(m_l, 1)``, so rows
+    <= ceil(f_l T) + B max(m_l, 1), and lengths <= max(m_l, ceil(f_l N)) (the count grows with
+    the length). Both are also bounded by the layer before.
+    """
+    rows, max_len, eliminates = [bucket.tokens], [bucket.length], []
+    proportional = is_proportional(retention)
+    for layer, share in enumerate(retention):
+        if proportional:
+            m = 1 if minimum is None else minimum[layer]
+            longest = min(max_len[-1], max(m, math.ceil(bucket.length * float(share))))
+            total = min(rows[-1], math.ceil(bucket.tokens * float(share)) + bucket.batch * max(m, 1))
+            drops = float(share) < 1.0
+        else:
+            longest = min(max_len[-1], int(share))
+            total = min(rows[-1], bucket.batch * int(share))
+            drops = longest < max_len[-1]
+        if cls_only_last and layer == len(retention) - 1:
+            longest, total, drops = min(longest, 1), min(total, bucket.batch), max_len[-1] > 1
+        rows.append(total)
+        max_len.append(max(1, longest))
+        eliminates.append(drops)
+    return Capacities(tuple(rows), tuple(max_len), tuple(eliminates))
+
+
 @dataclass(frozen=True)
 class PackedPlan:
     """A packed forward's plan for one batch, on the host (numpy) with its device copy.
@@ -74,6 +141,7 @@ class PackedPlan:
         exit_rows: ``[T_L]`` int64 flat index ``b * W + r`` of each survivor in the padded output.
         kept_mask: ``[B, W]`` bool, True where an output slot holds a survivor.
         device: where ``device_arrays`` live. device_arrays: name -> tensor (views of one buffer).
+        bucket: the graph bucket the device arrays are padded to (``plan_packed``), or None.
     """
 
     batch: int
@@ -91,6 +159,16 @@ class PackedPlan:
     kept_mask: np.ndarray
     device: torch.device
     device_arrays: dict
+    bucket: Bucket | None = None
+
+    def layer_shapes(self, cu: torch.Tensor | None = None, capacities: Capacities | None = None
+                     ) -> list[LayerShapes]:
+        """Each layer's :class:`LayerShapes`: this batch's exact sizes, or with ``capacities`` a
+        bucket's (``cu``: the ``[L + 1, B' + 1]`` offsets to read, e.g. a graph's static copy)."""
+        cu = self.device_arrays["cu"] if cu is None else cu
+        sizes = self if capacities is None else capacities
+        return [LayerShapes(cu[layer], cu[layer + 1], sizes.max_len[layer], sizes.max_len[layer + 1],
+                            sizes.rows[layer + 1], sizes.eliminates[layer]) for layer in range(self.num_layers)]
 
     @property
     def exit_is_identity(self) -> bool:
@@ -121,7 +199,8 @@ def host_mask(attention_mask, batch: int, width: int) -> np.ndarray:
 
 
 def plan_packed(mask: np.ndarray, retention: Sequence, *, minimum: Sequence[int] | None = None,
-                cls_only_last: bool = False, device: torch.device | str = "cpu") -> PackedPlan:
+                cls_only_last: bool = False, device: torch.device | str = "cpu",
+                bucket: Bucket | None = None) -> PackedPlan:
     """Plan a packed forward for a batch and copy its integer arrays to ``device`` in one copy.
 
     Args:
@@ -132,6 +211,10 @@ def plan_packed(mask: np.ndarray, retention: Sequence, *, minimum: Sequence[int]
             last layer keeps [CLS] alone (its attention still sees every survivor of the layer before).
         device: where the packed forward runs. A CUDA copy is made from pinned memory with
             ``non_blocking=True`` (no host synchronisation).
+        bucket: the CUDA graph's :class:`Bucket` this batch runs in, or None (eager): the device
+            ``cu`` then has ``bucket.batch + 1`` columns (sequences past B are empty) and
+            ``entry_positions`` ``bucket.tokens`` entries (zeros past T_0), the shapes of the
+            graph's static inputs.
 
     Returns:
         The :class:`PackedPlan`.
@@ -158,13 +241,20 @@ def plan_packed(mask: np.ndarray, retention: Sequence, *, minimum: Sequence[int]
     out_batch, out_slot = np.nonzero(kept_mask)
     exit_rows = (out_batch * out_width + out_slot).astype(np.int64)
 
-    arrays = {"entry_rows": entry_rows, "entry_positions": entry_positions, "exit_rows": exit_rows,
-              "cu": cu, "kept_mask": kept_mask}
+    device_cu, device_positions = cu, entry_positions
+    if bucket is not None:
+        if batch > bucket.batch or rows[0] > bucket.tokens or max_len[0] > bucket.length:
+            raise ValueError(f"batch of {batch} sequences, {rows[0]} tokens, longest {max_len[0]} is outside {bucket}")
+        device_cu = np.concatenate([cu, np.repeat(cu[:, -1:], bucket.batch - batch, axis=1)], axis=1)
+        device_positions = np.zeros(bucket.tokens, dtype=np.int64)
+        device_positions[:rows[0]] = entry_positions
+    arrays = {"entry_rows": entry_rows, "entry_positions": device_positions, "exit_rows": exit_rows,
+              "cu": device_cu, "kept_mask": kept_mask}
     device_arrays = _to_device(arrays, torch.device(device))
     return PackedPlan(batch=batch, width=width, num_layers=num_layers, counts=counts, cu=cu, max_len=max_len,
                       rows=rows, eliminates=eliminates, entry_rows=entry_rows, entry_positions=entry_positions,
                       out_width=out_width, exit_rows=exit_rows, kept_mask=kept_mask, device=torch.device(device),
-                      device_arrays=device_arrays)
+                      device_arrays=device_arrays, bucket=bucket)
 
 
 # numpy dtype -> torch dtype of the views made on the device

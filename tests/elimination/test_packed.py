@@ -352,11 +352,11 @@ def count_layer_launches(model, inputs, monkeypatch):
     original = packed.packed_layer
     layers = []
 
-    def counted(parts, x, plan, index, positions):
+    def counted(parts, x, shapes, positions):
         triton_launches = []
         with _Interpreter.watching(monkeypatch, on_launch=triton_launches.append), _CountKernels() as mode:
-            out = original(parts, x, plan, index, positions)
-        layers.append((list(mode.ops), len(triton_launches), plan.eliminates[index]))
+            out = original(parts, x, shapes, positions)
+        layers.append((list(mode.ops), len(triton_launches), shapes.eliminates))
         return out
 
     with torch.no_grad(), packed_path():
@@ -429,3 +429,137 @@ def test_packed_on_cuda_equals_padded_path(retention, dtype, monkeypatch):
     same = (default.kept_positions[:, :width] == padded.kept_positions).all(1) & mask.any(1)
     torch.testing.assert_close(default.last_hidden_state[:, :width][same], padded.last_hidden_state[same],
                                atol=5e-2, rtol=5e-2)
+
+
+# ---------------------------------------------------------------- the graph pool
+
+
+from powerbert.elimination import packed_graphs  # noqa: E402
+from powerbert.elimination.packed_plan import Bucket, bucket_capacities  # noqa: E402
+
+
+def test_token_buckets_grow_and_hold():
+    previous = 0
+    for tokens in range(1, packed_graphs.MAX_TOKENS + 1, 37):
+        capacity = packed_graphs.token_bucket(tokens)
+        assert capacity >= tokens and capacity % packed_graphs.TOKEN_STEP == 0 and capacity >= previous
+        previous = capacity
+    assert packed_graphs.token_bucket(packed_graphs.MAX_TOKENS + 1) is None
+    assert packed_graphs.token_bucket(1) == 128 and packed_graphs.token_bucket(2049) == 2560
+
+
+def test_bucket_for_and_its_limits():
+    assert packed_graphs.bucket_for(3, 200, 100) == Bucket(4, 256, 128)
+    assert packed_graphs.bucket_for(1, 1, 1) == Bucket(1, 128, 64)
+    assert packed_graphs.bucket_for(257, 300, 10) is None  # beyond the largest batch bucket
+    assert packed_graphs.bucket_for(8, 100, 513) is None   # beyond the selection kernel's block
+    assert packed_graphs.bucket_for(0, 0, 0) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(retention=retentions, lengths=st.lists(st.integers(0, 512), min_size=1, max_size=64),
+       minimum_seed=st.integers(0, 3), cls_only=st.booleans())
+def test_bucket_capacities_hold_every_batch_of_their_bucket(retention, lengths, minimum_seed, cls_only):
+    minimum = None
+    if isinstance(retention[0], float) and minimum_seed:
+        minimum = tuple(1 + (layer * minimum_seed) % 5 for layer in range(len(retention)))
+    bucket = packed_graphs.bucket_for(len(lengths), sum(lengths), max(lengths))
+    assert bucket is not None
+    mask = np.arange(512)[None, :] < np.asarray(lengths)[:, None]
+    plan = plan_packed(mask, retention, minimum=minimum, cls_only_last=cls_only, bucket=bucket)
+    capacities = bucket_capacities(bucket, retention, minimum, cls_only)
+    for layer in range(len(retention) + 1):
+        assert plan.rows[layer] <= capacities.rows[layer], layer
+        assert plan.max_len[layer] <= capacities.max_len[layer], layer
+    for layer, eliminates in enumerate(plan.eliminates):
+        assert capacities.eliminates[layer] or not eliminates, layer
+    cu = plan.device_arrays["cu"].numpy()
+    assert cu.shape == (len(retention) + 1, bucket.batch + 1)
+    np.testing.assert_array_equal(cu[:, :len(lengths) + 1], plan.cu)
+    assert (cu[:, len(lengths):] == plan.cu[:, -1:]).all(), "sequences past the batch are empty"
+
+
+@contextlib.contextmanager
+def emulated_graph_path():
+    with packed_path(), packed_graphs.emulate_graphs() as emulator:
+        yield emulator
+
+
+def pool_of(model):
+    return packed_graphs.pool_for(model.bert.encoder if hasattr(model, "bert") else model.encoder)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("retention", [FIXED, FRACTIONS], ids=["fixed", "proportional"])
+def test_graph_replays_equal_the_eager_packed_forward(retention):
+    """Through the pool (graph semantics emulated: static inputs read at replay, outputs written
+    into the captured buffers), every batch gives what the eager packed forward gives, batches of
+    one bucket share one graph, and outputs are fresh tensors."""
+    model = build(BertModel, **WIDE)
+    powerbert.patch(model, list(retention))
+    batches = [batch(sizes=SIZES), batch(sizes=(13, 2, 7, 3, 1), seed=2), batch(sizes=(5, 12, 13, 3), seed=3)]
+    with torch.no_grad():
+        with packed_path():
+            eager = [model(**inputs) for inputs in batches]
+        with emulated_graph_path() as emulator:
+            graphed = [model(**inputs) for inputs in batches]
+            first_again = model(**batches[0])
+    pool = pool_of(model)
+    assert emulator.replays == 4
+    assert len(pool.graphs) == 2  # (13, 9, 4, 1) and (5, 12, 13, 3) share Bucket(4, 128, 64); 5 rows: 8
+    for want, got in zip(eager, graphed):
+        torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state)
+        assert torch.equal(got.kept_mask, want.kept_mask) and torch.equal(got.kept_positions, want.kept_positions)
+    # a later replay of the same graph does not touch what an earlier call returned
+    torch.testing.assert_close(graphed[0].last_hidden_state, eager[0].last_hidden_state)
+    torch.testing.assert_close(first_again.last_hidden_state, eager[0].last_hidden_state)
+
+
+@pytest.mark.interpreter
+def test_graph_pool_is_bounded_and_follows_the_weights(monkeypatch):
+    model = build(BertForSequenceClassification, **WIDE)
+    powerbert.patch(model, list(FIXED))
+    pool = pool_of(model)
+    monkeypatch.setattr(pool, "max_graphs", 2)
+    with torch.no_grad(), emulated_graph_path():
+        for rows in (1, 2, 3, 5):  # four batch buckets: 1, 2, 4, 8
+            model(**batch(sizes=(13,) * rows))
+        assert [key[0].batch for key in pool.graphs] == [4, 8]  # least recently used dropped
+        inputs = batch(sizes=SIZES)
+        model(**inputs)
+        layer = model.bert.encoder.layer[1]
+        layer.attention.self.value.weight.mul_(0.5)  # in place: the stacked QKV is refreshed in place
+        layer.intermediate.dense.weight = torch.nn.Parameter(layer.intermediate.dense.weight * 2)  # moved
+        graphed = model(**inputs).logits
+    with torch.no_grad():
+        padded = model(**inputs).logits
+    torch.testing.assert_close(graphed, padded, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.interpreter
+def test_cuda_graphs_false_runs_eagerly(monkeypatch):
+    model = build(BertModel, **WIDE)
+    powerbert.patch(model, list(FIXED), cuda_graphs=False)
+    runs = []
+    monkeypatch.setattr(packed_graphs.GraphPool, "run", lambda *a, **k: runs.append(1))
+    with torch.no_grad(), emulated_graph_path():
+        model(**batch(sizes=SIZES))
+    assert not runs
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        powerbert.patch(build(BertModel, **WIDE), list(FIXED), cuda_graphs="yes")
+
+
+def test_capture_failure_falls_back_to_eager(monkeypatch):
+    model = build(BertModel, **WIDE)
+    powerbert.patch(model, list(FIXED))
+    inputs = batch(sizes=SIZES)
+
+    def broken(self, fn, refill):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(packed_graphs.EmulatedCapture, "capture", broken)
+    with torch.no_grad(), emulated_graph_path(), pytest.warns(RuntimeWarning, match="runs eagerly"):
+        graphed = model(**inputs)
+    with torch.no_grad(), packed_path():
+        eager = model(**inputs)
+    torch.testing.assert_close(graphed.last_hidden_state, eager.last_hidden_state)
