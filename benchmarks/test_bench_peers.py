@@ -21,9 +21,12 @@ the baseline of pytest-benchmark's own ratio column:
   sequence's own length (f_l = k_l / N, proportional retention).
 
 ``patched`` is what a user gets: on CUDA in fp16/bf16 the packed (varlen) forward
-(``powerbert/elimination/packed.py``; in the dry run forced with ``dispatch.use_packed(True)``, its
-Triton kernels interpreted). ``patched-padded`` is the padded GPU layout it replaced
-(``dispatch.use_packed(False)``).
+(``powerbert/elimination/packed.py``) replayed from the model's pool of CUDA graphs, one per shape
+bucket (``powerbert/elimination/packed_graphs.py``); in the dry run forced with
+``dispatch.use_packed(True)``, its Triton kernels interpreted, no graphs. ``patched-eager`` is the
+same forward without graphs (``patch(..., cuda_graphs=False)``), ``patched-padded`` the padded GPU
+layout it replaced (``dispatch.use_packed(False)``). The attention mask is given on the GPU, as
+most callers do: the packed forward reads it on the host once (a mask on the CPU costs no read).
 
 ``stock-graph`` and ``patched-graph``: the same models captured once in a CUDA graph
 (``powerbert.CudaGraphForward``, the patched one in its static layout) and replayed: at small
@@ -78,9 +81,9 @@ else:
 DTYPES = (torch.float16,) if common.QUICK else (torch.float16, torch.bfloat16)
 # The rows a patched row's ratio is taken against in table.py: the fastest of these in its shape.
 STOCKS = ("stock-sdpa", "stock-graph", "stock-unpadded", "stock-unpadded-graph")
-SCENARIOS = {"equal": ("stock-sdpa", "stock-graph", "patched", "patched-padded", "patched-graph"),
+SCENARIOS = {"equal": ("stock-sdpa", "stock-graph", "patched", "patched-eager", "patched-padded", "patched-graph"),
              "ragged": ("stock-sdpa", "stock-graph", "stock-unpadded", "stock-unpadded-graph", "patched",
-                        "patched-padded", "patched-graph")}
+                        "patched-eager", "patched-padded", "patched-graph")}
 CASES = [(s, impl) for s, impls in SCENARIOS.items() for impl in impls]
 RECORD = "peers_e2e"  # common.save_case: <RECORD>_<device>.json, one entry per finished case
 # Rounds: at most ROUNDS, MIN_ROUNDS at least, else as many as fit in TIMED_S seconds of calls,
@@ -179,7 +182,7 @@ def _path(impl):
     the dry run, on CPU, so its code runs there too), ``patched-padded`` the padded GPU layout."""
     if impl == "patched-padded":
         return dispatch.use_packed(False)
-    if impl == "patched" and common.DRY_RUN:
+    if impl in ("patched", "patched-eager") and common.DRY_RUN:
         return dispatch.use_packed(True)
     return contextlib.nullcontext()
 
@@ -273,7 +276,9 @@ def test_peers(benchmark, batch, n, dtype, scenario, impl):
             return model(**inputs).logits
 
     if impl.startswith("patched"):
-        powerbert.patch(model, retention)
+        # patched: the default (on CUDA the packed forward replayed from the graph pool);
+        # patched-eager: the same forward without graphs.
+        powerbert.patch(model, retention, cuda_graphs=impl != "patched-eager")
         notes.update(retention=list(retention), ideal_vectors=_ideal(scenario, retention, lengths),
                      **_ideal_flops(retention, lengths, model.config))
     try:
@@ -303,7 +308,7 @@ def test_peers(benchmark, batch, n, dtype, scenario, impl):
             notes["max_abs_diff_vs_eager"] = diff = (run().float() - eager.float()).abs().max().item()
             assert diff < LOGITS_BOUND[dtype], f"{impl} logits differ from the eager model's by {diff}"
         logits = run()
-        if impl in ("patched", "patched-padded"):
+        if impl in ("patched", "patched-eager", "patched-padded"):
             notes["path"] = _forward_path(run)
         if impl == "stock-unpadded":  # the baseline must compute what stock computes
             with torch.inference_mode():

@@ -91,8 +91,9 @@ def test_dry_run_quick_step_saves_cases_and_renders_the_strongest_stock_table(tm
     record = json.loads((out / "peers_e2e_cpu.json").read_text())
     names = {b["name"] for b in record["benchmarks"]}
     assert names == {f"test_peers[B1-N16-float16-{scenario}-{impl}]" for scenario, impls in
-                     (("equal", ("stock-sdpa", "patched", "patched-padded")),
-                      ("ragged", ("stock-sdpa", "stock-unpadded", "patched", "patched-padded"))) for impl in impls}
+                     (("equal", ("stock-sdpa", "patched", "patched-eager", "patched-padded")),
+                      ("ragged", ("stock-sdpa", "stock-unpadded", "patched", "patched-eager", "patched-padded")))
+                     for impl in impls}
     # (c): the table, marked, each row against the fastest stock of its shape, FLOPs ideal beside.
     text = (out / "gpu_results.md").read_text()
     assert text.startswith("# GPU benchmark results (DRY RUN)") and gpu.QUICK_TABLE_MARKER in text
@@ -103,6 +104,7 @@ def test_dry_run_quick_step_saves_cases_and_renders_the_strongest_stock_table(tm
     patched = rows[("ragged", "patched")]
     assert patched[4].endswith("x") and patched[6].endswith("x") and "path packed" in patched[9]
     assert "path padded" in rows[("ragged", "patched-padded")][9]
+    assert "path packed" in rows[("ragged", "patched-eager")][9]
 
 
 def test_step_arguments_and_timeouts(tmp_path, monkeypatch):
