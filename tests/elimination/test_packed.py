@@ -380,6 +380,32 @@ def test_launch_budget_per_layer(retention, monkeypatch):
     assert any(eliminates for *_, eliminates in layers)
 
 
+# Launches of a forward outside its layers: the embeddings (3 lookups, 2 adds, LayerNorm: 6), the
+# entry packing (1), the exit into the padded layout (up to 4) and a pooler + classifier (up to 5).
+LAUNCHES_OUTSIDE_LAYERS = 16
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertModel], ids=["classifier", "bare"])
+@pytest.mark.parametrize("retention", [FIXED, FRACTIONS], ids=["fixed", "proportional"])
+def test_launch_budget_per_forward(retention, cls, monkeypatch):
+    """A whole forward: at most 9 launches per layer plus LAUNCHES_OUTSIDE_LAYERS, and nothing
+    that reads a device value (transformers is handed no mask: its ``.all()`` is gone)."""
+    monkeypatch.setattr("kernels.launch.poison_outputs", lambda: False)
+    model = build(cls, **WIDE)
+    powerbert.patch(model, list(retention))
+    inputs = batch(sizes=SIZES)
+    triton_launches = []
+    with torch.no_grad(), packed_path():
+        model(**inputs)  # builds the stacked QKV weights
+        with _Interpreter.watching(monkeypatch, on_launch=triton_launches.append), _CountKernels() as mode:
+            model(**inputs)
+    total = len(mode.ops) + len(triton_launches)
+    budget = len(retention) * packed.LAUNCHES_PER_ELIMINATING_LAYER + LAUNCHES_OUTSIDE_LAYERS
+    assert total <= budget, f"{total} launches ({mode.ops} + {len(triton_launches)} Triton) > {budget}"
+    assert not {"_local_scalar_dense", "all", "any", "nonzero", "item"} & set(mode.ops), mode.ops
+
+
 # ---------------------------------------------------------------- on a GPU (skipped here)
 
 
