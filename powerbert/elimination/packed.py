@@ -77,7 +77,8 @@ def fused_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor]:
     cached = _QKV_CACHE.get(parts.query)
     if cached is not None and cached[0] == stamp:
         return cached[1], cached[2]
-    with torch.no_grad():
+    # Normal tensors even when built under inference_mode: a later refresh outside it writes into them.
+    with torch.no_grad(), torch.inference_mode(False):
         weight = torch.cat(params[:3])
         bias = torch.cat(params[3:])
         if cached is not None and _same_layout(cached[1], weight) and _same_layout(cached[2], bias):

@@ -114,8 +114,10 @@ class EmulatedCapture:
 
         def replay():
             self.replays += 1
-            for buffer, value in zip(outputs, fn()):
-                buffer.copy_(value)
+            # A graph writes its buffers behind autograd's back, inference tensors included.
+            with torch.inference_mode(outputs[0].is_inference()):
+                for buffer, value in zip(outputs, fn()):
+                    buffer.copy_(value)
         return replay, outputs
 
 
@@ -187,10 +189,13 @@ class GraphPool:
         new = graph is None
         if new:
             bucket = plan.bucket
-            graph = _Graph(hidden.new_zeros(bucket.tokens, hidden.shape[-1]),
-                           torch.zeros(bucket.tokens, dtype=torch.int64, device=hidden.device),
-                           torch.zeros(plan.num_layers + 1, bucket.batch + 1, dtype=torch.int32, device=hidden.device),
-                           stamp)
+            # Normal tensors even under inference_mode: later calls outside it copy into them.
+            with torch.inference_mode(False):
+                graph = _Graph(torch.zeros(bucket.tokens, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device),
+                               torch.zeros(bucket.tokens, dtype=torch.int64, device=hidden.device),
+                               torch.zeros(plan.num_layers + 1, bucket.batch + 1, dtype=torch.int32,
+                                           device=hidden.device),
+                               stamp)
         refill = lambda: _fill(graph, hidden, plan)  # noqa: E731
         refill()
         if new:

@@ -589,3 +589,25 @@ def test_capture_failure_falls_back_to_eager(monkeypatch):
     with torch.no_grad(), packed_path():
         eager = model(**inputs)
     torch.testing.assert_close(graphed.last_hidden_state, eager.last_hidden_state)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad"])
+def test_inference_mode_and_no_grad_calls_mix(first):
+    """Caches and static buffers made under one mode serve calls under the other (a weight
+    refresh in between): they are normal tensors, never inference tensors."""
+    modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+    second = "no_grad" if first == "inference_mode" else "inference_mode"
+    model = build(BertModel, **WIDE)
+    powerbert.patch(model, list(FIXED))
+    inputs = batch(sizes=SIZES)
+    with packed_graphs.emulate_graphs(), packed_path():
+        with modes[first]():
+            model(**inputs)
+        with torch.no_grad():
+            model.encoder.layer[0].attention.self.query.weight.mul_(1.1)
+        with modes[second]():
+            graphed = model(**inputs).last_hidden_state.clone()
+    with torch.no_grad(), packed_path():
+        eager = model(**inputs).last_hidden_state
+    torch.testing.assert_close(graphed, eager)
