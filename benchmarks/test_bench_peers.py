@@ -34,8 +34,8 @@ batches launch overhead, not the GPU, sets the eager times. Under capture transf
 look at the mask to drop it, so ``stock-graph`` in the ``equal`` scenario is given no mask, and
 even then transformers 5.17 builds an expanded ``[B, 1, N, N]`` mask under capture whose last
 dimension has stride 0, which no fused SDPA kernel takes: the math backend ran, 69.8 ms against
-15.6 ms eager at B64 N512 fp16 on an H200 (2026-12-04). :func:`_no_mask_built_under_capture`
-fixes the baseline (FlashAttention-2, as eager). ``stock-unpadded-graph``: ``stock-unpadded``
+15.6 ms eager at B64 N512 fp16 on an H200 (2026-12-04). ``CudaGraphForward`` captures a model
+given no mask with ``powerbert.cuda_graph.no_mask_built_under_capture``, which fixes the baseline (FlashAttention-2, as eager). ``stock-unpadded-graph``: ``stock-unpadded``
 captured with its packing fixed (computed once from the mask, outside the graph: packing reads the
 longest length on the host), so a replay serves only batches of these lengths, a bound on stock
 rather than a deployable baseline; skipped, with the reason, where capture fails. The patched
@@ -108,29 +108,6 @@ def _model(dtype, dev) -> BertForSequenceClassification:
         model.set_attn_implementation("sdpa")
         _model_cache[dtype] = model.to(dev, dtype).eval()
     return _model_cache[dtype]
-
-
-@contextlib.contextmanager
-def _no_mask_built_under_capture():
-    """While a stock model given no mask is captured: no mask built, as in eager.
-
-    transformers' ``_ignore_bidirectional_mask_sdpa`` declines to skip the mask whenever a CUDA
-    stream is capturing (it could not read a real mask's values there), even when there is no
-    mask to read, and the mask it builds instead sends SDPA to its math backend. With no padding
-    mask there is nothing to read: skip, as eager does.
-    """
-    from transformers import masking_utils
-
-    original = masking_utils._ignore_bidirectional_mask_sdpa
-
-    def skip_when_absent(padding_mask, *args, **kwargs):
-        return padding_mask is None or original(padding_mask, *args, **kwargs)
-
-    masking_utils._ignore_bidirectional_mask_sdpa = skip_when_absent
-    try:
-        yield
-    finally:
-        masking_utils._ignore_bidirectional_mask_sdpa = original
 
 
 def _inputs(scenario, batch, n, dev):
@@ -303,8 +280,7 @@ def test_peers(benchmark, batch, n, dtype, scenario, impl):
                     pytest.skip(f"stock-unpadded cannot be captured in a CUDA graph here: {type(err).__name__}: "
                                 f"{str(err)[:200]}")
             else:
-                with _no_mask_built_under_capture() if no_mask else contextlib.nullcontext():
-                    graph = CudaGraphForward(model, **graph_inputs)
+                graph = CudaGraphForward(model, **graph_inputs)  # no mask: none built under capture
             notes["max_abs_diff_vs_eager"] = diff = (run().float() - eager.float()).abs().max().item()
             assert diff < LOGITS_BOUND[dtype], f"{impl} logits differ from the eager model's by {diff}"
         logits = run()

@@ -126,3 +126,23 @@ def test_capture_keeps_the_patch_setting_and_checks_replay_inputs():
         graph(**{**inputs, "input_ids": inputs["input_ids"][:, :5]})
     with pytest.raises(ValueError, match="exactly the captured ones"):
         graph(input_ids=inputs["input_ids"])
+
+
+def test_no_mask_built_under_capture_skips_only_an_absent_mask(monkeypatch):
+    """transformers refuses to skip the mask while a stream captures, even with no mask at all;
+    inside the context an absent mask is skipped (as eagerly) and a real one still decided by
+    transformers."""
+    from transformers import masking_utils
+
+    from powerbert.cuda_graph import no_mask_built_under_capture
+
+    calls = []
+    monkeypatch.setattr(masking_utils, "_ignore_bidirectional_mask_sdpa",
+                        lambda padding_mask, *a, **k: calls.append(padding_mask) or False)
+    original = masking_utils._ignore_bidirectional_mask_sdpa
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with no_mask_built_under_capture():
+        assert masking_utils._ignore_bidirectional_mask_sdpa(None) is True
+        assert masking_utils._ignore_bidirectional_mask_sdpa(mask) is False
+    assert masking_utils._ignore_bidirectional_mask_sdpa is original
+    assert len(calls) == 1 and calls[0] is mask
