@@ -611,3 +611,44 @@ def test_inference_mode_and_no_grad_calls_mix(first):
     with torch.no_grad(), packed_path():
         eager = model(**inputs).last_hidden_state
     torch.testing.assert_close(graphed, eager)
+
+
+# ---------------------------------------------------------------- every family
+
+
+def _family_build(name, head):
+    from test_families import CASES, build as build_family
+
+    wide = (dict(dim=64, n_heads=2, hidden_dim=96) if name == "distilbert"
+            else dict(hidden_size=64, num_attention_heads=2, intermediate_size=96))
+    case = CASES[name]
+    return build_family(name, case.head if head else None, **wide)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("head", [False, True], ids=["base", "classifier"])
+@pytest.mark.parametrize("name", ["albert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet"])
+def test_every_family_packed_equals_padded(name, head, monkeypatch):
+    """Each family takes the packed forward (MPNet, whose position bias needs the padded layout,
+    does not) and gives what the padded forward gives: survivors exactly, values within fp32
+    tolerance, classifier logits too."""
+    from test_families import batch as family_batch
+
+    calls = spy_packed(monkeypatch)
+    model = _family_build(name, head)
+    powerbert.patch(model, [0.7, 0.45, 0.2])
+    inputs = family_batch(sizes=SIZES)
+    with torch.no_grad():
+        padded = model(**inputs)
+        with packed_path():
+            packed_out = model(**inputs)
+    assert bool(calls) == (name != "mpnet")
+    if head:
+        torch.testing.assert_close(packed_out.logits, padded.logits, atol=1e-4, rtol=1e-4)
+        return
+    mask = padded.kept_mask
+    width = mask.shape[1]
+    assert torch.equal(packed_out.kept_mask[:, :width], mask)
+    assert torch.equal(packed_out.kept_positions[:, :width][mask], padded.kept_positions[mask])
+    torch.testing.assert_close(packed_out.last_hidden_state[:, :width][mask], padded.last_hidden_state[mask],
+                               atol=1e-4, rtol=1e-4)
