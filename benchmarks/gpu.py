@@ -77,7 +77,7 @@ TABLE_EVERY_S = 20
 # set-up, Triton compiles, graph capture and reference calls. Quick: ~10 s preflight and
 # environment (counted in its time-out when quick runs first); (a) ~40-60 s expected, 120 s at most
 # (five files of compiled-kernel tests over three processes); (b) 8 shapes x 12 rows = 96 cases
-# (graph rows included): ~15 s start and model, ~40 s compiles (padded, packed and static-layout
+# (graph rows included; 112 with patched-eager since): ~15 s start and model, ~40 s compiles (padded, packed and static-layout
 # kernels, fp16 only), 96 x 0.6 = ~60 s per-case overhead, ~35 s of calls (B256 N512 alone: 12
 # rows at ~25-75 ms a call, ~25 calls each with its rounds cut to ~1 s, ~16 s); (c) < 1 s.
 # About 200-260 s in all, 330 s at most (the deadlines leave QUICK_GRACE_S for each interrupt),

@@ -192,25 +192,34 @@ class UnpaddedFixedLengths(nn.Module):
 
 
 def _forward_path(run) -> str | None:
-    """Which forward one call of a patched model took: ``"packed"`` or ``"padded"`` (a spy on
-    ``forwards.packed_encoder``; None where this library has no packed path)."""
-    from powerbert.elimination import forwards
+    """Which forward one call of a patched model took: ``"packed-graph"`` (the packed forward
+    replayed from the graph pool), ``"packed"`` (eager) or ``"padded"`` (spies on
+    ``GraphPool.run`` and ``forwards.packed_encoder``; None where this library has no packed path)."""
+    from powerbert.elimination import forwards, packed_graphs
 
     original = getattr(forwards, "packed_encoder", None)
     if original is None:
         return None
+    pool_run = packed_graphs.GraphPool.run
     calls = []
 
     def spy(*args, **kwargs):
-        calls.append(1)
+        calls.append("packed")
         return original(*args, **kwargs)
 
+    def pool_spy(self, *args, **kwargs):
+        out = pool_run(self, *args, **kwargs)
+        calls.append("packed-graph" if out is not None else "capture failed")
+        return out
+
     forwards.packed_encoder = spy
+    packed_graphs.GraphPool.run = pool_spy
     try:
         run()
     finally:
         forwards.packed_encoder = original
-    return "packed" if calls else "padded"
+        packed_graphs.GraphPool.run = pool_run
+    return "+".join(calls) if calls else "padded"
 
 
 def _rounds(run, dev) -> int:
@@ -264,7 +273,9 @@ def test_peers(benchmark, batch, n, dtype, scenario, impl):
             no_mask = impl == "stock-graph" and scenario == "equal"
             if no_mask:
                 del graph_inputs["attention_mask"]  # no padding: FlashAttention-2, as eager stock-sdpa runs
-            with torch.inference_mode():
+            # The patched graph captures the padded static layout: its reference is the padded
+            # forward (near-ties in fp16 may select differently on the packed one).
+            with torch.inference_mode(), _path("patched-padded" if impl == "patched-graph" else impl):
                 eager = model(**inputs).logits
             if impl == "stock-unpadded-graph":
                 if not has_varlen_attn(dev):

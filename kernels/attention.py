@@ -33,9 +33,6 @@ only known after its last key block, so column partials would need a rescale per
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 import triton
 import triton.language as tl
@@ -45,12 +42,9 @@ from kernels import launch as L
 __all__ = ["attention_with_significance", "attention_with_significance_ref"]
 
 # The Triton kernels take L.FLOAT_DTYPES (fp16/bf16/fp32); the reference (backend "torch", and
-# None for float64 inputs) L.TORCH_DTYPES, float64 too.
-# On CUDA the kernels take fp16 and bf16 only. fp32 operands make tl.dot run IEEE fp32 on the
-# FMA units and the forward spills (sm_80/sm_90, d 64: 255 registers and ~3 KB of spills per
-# thread); input_precision="tf32x3" still spills on sm_80 at d 64 and 128. fp32 takes the torch
-# path there (see attention_with_significance). The interpreter computes in fp32 anyway.
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+# None for float64 inputs) L.TORCH_DTYPES, float64 too. On CUDA the kernels take
+# L.DOT_CUDA_DTYPES (fp16 and bf16) only: fp32 tl.dot spills registers there (see kernels.launch),
+# so fp32 takes the torch path (see attention_with_significance).
 HEAD_DIMS = (32, 64, 128)
 _LOG2E = 1.4426950408889634
 # Finite stand-in for a padded key's logit (base-2 units). Finite rather than -inf so that a
@@ -108,6 +102,28 @@ def _real_extent(m_base, stride_mn, N, BLOCK: tl.constexpr):
         real = tl.load(m_base + offs * stride_mn, mask=offs < N, other=0) != 0
         hi = tl.maximum(hi, tl.max(tl.where(real, offs + 1, 0), axis=0))
     return hi
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, DOT_IN_INPUT_DTYPE: tl.constexpr):
+    """Device function: one key block of a flash-attention forward (online softmax, base 2).
+
+    s: [BLOCK_M, BLOCK_N] fp32 base-2 logits, -inf where a key is out of range, at least one
+    finite per row; v: [BLOCK_N, HEAD_DIM] (the input dtype, or fp32 without
+    DOT_IN_INPUT_DTYPE); the row state m_i (running max), l_i (running sum of exp2(s - m_i))
+    and acc ([BLOCK_M, HEAD_DIM] fp32, unnormalised P·V) before the block. Returns that state
+    after it; the context is acc / l_i once the last block is in, the base-2 lse m_i + log2(l_i).
+    """
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if DOT_IN_INPUT_DTYPE:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -173,16 +189,7 @@ def _attn_fwd_kernel(
         # Every block holds at least one in-range key, so m_new stays finite (no inf - inf).
         s = tl.where(col_ok[None, :], s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if DOT_IN_INPUT_DTYPE:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p, v, acc, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_IN_INPUT_DTYPE)
 
     acc = acc / l_i[:, None]
     o_base = out_ptr + b * stride_ob + h * stride_oh
@@ -276,37 +283,15 @@ def _attn_colsum_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 def _check_inputs(q, k, v, mask, scale, need_scores, backend):
-    for name, t in (("q", q), ("k", k), ("v", v), ("mask", mask)):
-        L.check_tensor(t, name)
-    if q.dim() != 4:
-        raise ValueError(f"q must be 4-D [B, H, n, d], got shape {tuple(q.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-    if q.dtype not in L.TORCH_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {L.dtype_name(q.dtype)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {L.dtype_name(q.dtype)}, got {L.dtype_name(t.dtype)}")
-    for name, t in (("k", k), ("v", v), ("mask", mask)):
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    B, _, n, d = q.shape
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim d (q.shape[-1]) must be one of {HEAD_DIMS}, got {d}")
+    B, _, n, _ = L.check_qkv(q, ("B", "H", "n", "d"), {"k": k, "v": v}, {"mask": mask}, HEAD_DIMS)
     if mask.dim() != 2 or tuple(mask.shape) != (B, n):
         raise ValueError(f"mask must have shape [B, n] = {(B, n)}, got {tuple(mask.shape)}")
     if mask.is_complex():
         raise TypeError(f"mask must be bool, integer or floating, got {mask.dtype}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, Real):
-            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+    L.check_scale(scale)
     if not isinstance(need_scores, bool):
         raise TypeError(f"need_scores must be a bool, got {type(need_scores).__name__}")
-    if backend not in L.BACKENDS:
-        raise ValueError(f"backend must be one of {L.BACKENDS}, got {backend!r}")
+    L.check_backend(backend)
 
 
 def _block_sizes(n: int, interpret: bool):
@@ -349,19 +334,10 @@ def launch_attention(q, k, v, mask, scale, need_scores, block_m=None, block_n=No
         (context [B, H, n, d] q.dtype, a view of [B, n, H, d] memory; scores [B, n] float32 or None).
     """
     B, H, n, d = q.shape
-    interpret = L.interpreting()
-    bm, bn, num_warps = _block_sizes(n, interpret)
-    block_m = block_m or bm
-    block_n = block_n or bn
-    for name, blk in (("block_m", block_m), ("block_n", block_n)):
-        if blk < 16 or blk & (blk - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
+    bm, bn, num_warps = _block_sizes(n, L.interpreting())
+    block_m, block_n, dot_in_input_dtype = L.dot_tiles(block_m, block_n, bm, bn, dot_in_input_dtype)
     mask_i8 = L.mask_as_int8(mask)
     qk_scale = float(scale) * _LOG2E
-    if dot_in_input_dtype is None:
-        # GPU: fp16/bf16 operands feed the tensor cores. Interpreter: fp32, since its bf16
-        # arithmetic and bf16 tl.dot are wrong.
-        dot_in_input_dtype = not interpret
 
     # The context is written in [B, n, H, d] memory: merging heads into [B, n, H * d] is a view.
     out = L.new_output((B, n, H, d), q.dtype, q.device).transpose(1, 2)
@@ -387,27 +363,10 @@ def launch_attention(q, k, v, mask, scale, need_scores, block_m=None, block_n=No
     return out, scores
 
 
-def _resolve_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
-    """"triton" or "torch" for inputs of this device and dtype; errors name what is refused."""
-    if backend is None:
-        return "triton" if device.type == "cuda" and dtype in _CUDA_DTYPES else "torch"
-    if backend == "triton":
-        L.check_kernel_dtype("q", dtype)
-        if device.type == "cpu" and not L.interpreting():
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                             "kernels.attention is imported; use backend='torch' or CUDA tensors")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='triton' supports CUDA tensors, got device {device}")
-        if device.type == "cuda" and dtype not in _CUDA_DTYPES:
-            raise TypeError(f"backend='triton' on CUDA takes q of dtype float16 or bfloat16, got "
-                            f"{L.dtype_name(dtype)} (fp32 tl.dot spills registers); use backend=None or 'torch'")
-    return backend
-
-
 def triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the Triton kernels take inputs of this dtype on this device: fp16/bf16 on CUDA;
     fp16/bf16/fp32 on CPU under the interpreter."""
-    return dtype in (_CUDA_DTYPES if device.type == "cuda" else L.FLOAT_DTYPES)
+    return dtype in (L.DOT_CUDA_DTYPES if device.type == "cuda" else L.FLOAT_DTYPES)
 
 
 def attention_with_significance(q, k, v, mask, scale=None, *, need_scores=True, backend=None):
@@ -437,7 +396,7 @@ def attention_with_significance(q, k, v, mask, scale=None, *, need_scores=True, 
     d = q.shape[-1]
     if scale is None:
         scale = d ** -0.5
-    if _resolve_backend(backend, q.device, q.dtype) == "triton" and q.numel() > 0:
+    if L.resolve_attention_backend(backend, q.device, q.dtype, __name__) == "triton" and q.numel() > 0:
         return launch_attention(q, k, v, mask, scale, need_scores)
     context, scores = attention_with_significance_ref(q, k, v, mask, scale)
     if q.dtype != torch.float64:

@@ -5,6 +5,7 @@ Nothing here touches the GPU at import time: the helpers only read tensor metada
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 
@@ -22,6 +23,12 @@ HIDDEN_DTYPES = TORCH_DTYPES
 MAX_TRITON_N = 512
 
 BACKENDS = (None, "triton", "torch")
+# On CUDA the tl.dot kernels (kernels.attention, varlen_attention, lse_significance) take fp16 and
+# bf16 only. fp32 operands make tl.dot run IEEE fp32 on the FMA units and the attention forward
+# spills (sm_80/sm_90, d 64: 255 registers and ~3 KB of spills per thread);
+# input_precision="tf32x3" still spills on sm_80 at d 64 and 128. fp32 takes the torch path there.
+# The interpreter computes in fp32 anyway and takes fp32 too.
+DOT_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 # Triton pointer types for the dtypes above, for ahead-of-time compile specs.
 TRITON_PTR = {
@@ -85,6 +92,24 @@ def interpreting() -> bool:
     defined, so it must be set before the kernel modules are imported.
     """
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def dot_tiles(block_m, block_n, default_m: int, default_n: int, dot_in_input_dtype) -> tuple[int, int, bool]:
+    """``(BLOCK_M, BLOCK_N, DOT_IN_INPUT_DTYPE)`` of a tl.dot kernel's launch.
+
+    block_m / block_n: overrides (tests use small tiles), None for the launcher's heuristic
+    ``default_m`` / ``default_n``; an override must be a power of two >= 16 (tl.dot needs every
+    dim >= 16). dot_in_input_dtype: None for the device's choice: on the GPU fp16/bf16 operands
+    feed the tensor cores; the interpreter gets fp32, since its bf16 arithmetic and bf16 tl.dot
+    are wrong.
+    """
+    block_m, block_n = block_m or default_m, block_n or default_n
+    for name, blk in (("block_m", block_m), ("block_n", block_n)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
+    if dot_in_input_dtype is None:
+        dot_in_input_dtype = not interpreting()
+    return block_m, block_n, dot_in_input_dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -245,6 +270,83 @@ def check_kernel_dtype(name: str, dtype: torch.dtype) -> None:
             f"backend='triton' does not support {name} of dtype {dtype_name(dtype)}; "
             f"accepted: {names} (use backend='torch' or None for {dtype_name(dtype)})"
         )
+
+
+def check_backend(backend) -> None:
+    """ValueError naming ``backend`` unless it is one of BACKENDS."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_scale(scale) -> None:
+    """scale must be None (the kernel's default) or a finite real number (not a bool)."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
+def check_qkv(q, layout: tuple[str, ...], like_q: dict, on_q_device: dict, head_dims,
+              unit_head_stride: bool = False) -> tuple[int, ...]:
+    """The operand checks the attention launchers share; returns q.shape.
+
+    Every tensor (q, ``like_q``, ``on_q_device``: name -> value) must be a torch.Tensor; q must
+    have the rank of ``layout`` (its dim names, e.g. ``("T", "H", "d")``, the last the head dim)
+    and a dtype in TORCH_DTYPES; the ``like_q`` tensors (k, v) q's shape and dtype; they and the
+    ``on_q_device`` ones q's device; d = q.shape[-1] one of ``head_dims``. ``unit_head_stride``:
+    q and the ``like_q`` tensors must have stride 1 in the head dim (the packed kernels assume it).
+    """
+    for name, t in (("q", q), *like_q.items(), *on_q_device.items()):
+        check_tensor(t, name)
+    if q.dim() != len(layout):
+        raise ValueError(f"q must be {len(layout)}-D [{', '.join(layout)}], got shape {tuple(q.shape)}")
+    for name, t in like_q.items():
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+    if q.dtype not in TORCH_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {dtype_name(q.dtype)}")
+    for name, t in like_q.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {dtype_name(q.dtype)}, got {dtype_name(t.dtype)}")
+    for name, t in (*like_q.items(), *on_q_device.items()):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    d = q.shape[-1]
+    if d not in head_dims:
+        raise ValueError(f"head dim d (q.shape[-1]) must be one of {tuple(head_dims)}, got {d}")
+    if unit_head_stride:
+        for name, t in (("q", q), *like_q.items()):
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name} must have stride 1 in its last dim (head dim), got strides {t.stride()}")
+    return tuple(q.shape)
+
+
+def resolve_attention_backend(backend, device: torch.device, dtype: torch.dtype, module: str,
+                              cuda_dtypes=DOT_CUDA_DTYPES) -> str:
+    """``"triton"`` or ``"torch"`` for a tl.dot kernel's inputs (q) of this device and dtype.
+
+    ``None`` (auto): Triton for CUDA tensors of a dtype in ``cuda_dtypes``, the torch reference
+    otherwise (fp32 on CUDA included). ``"triton"``: a dtype in FLOAT_DTYPES, and CUDA tensors
+    of ``cuda_dtypes``, or CPU tensors under the interpreter; errors name what is refused and
+    ``module`` (the kernel module, as TRITON_INTERPRET must be set before it is imported).
+    ``"torch"``: the reference. ``backend`` itself is checked by :func:`check_backend`.
+    """
+    if backend is None:
+        return "triton" if device.type == "cuda" and dtype in cuda_dtypes else "torch"
+    if backend == "triton":
+        check_kernel_dtype("q", dtype)
+        if device.type == "cpu" and not interpreting():
+            raise ValueError(f"backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                             f"{module} is imported; use backend='torch' or CUDA tensors")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' supports CUDA tensors, got device {device}")
+        if device.type == "cuda" and dtype not in cuda_dtypes:
+            names = " or ".join(dtype_name(d) for d in cuda_dtypes)
+            raise TypeError(f"backend='triton' on CUDA takes q of dtype {names}, got "
+                            f"{dtype_name(dtype)} (fp32 tl.dot spills registers); use backend=None or 'torch'")
+    return backend
 
 
 def resolve_backend(backend, device: torch.device, n: int | None = None, max_n: int | None = None,

@@ -33,8 +33,7 @@ reads ``cu_seqlens`` on the host (a sync; not capturable).
 """
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+from numbers import Integral
 
 import torch
 import triton
@@ -45,8 +44,6 @@ from kernels.attention import HEAD_DIMS
 
 __all__ = ["lse_significance", "lse_significance_ref", "launch_lse_significance", "aot_calls"]
 
-# On CUDA the kernel takes fp16 and bf16 (tensor-core tl.dot); fp32 and fp64 take the reference.
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 # The same constant inside the kernel: lse comes as a natural log, exp2 wants base-2 units.
 _LOG2E_C = tl.constexpr(_LOG2E)
@@ -172,25 +169,8 @@ def _lse_colsum_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 def _check_inputs(q, k, lse, cu_seqlens, max_seqlen, scale, backend):
-    for name, t in (("q", q), ("k", k), ("lse", lse), ("cu_seqlens", cu_seqlens)):
-        L.check_tensor(t, name)
-    if q.dim() != 3:
-        raise ValueError(f"q must be 3-D [T, H, d], got shape {tuple(q.shape)}")
-    if k.shape != q.shape:
-        raise ValueError(f"k must have q's shape {tuple(q.shape)} [T, H, d], got {tuple(k.shape)}")
-    if q.dtype not in L.TORCH_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {L.dtype_name(q.dtype)}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"k must have q's dtype {L.dtype_name(q.dtype)}, got {L.dtype_name(k.dtype)}")
-    for name, t in (("k", k), ("lse", lse), ("cu_seqlens", cu_seqlens)):
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    T, H, d = q.shape
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim d (q.shape[-1]) must be one of {HEAD_DIMS}, got {d}")
-    for name, t in (("q", q), ("k", k)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have stride 1 in its last dim (head dim), got strides {t.stride()}")
+    T, H, _ = L.check_qkv(q, ("T", "H", "d"), {"k": k}, {"lse": lse, "cu_seqlens": cu_seqlens}, HEAD_DIMS,
+                          unit_head_stride=True)
     if tuple(lse.shape) != (H, T):
         raise ValueError(f"lse must have shape [H, T] = {[H, T]}, got {list(lse.shape)}")
     lse_dtypes = (torch.float32, torch.float64) if q.dtype == torch.float64 else (torch.float32,)
@@ -207,13 +187,8 @@ def _check_inputs(q, k, lse, cu_seqlens, max_seqlen, scale, backend):
                         f"got {type(max_seqlen).__name__}")
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen must be an int >= 0, got {int(max_seqlen)}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, Real):
-            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
-    if backend not in L.BACKENDS:
-        raise ValueError(f"backend must be one of {L.BACKENDS}, got {backend!r}")
+    L.check_scale(scale)
+    L.check_backend(backend)
 
 
 def _block_sizes(max_seqlen: int, B: int, H: int, interpret: bool):
@@ -249,16 +224,8 @@ def launch_lse_significance(q, k, lse, cu_seqlens, max_seqlen, scale, block_m=No
     """
     T, H, d = q.shape
     B = cu_seqlens.shape[0] - 1
-    interpret = L.interpreting()
-    bm, bn, num_warps = _block_sizes(max_seqlen, B, H, interpret)
-    block_m = block_m or bm
-    block_n = block_n or bn
-    for name, blk in (("block_m", block_m), ("block_n", block_n)):
-        if blk < 16 or blk & (blk - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
-    if dot_in_input_dtype is None:
-        # GPU: fp16/bf16 operands feed the tensor cores. Interpreter: fp32 (its bf16 is wrong).
-        dot_in_input_dtype = not interpret
+    bm, bn, num_warps = _block_sizes(max_seqlen, B, H, L.interpreting())
+    block_m, block_n, dot_in_input_dtype = L.dot_tiles(block_m, block_n, bm, bn, dot_in_input_dtype)
     out = L.new_output((H, T), torch.float32, q.device)
     if B == 0 or max_seqlen == 0 or H == 0:
         return out
@@ -270,23 +237,6 @@ def launch_lse_significance(q, k, lse, cu_seqlens, max_seqlen, scale, block_m=No
         DOT_IN_INPUT_DTYPE=dot_in_input_dtype, num_warps=num_warps,
     )
     return out
-
-
-def _resolve_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
-    """"triton" or "torch" for inputs of this device and dtype; errors name what is refused."""
-    if backend is None:
-        return "triton" if device.type == "cuda" and dtype in _CUDA_DTYPES else "torch"
-    if backend == "triton":
-        L.check_kernel_dtype("q", dtype)
-        if device.type == "cpu" and not L.interpreting():
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                             "kernels.lse_significance is imported; use backend='torch' or CUDA tensors")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='triton' supports CUDA tensors, got device {device}")
-        if device.type == "cuda" and dtype not in _CUDA_DTYPES:
-            raise TypeError(f"backend='triton' on CUDA takes q of dtype float16 or bfloat16, got "
-                            f"{L.dtype_name(dtype)} (fp32 tl.dot spills registers); use backend=None or 'torch'")
-    return backend
 
 
 def lse_significance(q, k, lse, cu_seqlens, max_seqlen, *, scale=None, backend=None):
@@ -319,7 +269,7 @@ def lse_significance(q, k, lse, cu_seqlens, max_seqlen, *, scale=None, backend=N
     _check_inputs(q, k, lse, cu_seqlens, max_seqlen, scale, backend)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if _resolve_backend(backend, q.device, q.dtype) == "triton":
+    if L.resolve_attention_backend(backend, q.device, q.dtype, __name__) == "triton":
         return launch_lse_significance(q, k, lse, cu_seqlens, max_seqlen, scale)
     return lse_significance_ref(q, k, lse, cu_seqlens, scale)
 

@@ -13,7 +13,8 @@ read on the host (no synchronisation): the torch path and the kernels clamp them
 
 Top to bottom: the eager reference, the vectorised torch paths (:func:`select_torch`,
 :func:`select_torch_rows`), the Triton kernel and its device functions (:func:`load_row_k`,
-:func:`select_row`, shared with the extract kernel), the launcher (:func:`launch_select`), the
+:func:`ranking_keys`, :func:`top_k_lanes`, :func:`select_row`, shared with the extract and
+the fused select-gather-norm kernels), the launcher (:func:`launch_select`), the
 public function.
 """
 from __future__ import annotations
@@ -240,15 +241,14 @@ def load_row_k(k_ptr, b, stride_k, width):
 
 
 @triton.jit
-def select_row(score, offs, n, k, width, out_ptr, stride_on, FILL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Device function: store the top-k lanes of ``score`` ([BLOCK_N] fp32, lanes offs >= n
-    ignored) ascending.
+def ranking_keys(score, offs, n, BLOCK_N: tl.constexpr):
+    """Device function: the int64 sort keys of a row's ``score`` ([BLOCK_N] fp32 at lanes
+    ``offs`` = arange(BLOCK_N); lanes offs >= n are not in the row). Unique per lane; the larger
+    key ranks first under the selection rule (spec §2).
 
-    Writes k int64 positions to out_ptr + slot * stride_on, slot = 0..k-1. A NaN score counts
-    as -inf (the rule of every selection path). FILL (a per-row k, 1 <= k <= width <= n): also
-    write 0 to the filler slots k..width-1 of the row (``width`` is unused otherwise).
+    Top-k with indices, the packed-key way: each key holds the score and the (inverted) index, so
+    one sort of the keys ranks by score with ties to the lower index, by construction.
     """
-    in_row = offs < n
     # NaN counts as -inf; left as is, its packed key would depend on its sign bit (a negative
     # NaN below -inf, a positive one above +inf). != is unordered: true for NaN only.
     score = tl.where(score != score, float("-inf"), score)
@@ -261,12 +261,31 @@ def select_row(score, offs, n, k, width, out_ptr, stride_on, FILL: tl.constexpr,
     # (int32 min, below the key of -inf), so they sort after every real position.
     bits = score.to(tl.int32, bitcast=True)
     key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-    key32 = tl.where(in_row, key32, -2147483647 - 1)
-    key = (key32 << 32) | (BLOCK_N - 1 - offs).to(tl.int64)
+    key32 = tl.where(offs < n, key32, -2147483647 - 1)
+    return (key32 << 32) | (BLOCK_N - 1 - offs).to(tl.int64)
+
+
+@triton.jit
+def top_k_lanes(score, offs, n, k, BLOCK_N: tl.constexpr):
+    """Device function: [BLOCK_N] bool, true at the k lanes the selection keeps (1 <= k <= n):
+    the k largest :func:`ranking_keys` of the row, in lane (index) order."""
+    key = ranking_keys(score, offs, n, BLOCK_N)
     ranked = tl.sort(key, descending=True)
     # The k-th largest key is the threshold; exactly k lanes reach it (keys are unique).
     kth = tl.sum(tl.where(offs == k - 1, ranked, 0), axis=0)
-    keep = key >= kth
+    return key >= kth
+
+
+@triton.jit
+def select_row(score, offs, n, k, width, out_ptr, stride_on, FILL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Device function: store the top-k lanes of ``score`` ([BLOCK_N] fp32, lanes offs >= n
+    ignored) ascending.
+
+    Writes k int64 positions to out_ptr + slot * stride_on, slot = 0..k-1. A NaN score counts
+    as -inf (the rule of every selection path). FILL (a per-row k, 1 <= k <= width <= n): also
+    write 0 to the filler slots k..width-1 of the row (``width`` is unused otherwise).
+    """
+    keep = top_k_lanes(score, offs, n, k, BLOCK_N)
     # Instead of a second sort by index: a prefix count over the kept lanes, taken in index
     # order, is each kept position's slot in the ascending output.
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1

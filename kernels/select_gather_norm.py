@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels import launch as L
-from kernels.select import select_ref, select_torch_rows
+from kernels.select import select_ref, select_torch_rows, top_k_lanes
 
 # Output rows one program writes (it recomputes its sequence's selection once for all of them).
 MAX_ROWS = 16
@@ -176,28 +176,13 @@ def _select_gather_norm_kernel(
         for _h in range(H):
             score += tl.load(p_ptrs, mask=in_row, other=0.0).to(tl.float32)
             p_ptrs += stride_ph
-        # The key of kernels.select.select_row, built the same way (that helper stores its
-        # indices; here the kept mask is needed in registers). NaN counts as -inf, [CLS] is
-        # always kept, -0.0 ties with +0.0 (a sum started at +0.0 never is -0.0; the line keeps
-        # the key select_row's exactly).
-        score = tl.where(score != score, float("-inf"), score)
-        score = tl.where(offs == 0, float("inf"), score)
-        score = tl.where(score == 0.0, 0.0, score)
-        # Packed sortable key: the fp32 bits mapped to an order-preserving signed int in the
-        # high 32 bits, the INVERTED index BLOCK_N - 1 - j in the low 32 bits. Keys are unique
-        # and among equal scores the lower index has the larger key: ties go to the lower index
-        # by construction. Lanes j >= n sort below every real lane (below -inf).
-        bits = score.to(tl.int32, bitcast=True)
-        key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        key32 = tl.where(in_row, key32, -2147483647 - 1)
-        key = (key32 << 32) | (BLOCK_N - 1 - offs).to(tl.int64)
-        ranked = tl.sort(key, descending=True)
-        # The k-th largest key is the threshold: exactly k lanes reach it (keys are unique).
-        kth = tl.sum(tl.where(offs == k - 1, ranked, 0), axis=0)
+        # The selection rule of kernels.select (its packed keys; NaN as -inf, [CLS] kept). The
+        # kept mask stays in registers: select_row would store the indices instead.
+        keep = top_k_lanes(score, offs, n, k, BLOCK_N)
         # Instead of a second sort by index: the inclusive prefix count of kept lanes, in index
         # order. Survivor r (0-based) is the kept lane whose count is r + 1, i.e. its index is
         # the number of lanes whose count is still <= r (the count is non-decreasing).
-        count = tl.cumsum((key >= kth).to(tl.int32), axis=0)
+        count = tl.cumsum(keep.to(tl.int32), axis=0)
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < D
     w = tl.load(w_ptr + offs_d * stride_w, mask=d_in, other=0.0).to(tl.float32)[None, :]

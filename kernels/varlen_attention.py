@@ -27,20 +27,17 @@ interpreter runs fp16/bf16/fp32 and computes in fp32 (its bf16 arithmetic is wro
 """
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+from numbers import Integral
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels import launch as L
-from kernels.attention import HEAD_DIMS
+from kernels.attention import HEAD_DIMS, online_softmax_step
 
 __all__ = ["varlen_attention", "varlen_attention_ref"]
 
-# On CUDA the kernel takes fp16 and bf16 only (see kernels.attention: fp32 tl.dot spills).
-_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -142,16 +139,7 @@ def _varlen_attn_fwd_kernel(
         # max stays finite (no -inf - -inf); keys past the end get probability exactly 0.
         s = tl.where(col_ok[None, :], s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if DOT_IN_INPUT_DTYPE:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p, v, acc, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_IN_INPUT_DTYPE)
         k_blk += BLOCK_N * stride_kt
         v_blk += BLOCK_N * stride_vt
 
@@ -209,17 +197,8 @@ def launch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, block_m=None
     """
     T, H, d = q.shape
     B = cu_seqlens.shape[0] - 1
-    interpret = L.interpreting()
-    bm, bn, num_warps = _block_sizes(max_seqlen, d, interpret)
-    block_m = block_m or bm
-    block_n = block_n or bn
-    for name, blk in (("block_m", block_m), ("block_n", block_n)):
-        if blk < 16 or blk & (blk - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {blk}")
-    if dot_in_input_dtype is None:
-        # GPU: fp16/bf16 operands feed the tensor cores. Interpreter: fp32, since its bf16
-        # arithmetic and bf16 tl.dot are wrong.
-        dot_in_input_dtype = not interpret
+    bm, bn, num_warps = _block_sizes(max_seqlen, d, L.interpreting())
+    block_m, block_n, dot_in_input_dtype = L.dot_tiles(block_m, block_n, bm, bn, dot_in_input_dtype)
 
     out = L.new_output((T, H, d), q.dtype, q.device)
     lse = L.new_output((H, T), torch.float32, q.device)
@@ -235,27 +214,7 @@ def launch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, block_m=None
 
 
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen, scale, backend):
-    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
-        L.check_tensor(t, name)
-    if q.dim() != 3:
-        raise ValueError(f"q must be 3-D [T, H, d], got shape {tuple(q.shape)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-    if q.dtype not in L.TORCH_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {L.dtype_name(q.dtype)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {L.dtype_name(q.dtype)}, got {L.dtype_name(t.dtype)}")
-    for name, t in (("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    d = q.shape[-1]
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim d (q.shape[-1]) must be one of {HEAD_DIMS}, got {d}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have stride 1 in its last dim (head dim), got strides {t.stride()}")
+    L.check_qkv(q, ("T", "H", "d"), {"k": k, "v": v}, {"cu_seqlens": cu_seqlens}, HEAD_DIMS, unit_head_stride=True)
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must be 1-D [B + 1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype != torch.int32:
@@ -264,30 +223,8 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, scale, backend):
         raise TypeError(f"max_seqlen must be a Python int >= 1, got {type(max_seqlen).__name__}")
     if max_seqlen < 1:
         raise ValueError(f"max_seqlen must be an int >= 1, got {int(max_seqlen)}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, Real):
-            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
-    if backend not in L.BACKENDS:
-        raise ValueError(f"backend must be one of {L.BACKENDS}, got {backend!r}")
-
-
-def _resolve_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
-    """"triton" or "torch" for inputs of this device and dtype; errors name what is refused."""
-    if backend is None:
-        return "triton" if device.type == "cuda" and dtype in _CUDA_DTYPES else "torch"
-    if backend == "triton":
-        L.check_kernel_dtype("q", dtype)
-        if device.type == "cpu" and not L.interpreting():
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                             "kernels.varlen_attention is imported; use backend='torch' or CUDA tensors")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='triton' supports CUDA tensors, got device {device}")
-        if device.type == "cuda" and dtype not in _CUDA_DTYPES:
-            raise TypeError(f"backend='triton' on CUDA takes q of dtype float16 or bfloat16, got "
-                            f"{L.dtype_name(dtype)} (fp32 tl.dot spills registers); use backend=None or 'torch'")
-    return backend
+    L.check_scale(scale)
+    L.check_backend(backend)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, backend=None):
@@ -320,7 +257,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale=None, backend=Non
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, scale, backend)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if _resolve_backend(backend, q.device, q.dtype) == "triton":
+    if L.resolve_attention_backend(backend, q.device, q.dtype, __name__) == "triton":
         if q.numel() == 0:  # T = 0 or H = 0: nothing to launch
             return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
                     torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device))

@@ -192,7 +192,7 @@ _capability: dict[int, tuple[int, int]] = {}
 
 def flash_attention_serves(q: torch.Tensor) -> bool:
     """True when PyTorch's FlashAttention-2 varlen forward takes these ``[T, H, d]`` operands:
-    CUDA, fp16/bf16, sm80+, ``d % 8 == 0`` and ``d <= 256``, flash SDP enabled. Never when the
+    CUDA, fp16/bf16, sm8x or sm90, ``d % 8 == 0`` and ``d <= 256``, flash SDP enabled. Never when the
     Triton backend is forced (the interpreter tests run the Triton varlen kernel)."""
     if not q.is_cuda or q.dtype not in PACKED_CUDA_DTYPES or _forced_backend == "triton":
         return False
@@ -201,7 +201,9 @@ def flash_attention_serves(q: torch.Tensor) -> bool:
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     if index not in _capability:
         _capability[index] = torch.cuda.get_device_capability(index)
-    return _capability[index][0] >= 8
+    # PyTorch's FlashAttention-2 runs on sm8x and sm90 only (mha_varlen_fwd checks it); newer
+    # architectures take the Triton varlen kernel.
+    return _capability[index][0] in (8, 9)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int):

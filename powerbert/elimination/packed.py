@@ -73,7 +73,8 @@ def fused_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor]:
     """
     params = (parts.query.weight, parts.key.weight, parts.value.weight,
               parts.query.bias, parts.key.bias, parts.value.bias)
-    stamp = tuple((p.data_ptr(), p._version) for p in params)
+    # Inference tensors (parameters made under inference_mode) keep no version counter.
+    stamp = tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in params)
     cached = _QKV_CACHE.get(parts.query)
     if cached is not None and cached[0] == stamp:
         return cached[1], cached[2]

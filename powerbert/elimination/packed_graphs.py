@@ -17,7 +17,10 @@ and the exit into the padded output layout (fresh tensors, never the graph's buf
   compiles, cuBLAS sets up), then the capture; every graph allocates from one shared memory pool
   (only one replays at a time, and its outputs are copied out before the next).
 * Bounded: at most ``max_graphs`` graphs, least recently used dropped first; batches beyond the
-  largest bucket run eagerly (there the GPU, not the launches, sets the time).
+  largest bucket (256 sequences, 32K tokens, length 512) run eagerly (there the GPU, not the
+  launches, sets the time). Memory: the graphs share one pool, which holds about what the
+  largest captured bucket's forward needs (its activations are live one layer at a time), plus
+  each graph's static inputs (``tokens x D`` values).
 * Valid while the weights are: the stacked QKV weight is refreshed in place
   (``packed.fused_qkv``), and a graph whose layers' parameters moved (``.to()``, a new
   Parameter) is captured again.
@@ -103,7 +106,9 @@ class CudaCapture:
 
 class EmulatedCapture:
     """What a CUDA graph does, on any device (tests): "capture" runs ``fn`` once for its output
-    buffers; a replay runs it again on the static inputs and writes into those same buffers."""
+    buffers; a replay runs it again on the static inputs and writes into those same buffers. As a
+    real replay runs no Python, the stacked QKV weights are read as captured (never refreshed
+    inside a replay): only what the pool refreshes before replaying counts."""
 
     def __init__(self):
         self.replays = 0
@@ -115,10 +120,24 @@ class EmulatedCapture:
         def replay():
             self.replays += 1
             # A graph writes its buffers behind autograd's back, inference tensors included.
-            with torch.inference_mode(outputs[0].is_inference()):
+            with torch.inference_mode(outputs[0].is_inference()), _qkv_as_captured():
                 for buffer, value in zip(outputs, fn()):
                     buffer.copy_(value)
         return replay, outputs
+
+
+@contextlib.contextmanager
+def _qkv_as_captured():
+    """Inside the block ``packed.fused_qkv`` returns the cached tensors as they are (a graph
+    holds their addresses and reads whatever they hold), without checking the parameters."""
+    from powerbert.elimination import packed
+
+    refresh = packed.fused_qkv
+    packed.fused_qkv = lambda parts: packed._QKV_CACHE[parts.query][1:]
+    try:
+        yield
+    finally:
+        packed.fused_qkv = refresh
 
 
 _emulated: EmulatedCapture | None = None
@@ -181,6 +200,11 @@ class GraphPool:
         key = (plan.bucket, hidden.dtype, hidden.device, hidden.shape[-1], settings)
         if key in self.failed:
             return None
+        device = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
+        with device:  # streams, graphs and pools on the model's GPU, whichever is current
+            return self._run(key, layers, hidden, plan, capacities)
+
+    def _run(self, key, layers, hidden, plan, capacities):
         stamp = _parameter_stamp(layers)
         graph = self.graphs.get(key)
         if graph is not None and graph.stamp != stamp:
@@ -215,6 +239,8 @@ class GraphPool:
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
+        for parts in layers:
+            fused_qkv(parts)  # in place: a weight written since the capture reaches the replay
         graph.replay()
         x, positions = graph.outputs
         return unpack_exit(x, positions, plan, fresh=True)

@@ -429,15 +429,21 @@ def test_flash_attention_lse_matches_the_triton_varlen_kernel(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("retention", [(40, 30, 20, 10), (0.7, 0.5, 0.3, 0.1)], ids=["fixed", "proportional"])
-def test_packed_on_cuda_equals_padded_path(retention, dtype, monkeypatch):
-    """The default CUDA path is the packed one (FlashAttention-2); it agrees with the padded path."""
+def test_packed_on_cuda_equals_padded_path(retention, dtype, graphs, monkeypatch):
+    """The default CUDA path is the packed one (FlashAttention-2), replayed from the graph pool
+    unless ``cuda_graphs=False``; it agrees with the padded path."""
     calls = spy_packed(monkeypatch)
+    if graphs:
+        pool_run = packed_graphs.GraphPool.run
+        monkeypatch.setattr(packed_graphs.GraphPool, "run",
+                            lambda self, *a, **k: calls.append(1) or pool_run(self, *a, **k))
     config = dict(hidden_size=256, num_attention_heads=4, intermediate_size=512, num_hidden_layers=4,
                   max_position_embeddings=128)
     model = build(BertModel, **config).to("cuda", dtype)
-    powerbert.patch(model, list(retention))
+    powerbert.patch(model, list(retention), cuda_graphs=graphs)
     inputs = batch(sizes=(64, 50, 17, 3, 1), length=64)
     cuda_inputs = {name: t.cuda() for name, t in inputs.items()}
     with torch.no_grad():
@@ -539,6 +545,22 @@ def test_graph_replays_equal_the_eager_packed_forward(retention):
     # a later replay of the same graph does not touch what an earlier call returned
     torch.testing.assert_close(graphed[0].last_hidden_state, eager[0].last_hidden_state)
     torch.testing.assert_close(first_again.last_hidden_state, eager[0].last_hidden_state)
+
+
+@pytest.mark.interpreter
+def test_graph_replays_see_weights_written_in_place():
+    """A replay runs no Python: the pool refreshes the stacked QKV weight (in place, at the address
+    the graph holds) before replaying, so an in-place write since the capture is seen."""
+    model = build(BertModel, **WIDE)
+    powerbert.patch(model, list(FIXED))
+    inputs = batch(sizes=SIZES)
+    with torch.no_grad(), emulated_graph_path():
+        model(**inputs)  # captured
+        model.encoder.layer[0].attention.self.query.weight.mul_(1.7)  # same address, new version
+        graphed = model(**inputs).last_hidden_state
+    with torch.no_grad(), packed_path():
+        eager = model(**inputs).last_hidden_state
+    torch.testing.assert_close(graphed, eager)
 
 
 @pytest.mark.interpreter
@@ -651,4 +673,20 @@ def test_every_family_packed_equals_padded(name, head, monkeypatch):
     assert torch.equal(packed_out.kept_mask[:, :width], mask)
     assert torch.equal(packed_out.kept_positions[:, :width][mask], padded.kept_positions[mask])
     torch.testing.assert_close(packed_out.last_hidden_state[:, :width][mask], padded.last_hidden_state[mask],
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.interpreter
+def test_parameters_made_under_inference_mode():
+    """A model built (loaded) under inference_mode has inference-tensor parameters, which keep no
+    version counter: the stacked-QKV cache still works."""
+    with torch.inference_mode():
+        model = build(BertModel, **WIDE)
+        powerbert.patch(model, list(FIXED))
+        inputs = batch(sizes=SIZES)
+        with packed_path():
+            packed_out = model(**inputs)
+        padded = model(**inputs)
+    mask = padded.kept_mask
+    torch.testing.assert_close(packed_out.last_hidden_state[:, :mask.shape[1]][mask], padded.last_hidden_state[mask],
                                atol=1e-4, rtol=1e-4)

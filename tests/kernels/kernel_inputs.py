@@ -1,4 +1,7 @@
 """Inputs and checks shared by the kernel tests."""
+import contextlib
+
+import pytest
 import torch
 
 from spec_reference import spec_keep
@@ -15,6 +18,25 @@ def make_mask(B, n, kind, dtype=torch.int64, device="cpu"):
         m = torch.zeros(B, n, dtype=torch.bool)
     m[:, 0] = True
     return m.to(dtype).to(device)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every kernel output buffer starts as NaN, in the GPU run too, so unwritten elements fail
+    the comparisons (a test module imports this fixture to use it)."""
+    from kernels import launch
+
+    def full_nan(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(launch, "new_output", full_nan)
+
+
+@contextlib.contextmanager
+def raises_one_line(exc, match):
+    """``pytest.raises(exc, match=match)`` whose message must also be a single line."""
+    with pytest.raises(exc, match=match) as err:
+        yield err
+    assert "\n" not in str(err.value), str(err.value)
 
 
 # Quiet NaNs by their bits, per dtype: (positive sign bit, negative sign bit). Built from bits

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from kernel_inputs import poisoned, raises_one_line  # noqa: F401 (poisoned: a fixture)
 from kernels import attention, launch
 from kernels.attention import attention_with_significance, attention_with_significance_ref
 
@@ -85,14 +86,6 @@ def run_triton(q, k, v, mask, scale=None, need_scores=True):
         return attention.launch_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale,
                                           need_scores)
     return attention_with_significance(q, k, v, mask, scale, need_scores=need_scores, backend="triton")
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every kernel output buffer (context, lse, scores) starts as NaN."""
-    def full_nan(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(launch, "new_output", full_nan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,7 +386,7 @@ BAD = [
 def test_bad_inputs(edit, exc, match):
     args = _good()
     edit(args)
-    with pytest.raises(exc, match=match):
+    with raises_one_line(exc, match):
         attention_with_significance(**args)
 
 
@@ -418,33 +411,23 @@ def test_float64_triton_refused_before_device_check(monkeypatch):
     """The dtype error comes first and in one line, whatever the device or interpreter state."""
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     args = {name: t.double() if t.is_floating_point() else t for name, t in _good().items()}
-    with pytest.raises(TypeError, match="^backend='triton' does not support q of dtype float64") as err:
+    with raises_one_line(TypeError, "^backend='triton' does not support q of dtype float64"):
         attention_with_significance(**args, backend="triton")
-    assert "\n" not in str(err.value)
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setattr(launch, "interpreting", lambda: False)
-    with pytest.raises(ValueError, match="backend='triton' on CPU .* TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match=r"^backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
+                                         r"set before kernels\.attention is imported"):
         attention_with_significance(**_good(), backend="triton")
 
 
 CUDA = torch.device("cuda")  # a device object only: nothing runs on it
 
 
-@pytest.mark.parametrize("dtype, backend, want", [
-    (torch.float16, None, "triton"), (torch.bfloat16, None, "triton"),
-    (torch.float32, None, "torch"), (torch.float64, None, "torch"),
-    (torch.float16, "triton", "triton"), (torch.float32, "torch", "torch"),
-], ids=str)
-def test_cuda_routes_fp32_to_torch(dtype, backend, want):
-    """On CUDA the kernels run fp16/bf16; fp32 takes the torch path (fp32 tl.dot spills)."""
-    assert attention._resolve_backend(backend, CUDA, dtype) == want
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_triton_serves(dtype):
+    """On CUDA the kernels run fp16/bf16 (fp32 tl.dot spills: launch.resolve_attention_backend
+    sends fp32 to the torch path); the interpreter takes fp32 too; fp64 is the reference's only."""
     assert attention.triton_serves(CUDA, dtype) == (dtype in (torch.float16, torch.bfloat16))
-
-
-def test_cuda_triton_refuses_fp32():
-    with pytest.raises(TypeError, match=r"^backend='triton' on CUDA takes q of dtype float16 or bfloat16, "
-                                        r"got float32 .*backend=None or 'torch'$"):
-        attention._resolve_backend("triton", CUDA, torch.float32)
-    assert attention.triton_serves(torch.device("cpu"), torch.float32)  # the interpreter takes it
+    assert attention.triton_serves(torch.device("cpu"), dtype) == (dtype != torch.float64)

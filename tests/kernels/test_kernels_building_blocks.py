@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernel_inputs import make_mask, row_k
+from kernel_inputs import make_mask, raises_one_line, row_k
 
 from kernels import launch
 from kernels.extract import extract_ref, launch_score_select
@@ -183,3 +183,56 @@ def test_check_kernel_dtype():
     with pytest.raises(TypeError, match=r"^backend='triton' does not support q of dtype float64; accepted: "
                                         r"float16, bfloat16, float32 \(use backend='torch' or None for float64\)$"):
         launch.check_kernel_dtype("q", torch.float64)
+
+
+CUDA = torch.device("cuda")  # a device object only: nothing runs on it
+ATTENTION_MODULES = ["kernels.attention", "kernels.varlen_attention", "kernels.lse_significance"]
+
+
+@pytest.mark.parametrize("dtype, backend, want", [
+    (torch.float16, None, "triton"), (torch.bfloat16, None, "triton"),
+    (torch.float32, None, "torch"), (torch.float64, None, "torch"),
+    (torch.float16, "triton", "triton"), (torch.bfloat16, "triton", "triton"),
+    (torch.float32, "torch", "torch"), (torch.float16, "torch", "torch"),
+], ids=str)
+def test_resolve_attention_backend_routes_fp32_to_torch_on_cuda(dtype, backend, want):
+    """On CUDA the tl.dot kernels run fp16/bf16; fp32 takes the torch path (fp32 tl.dot spills)."""
+    assert launch.resolve_attention_backend(backend, CUDA, dtype, "kernels.attention") == want
+
+
+@pytest.mark.parametrize("module", ATTENTION_MODULES)
+def test_resolve_attention_backend_refusals(module, monkeypatch):
+    """backend='triton' refused with one-line errors that name q's dtype, the device, or the
+    module TRITON_INTERPRET must be set before."""
+    with raises_one_line(TypeError, r"^backend='triton' on CUDA takes q of dtype float16 or bfloat16, "
+                                    r"got float32 .*backend=None or 'torch'$"):
+        launch.resolve_attention_backend("triton", CUDA, torch.float32, module)
+    with raises_one_line(TypeError, r"^backend='triton' does not support q of dtype float64"):
+        launch.resolve_attention_backend("triton", CUDA, torch.float64, module)
+    with raises_one_line(ValueError, r"^backend='triton' supports CUDA tensors, got device meta$"):
+        launch.resolve_attention_backend("triton", torch.device("meta"), torch.float16, module)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    with raises_one_line(ValueError, rf"^backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                                     rf"{module} is imported; use backend='torch' or CUDA tensors$"):
+        launch.resolve_attention_backend("triton", torch.device("cpu"), torch.float16, module)
+    assert launch.resolve_attention_backend(None, torch.device("cpu"), torch.float16, module) == "torch"
+
+
+@pytest.mark.parametrize("scale, exc, match", [
+    ("0.1", TypeError, r"^scale must be a real number or None, got str$"),
+    (True, TypeError, r"^scale must be a real number or None, got bool$"),
+    (float("nan"), ValueError, r"^scale must be finite, got nan$"),
+    (float("-inf"), ValueError, r"^scale must be finite, got -inf$"),
+])
+def test_check_scale(scale, exc, match):
+    for good in (None, 0.125, 1, torch.tensor(0.5).item()):
+        launch.check_scale(good)
+    with raises_one_line(exc, match):
+        launch.check_scale(scale)
+
+
+def test_check_backend():
+    for good in launch.BACKENDS:
+        launch.check_backend(good)
+    with raises_one_line(ValueError, r"^backend must be one of \(None, 'triton', 'torch'\), got 'cuda'$"):
+        launch.check_backend("cuda")
