@@ -55,7 +55,8 @@ QUICK_TABLE_MARKER = "## End to end against the strongest stock"  # table.py's s
 # In order of importance: a step interrupted at its timeout loses the last ones.
 BENCHMARKS = {
     "kernels": ["benchmarks/test_bench_attention.py", "benchmarks/test_bench_ops.py"],
-    "model": ["benchmarks/test_bench_peers.py", "benchmarks/test_bench_model.py", "benchmarks/test_bench_families.py"],
+    "model": ["benchmarks/test_bench_peers.py", "benchmarks/test_bench_model.py", "benchmarks/test_bench_families.py",
+              "benchmarks/test_bench_compiled.py"],
 }
 # Written by the benchmarks themselves, into POWERBERT_RESULTS (= OUT), by step. Each is removed
 # once per invocation, before the first step that writes it (``quick model`` keeps both's rows).

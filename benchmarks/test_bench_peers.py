@@ -315,3 +315,4 @@ def test_peers(benchmark, batch, n, dtype, scenario, impl):
             powerbert.unpatch(model)
     assert math.isfinite(median)
     print(f"\n{impl:>20} {scenario} B{batch} N{n} {name}: {1e3 * median:.2f} ms, {batch / median:.1f} seq/s")
+
