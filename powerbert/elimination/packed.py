@@ -1,4 +1,4 @@
-"""The packed (varlen) inference forward: real tokens only, no host synchronisation.
+"""The packed (varlen) inference forward: real tokens only, no host synchronisation (powerbert/ALGORITHM.md §10).
 
 Inference on CUDA in fp16/bf16 (and, forced with ``dispatch.use_packed(True)``, under the Triton
 interpreter on CPU tensors, which is how CPU tests run this code path). The batch's real tokens are
@@ -85,6 +85,13 @@ def fused_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor]:
         if cached is not None and _same_layout(cached[1], weight) and _same_layout(cached[2], bias):
             weight, bias = cached[1].copy_(weight), cached[2].copy_(bias)
     _QKV_CACHE[parts.query] = (stamp, weight, bias)
+    return weight, bias
+
+
+def cached_qkv(parts: LayerParts) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked ``(weight, bias)`` as last built by :func:`fused_qkv`, parameters unchecked:
+    what a captured CUDA graph reads (``packed_graphs`` emulates replays with it)."""
+    _, weight, bias = _QKV_CACHE[parts.query]
     return weight, bias
 
 

@@ -133,7 +133,7 @@ def _qkv_as_captured():
     from powerbert.elimination import packed
 
     refresh = packed.fused_qkv
-    packed.fused_qkv = lambda parts: packed._QKV_CACHE[parts.query][1:]
+    packed.fused_qkv = packed.cached_qkv
     try:
         yield
     finally:
