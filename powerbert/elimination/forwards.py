@@ -38,8 +38,8 @@ from powerbert.elimination import dispatch
 from powerbert.elimination.families import Family, family_named, resolve
 from powerbert.elimination.layout import real_tokens_first, static_shapes_now
 from powerbert.elimination import packed_graphs
-from powerbert.elimination.packed import layers_fit, packed_encoder
-from powerbert.elimination.packed_plan import bucket_capacities, host_mask, plan_packed
+from powerbert.elimination.packed import packed_encoder, packed_layers_of
+from powerbert.elimination.packed_plan import bucket_capacities, host_mask, plan_packed_cached
 
 # The keyword through which BaseForward hands the encoder a record to fill (every supported
 # base model passes its **kwargs on to the encoder).
@@ -139,7 +139,7 @@ class EncoderForward:
         if plan is not None:
             # BaseForward planned a packed forward and handed transformers no mask.
             hidden = family.enter(self.encoder, hidden_states) if family.enter is not None else hidden_states
-            layers = family.layers(self.encoder)
+            layers = record["packed_layers"]
             self.runner.check(len(layers))
             out = None
             if plan.bucket is not None:
@@ -305,8 +305,8 @@ class BaseForward:
         shaped = bound.get("input_ids") if bound.get("input_ids") is not None else bound.get("inputs_embeds")
         if shaped is None or shaped.dim() < 2 or bound.get("past_key_values") is not None:
             return args, kwargs
-        layers = family.layers(family.encoder(self.base))
-        if not layers_fit(layers, parameter.dtype):
+        layers = packed_layers_of(family, family.encoder(self.base), parameter.dtype, parameter.device)
+        if layers is None:
             return args, kwargs
         batch, width = shaped.shape[:2]
         retention, minimum, cuda_graphs = settings
@@ -316,9 +316,10 @@ class BaseForward:
         if cuda_graphs and packed_graphs.graphs_serve(parameter.device):
             lengths = mask.sum(axis=1)
             bucket = packed_graphs.bucket_for(batch, int(lengths.sum()), int(lengths.max()) if batch else 0)
-        record["packed_plan"] = plan_packed(mask, retention, minimum=minimum, device=parameter.device,
-                                            cls_only_last=cls_only, bucket=bucket)
+        record["packed_plan"] = plan_packed_cached(mask, retention, minimum=minimum, device=parameter.device,
+                                                   cls_only_last=cls_only, bucket=bucket)
         record["packed_settings"] = (retention, minimum, cls_only)
+        record["packed_layers"] = layers
         bound["attention_mask"] = None
         return (), bound
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from powerbert.elimination.families import LayerParts
-from powerbert.elimination.packed import fused_qkv, packed_layers, unpack_exit
+from powerbert.elimination.packed import fused_qkv, packed_layers, tree_version, unpack_exit
 from powerbert.elimination.packed_plan import Bucket, Capacities, PackedPlan
 
 MAX_BATCH = 256
@@ -261,13 +261,11 @@ def _fill(graph: _Graph, hidden: torch.Tensor, plan: PackedPlan) -> None:
 
 
 def _parameter_stamp(layers: list[LayerParts]) -> tuple:
-    """Where every parameter of the layers lives: a graph replays these addresses."""
-    return tuple(p.data_ptr() for parts in layers for module in _modules(parts) for p in module.parameters())
-
-
-def _modules(parts: LayerParts) -> tuple[nn.Module, ...]:
-    return (parts.query, parts.key, parts.value, parts.attn_out, parts.attn_norm, parts.ffn_in, parts.ffn_out,
-            parts.ffn_norm)
+    """What a graph's captured addresses depend on: no module or Parameter registered anywhere
+    since (``packed.tree_version``), and the storage of the first and last layers' weights
+    (``.to()`` moves every parameter without registering one). Values written in place need no
+    new graph: a replay reads them."""
+    return (tree_version(), len(layers), layers[0].query.weight.data_ptr(), layers[-1].ffn_out.weight.data_ptr())
 
 
 _POOLS: "weakref.WeakKeyDictionary[nn.Module, GraphPool]" = weakref.WeakKeyDictionary()

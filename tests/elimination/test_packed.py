@@ -690,3 +690,44 @@ def test_parameters_made_under_inference_mode():
     mask = padded.kept_mask
     torch.testing.assert_close(packed_out.last_hidden_state[:, :mask.shape[1]][mask], padded.last_hidden_state[mask],
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.interpreter
+def test_caches_follow_replaced_modules_and_outputs_are_the_callers():
+    """The per-encoder layer cache notices a replaced Linear (any registration anywhere), a
+    quantised one leaves the packed path, and a returned kept mask is the caller's to change
+    (the cached plan keeps its own)."""
+    model = build(BertModel, **WIDE)
+    powerbert.patch(model, list(FIXED))
+    inputs = batch(sizes=SIZES)
+    with torch.no_grad(), packed_path():
+        first = model(**inputs)
+        first.kept_mask.fill_(False)
+        value = model.encoder.layer[1].attention.self.value
+        swapped = torch.nn.Linear(value.in_features, value.out_features)
+        model.encoder.layer[1].attention.self.value = swapped
+        second = model(**inputs)
+    with torch.no_grad():
+        padded = model(**inputs)
+    mask = padded.kept_mask
+    assert torch.equal(second.kept_mask[:, :mask.shape[1]], mask)
+    torch.testing.assert_close(second.last_hidden_state[:, :mask.shape[1]][mask], padded.last_hidden_state[mask],
+                               atol=1e-4, rtol=1e-4)
+    model.encoder.layer[1].attention.self.value = torch.nn.Identity()  # not a Linear: padded path
+    calls = []
+    original = packed.packed_encoder
+    try:
+        import powerbert.elimination.forwards as forwards
+        forwards.packed_encoder = lambda *a, **k: calls.append(1) or original(*a, **k)
+        model.encoder.layer[1].attention.self.value = swapped
+        with torch.no_grad(), packed_path():
+            model(**inputs)
+        assert calls
+        model.encoder.layer[1].attention.self.value = torch.ao.nn.quantized.dynamic.Linear(
+            swapped.in_features, swapped.out_features)
+        calls.clear()
+        with torch.no_grad(), packed_path():
+            model(**inputs)
+        assert not calls, "a quantised Linear keeps the padded path"
+    finally:
+        forwards.packed_encoder = original
