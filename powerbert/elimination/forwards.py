@@ -310,7 +310,10 @@ class BaseForward:
             return args, kwargs
         batch, width = shaped.shape[:2]
         retention, minimum, cuda_graphs = settings
-        mask = host_mask(bound.pop("attention_mask", None), batch, width)
+        mask = host_mask(bound.get("attention_mask"), batch, width)
+        if not mask.any():
+            return args, kwargs  # no real token at all: the padded forward's one masked slot a row
+        bound.pop("attention_mask", None)
         cls_only = bool(record["cls_only"] and forward.runner.cls_only_last_layer)
         bucket = None
         if cuda_graphs and packed_graphs.graphs_serve(parameter.device):

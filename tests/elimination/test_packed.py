@@ -731,3 +731,17 @@ def test_caches_follow_replaced_modules_and_outputs_are_the_callers():
         assert not calls, "a quantised Linear keeps the padded path"
     finally:
         forwards.packed_encoder = original
+
+
+@pytest.mark.interpreter
+def test_a_batch_without_real_tokens_keeps_the_padded_forward(monkeypatch):
+    calls = spy_packed(monkeypatch)
+    model = build(BertModel, **WIDE)
+    powerbert.patch(model, list(FIXED))
+    inputs = batch(sizes=(0, 0))
+    with torch.no_grad(), packed_path():
+        out = model(**inputs)
+    assert not calls and not out.kept_mask.any() and torch.isfinite(out.last_hidden_state).all()
+    with torch.no_grad(), packed_path():
+        model(**batch(sizes=(0, 5)))  # one empty row among real ones: packed
+    assert calls
