@@ -34,10 +34,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-from powerbert.elimination import dispatch
+from powerbert.elimination import dispatch, packed_graphs
 from powerbert.elimination.families import Family, family_named, resolve
 from powerbert.elimination.layout import real_tokens_first, static_shapes_now
-from powerbert.elimination import packed_graphs
 from powerbert.elimination.packed import packed_encoder, packed_layers_of
 from powerbert.elimination.packed_plan import bucket_capacities, host_mask, plan_packed_cached
 
@@ -266,7 +265,6 @@ class BaseForward:
         if isinstance(record["last_vectors"], torch.Tensor):
             out["last_vectors"] = record["last_vectors"]
         return out if return_dict else out.to_tuple()
-
 
     def _plan_packed(self, record: dict, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Plan a packed forward (``elimination/packed.py``) into ``record`` when this call can take
