@@ -288,7 +288,7 @@ def test_pool_eliminated_survives_save_and_unpatch(model, tmp_path):
 
 
 @pytest.mark.interpreter
-def test_packed_forward_encodes_as_the_padded_one(patched):
+def test_packed_forward_encodes_as_the_padded_one(patched, monkeypatch):
     """The packed (varlen) forward, the default on CUDA in fp16/bf16, here forced on CPU with its
     Triton kernels interpreted: the same embeddings as the padded forward, on the real MiniLM."""
     from powerbert.elimination import dispatch, forwards
@@ -296,11 +296,8 @@ def test_packed_forward_encodes_as_the_padded_one(patched):
     padded = _encode(patched, TEXTS)
     calls = []
     original = forwards.packed_encoder
-    try:
-        forwards.packed_encoder = lambda *a, **k: calls.append(1) or original(*a, **k)
-        with dispatch.use_packed(True), dispatch.use_backend("triton"):
-            packed = _encode(patched, TEXTS)
-    finally:
-        forwards.packed_encoder = original
+    monkeypatch.setattr(forwards, "packed_encoder", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with dispatch.use_packed(True), dispatch.use_backend("triton"):
+        packed = _encode(patched, TEXTS)
     assert calls
     torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-4)

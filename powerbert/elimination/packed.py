@@ -201,17 +201,21 @@ def packed_encoder(layers: list[LayerParts], hidden: torch.Tensor, plan: PackedP
         sequence's survivors of the last layer in input order in slots ``0..k - 1``, zeros in
         the other slots (``W``: the most survivors of any sequence).
     """
+    x = pack_entry(hidden, plan)
+    x, positions = packed_layers(layers, x, plan.device_arrays["entry_positions"][:plan.rows[0]], plan.layer_shapes())
+    return unpack_exit(x, positions, plan)
+
+
+def pack_entry(hidden: torch.Tensor, plan: PackedPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The real tokens of ``hidden [B, N, D]`` packed in order into ``[T_0, D]``: a new tensor of
+    the forward's own (the layers accumulate into their input; without padding it is a copy all
+    the same, since someone, a hook, may hold the embeddings), or written into ``out [T_0, D]``
+    (a graph's static input)."""
     batch, width, dim = hidden.shape
-    arrays = plan.device_arrays
     flat = hidden.reshape(batch * width, dim)
     if plan.entry_is_identity:
-        # No padding: the rows are already packed. A copy all the same (one per forward): the
-        # layers accumulate into their input, and the embeddings may be held by someone (a hook).
-        x = flat.clone()
-    else:
-        x = flat.index_select(0, arrays["entry_rows"])
-    x, positions = packed_layers(layers, x, arrays["entry_positions"][:plan.rows[0]], plan.layer_shapes())
-    return unpack_exit(x, positions, plan)
+        return flat.clone() if out is None else out.copy_(flat)
+    return torch.index_select(flat, 0, plan.device_arrays["entry_rows"], out=out)
 
 
 def unpack_exit(x: torch.Tensor, positions: torch.Tensor, plan: PackedPlan, *, fresh: bool = False

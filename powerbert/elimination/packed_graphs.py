@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from powerbert.elimination.families import LayerParts
-from powerbert.elimination.packed import fused_qkv, packed_layers, tree_version, unpack_exit
+from powerbert.elimination.packed import fused_qkv, pack_entry, packed_layers, tree_version, unpack_exit
 from powerbert.elimination.packed_plan import Bucket, Capacities, PackedPlan
 
 MAX_BATCH = 256
@@ -211,6 +211,10 @@ class GraphPool:
             del self.graphs[key]  # parameters moved: the captured pointers are stale
             graph = None
         new = graph is None
+        for parts in layers:
+            # Built before a capture (outside it), refreshed in place before every replay: a
+            # weight written since the capture reaches the graph, which holds these addresses.
+            fused_qkv(parts)
         if new:
             bucket = plan.bucket
             # Normal tensors even under inference_mode: later calls outside it copy into them.
@@ -223,8 +227,6 @@ class GraphPool:
         refill = lambda: _fill(graph, hidden, plan)  # noqa: E731
         refill()
         if new:
-            for parts in layers:
-                fused_qkv(parts)  # built outside the capture, refreshed in place afterwards
             shapes = plan.layer_shapes(graph.cu, capacities)
             run = lambda: packed_layers(layers, graph.x, graph.positions, shapes)  # noqa: E731
             capture = _emulated if _emulated is not None else self.cuda
@@ -239,8 +241,6 @@ class GraphPool:
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
-        for parts in layers:
-            fused_qkv(parts)  # in place: a weight written since the capture reaches the replay
         graph.replay()
         x, positions = graph.outputs
         return unpack_exit(x, positions, plan, fresh=True)
@@ -248,14 +248,8 @@ class GraphPool:
 
 def _fill(graph: _Graph, hidden: torch.Tensor, plan: PackedPlan) -> None:
     """Copy this batch into the graph's static inputs: its packed rows, positions and offsets."""
-    batch, width, dim = hidden.shape
     arrays = plan.device_arrays
-    flat = hidden.reshape(batch * width, dim)
-    rows = plan.rows[0]
-    if plan.entry_is_identity:
-        graph.x[:rows].copy_(flat)
-    else:
-        torch.index_select(flat, 0, arrays["entry_rows"], out=graph.x[:rows])
+    pack_entry(hidden, plan, out=graph.x[:plan.rows[0]])
     graph.positions.copy_(arrays["entry_positions"])
     graph.cu.copy_(arrays["cu"])
 

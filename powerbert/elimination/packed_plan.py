@@ -35,6 +35,10 @@ from powerbert.elimination.retention import is_proportional
 def keep_count_table(retention: Sequence, lengths: np.ndarray, minimum: Sequence[int] | None = None) -> np.ndarray:
     """Vectors each sequence keeps after each layer, in numpy on the host.
 
+    ``retention.keep_count_rows`` on CPU tensors computes the same, but this runs on every plan
+    the cache misses (ragged serving traffic misses it often): 34 us in numpy against 121 us in
+    torch for B 64, 12 proportional layers on this CPU. A test holds the two equal.
+
     Args:
         retention: ints (fixed k_l) or floats (proportional f_l), one per layer.
         lengths: ``[B]`` integer array of real tokens per sequence.

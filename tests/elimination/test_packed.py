@@ -693,7 +693,7 @@ def test_parameters_made_under_inference_mode():
 
 
 @pytest.mark.interpreter
-def test_caches_follow_replaced_modules_and_outputs_are_the_callers():
+def test_caches_follow_replaced_modules_and_outputs_are_the_callers(monkeypatch):
     """The per-encoder layer cache notices a replaced Linear (any registration anywhere), a
     quantised one leaves the packed path, and a returned kept mask is the caller's to change
     (the cached plan keeps its own)."""
@@ -713,24 +713,16 @@ def test_caches_follow_replaced_modules_and_outputs_are_the_callers():
     assert torch.equal(second.kept_mask[:, :mask.shape[1]], mask)
     torch.testing.assert_close(second.last_hidden_state[:, :mask.shape[1]][mask], padded.last_hidden_state[mask],
                                atol=1e-4, rtol=1e-4)
-    model.encoder.layer[1].attention.self.value = torch.nn.Identity()  # not a Linear: padded path
-    calls = []
-    original = packed.packed_encoder
-    try:
-        import powerbert.elimination.forwards as forwards
-        forwards.packed_encoder = lambda *a, **k: calls.append(1) or original(*a, **k)
-        model.encoder.layer[1].attention.self.value = swapped
-        with torch.no_grad(), packed_path():
-            model(**inputs)
-        assert calls
-        model.encoder.layer[1].attention.self.value = torch.ao.nn.quantized.dynamic.Linear(
-            swapped.in_features, swapped.out_features)
-        calls.clear()
-        with torch.no_grad(), packed_path():
-            model(**inputs)
-        assert not calls, "a quantised Linear keeps the padded path"
-    finally:
-        forwards.packed_encoder = original
+    calls = spy_packed(monkeypatch)
+    with torch.no_grad(), packed_path():
+        model(**inputs)
+    assert calls
+    model.encoder.layer[1].attention.self.value = torch.ao.nn.quantized.dynamic.Linear(
+        swapped.in_features, swapped.out_features)
+    calls.clear()
+    with torch.no_grad(), packed_path():
+        model(**inputs)
+    assert not calls, "a quantised Linear keeps the padded path"
 
 
 @pytest.mark.interpreter
