@@ -12,8 +12,9 @@ batches in the same run:
   int8 (``stock-ort-int8``);
 - patched: torch (``patched-torch``), torch int8 (``patched-torch-int8``), and ``powerbert
   export`` fp32 and int8 (``patched-ort``, ``patched-ort-int8``); int8 as the library does it, the
-  first layer's FFN output projection in fp32 (``powerbert.deployment.first_ffn_out``), and with
-  every projection in int8 (``patched-ort-int8-all``, ``--int8-all``: faster, less accurate).
+  outlier input channels of the FFN output projections split off in fp32
+  (``powerbert.deployment.split_outlier_channels``), and with every projection in int8 whole
+  (``patched-ort-int8-all``, ``--int8-all``).
 
 The models: where ``make reproduce``'s cache holds them (``work/reproduce/<task>/base/finetune``
 and ``target_4.5x/retrain``; ``python -m benchmarks.studies.reproduce.train_target --task T
@@ -58,7 +59,7 @@ VARIANTS = ("stock-torch", "stock-torch-int8", "stock-ort", "stock-ort-int8",
             "patched-torch", "patched-torch-int8", "patched-ort", "patched-ort-int8", "patched-ort-int8-all")
 STOCK = VARIANTS[:4]
 THREADS = 2
-ROUNDS = 5
+ROUNDS = len(VARIANTS)  # the order rotates by one each round: every variant runs first once
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _cache: dict = {}
 

@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", required=True, help="the .onnx file to write")
     ex.add_argument("--quantize", choices=("int8",), default=None, help="int8: ONNX Runtime dynamic quantisation")
     ex.add_argument("--int8-all", action="store_true",
-                    help="with --quantize int8: quantise every MatMul (by default the first layer's FFN output "
-                         "projection stays fp32: its input's outliers cost accuracy in int8)")
+                    help="with --quantize int8: quantise every MatMul whole (by default the few outlier input "
+                         "channels of the FFN output projections are split off and stay fp32: they would set "
+                         "the int8 scales of the whole projection)")
     ex.add_argument("--opset", type=_int_at_least(1), default=18, help="ONNX opset (18-23)")
     ex.add_argument("--max-length", type=_int_at_least(2), default=None,
                     help="N of the example batch traced (default: the model's); the graph takes any length")

@@ -5,7 +5,7 @@ Prints the largest difference between the stock model and the patched model at k
 longest: what users run), the time and the quality of stock torch, stock int8
 (``torch.ao.quantization.quantize_dynamic`` of every Linear, as a user would), the patched model
 with a calibrated proportional configuration, and the patched model in int8 (the library's int8:
-the first layer's FFN output projection stays fp32). Quality is the cosine similarity of each sentence's
+the outlier input channels of the FFN output projections stay fp32). Quality is the cosine similarity of each sentence's
 mean-pooled embedding (the sentence-transformers pooling of this model) to stock fp32's: its mean
 and its minimum over the sentences. The configuration is what ``powerbert calibrate --min-cosine
 0.95`` chose for this model on 300 movie-review sentences (held-out mean cosine 0.970), with no

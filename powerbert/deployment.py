@@ -26,19 +26,26 @@ other path (ties to the lower index), written with ops ONNX has (TopK, CumSum, S
 ``bert``) and, with ``quantize="int8"``, its dynamic quantisation (``quantize_dynamic``, int8
 weights). Every file is written to a temporary path and renamed when complete.
 
-int8 keeps one projection in fp32 by default, in both paths (``quantize_torch_int8``,
-``export_onnx(quantize="int8")``): the first layer's FFN output projection (``first_ffn_out``).
-Its input (the GELU of the first FFN, every token of every row) has activation outliers that a
-per-tensor dynamic int8 scale cannot hold. On the ``make reproduce`` movie-review PoWER-BERT
-model (2,000 test sentences), int8 of every projection cost 0.75 points against the model's fp32
-(ORT; torch 1.70), with this one projection in fp32 none (ORT; torch 0.65), for 4.5% of the ORT
-int8 model's time on one machine and 13% of its node time on another
-(``benchmarks/results/int8_accuracy_movie_reviews.md``, ``benchmarks/results/deploy_cpu.md``).
-``int8_all=True`` quantises every projection, as plain ``quantize_dynamic`` does: 1.11x faster
-than the default on movie reviews, at 0.55 points more loss there.
+int8 keeps a few input channels of the FFN output projections in fp32 by default, in both paths
+(``quantize_torch_int8``, ``export_onnx(quantize="int8")``): in BERT-family FFNs a handful of
+channels carry outliers both in the GELU activation and in the output projection's weight column
+(on the ``make reproduce`` movie-review MiniLM-L6: one channel in layer 1 at activation 24.6
+against <= 5.9 for every other, weight 7.9 against <= 1.2), and with per-tensor int8 those few set
+the step of the whole projection, activation and weight alike. ``split_outlier_channels`` finds
+them from the weights (``outlier_channels``: a column's max |w| >= ``OUTLIER_RATIO`` x the median
+column's), moves them last (the FFN input projection permuted alike: the same function) and
+splits the output projection (``OutlierSplitLinear``): the bulk in int8 with the scales the
+outliers no longer set, the outliers (1-2 of 1,536 channels) in fp32. Measured on the movie-review
+PoWER-BERT model (2,000 test sentences, ONNX Runtime, length-sorted batches of 16 / 64 / 256):
+-0.05 / -0.30 / -0.30 points to the fp32 baseline (the model's own fp32: -0.30), against
+-0.70 / -0.85 / -1.00 for int8 of every projection whole and -0.65 / -0.30 / -1.10 for the earlier
+recipe (the first layer's FFN output projection in fp32), at the speed of int8 of every projection
+(1.72x against 1.74x stock ONNX Runtime int8; ``benchmarks/results/deploy_cpu.md``).
+``int8_all=True`` quantises every projection whole, as plain ``quantize_dynamic`` does.
 """
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 from pathlib import Path
@@ -129,12 +136,14 @@ def export_onnx(model_dir, output, *, max_length: int | None = None, opset: int 
         quantize: None, or ``"int8"`` (ONNX Runtime dynamic quantisation of the weights).
         optimize: run ONNX Runtime's transformer optimizer (``bert``) on the graph.
         overwrite: replace ``output`` if it exists.
-        int8_all: with ``quantize="int8"``, quantise every MatMul, the first layer's FFN output
-            projection too (by default it stays fp32: see the module docstring).
+        int8_all: with ``quantize="int8"``, quantise every MatMul whole, as plain
+            ``quantize_dynamic`` does (by default the outlier input channels of the FFN output
+            projections stay fp32: see the module docstring).
 
     Returns:
         ``{"output", "inputs", "outputs", "kind", "configuration", "opset", "optimized", "quantize",
-        "fp32_matmuls", "bytes"}`` (``fp32_matmuls``: the MatMul nodes int8 left in fp32).
+        "fp32_matmuls", "fp32_channels", "bytes"}`` (``fp32_matmuls``: the MatMul nodes int8 left in
+        fp32; ``fp32_channels``: ``{layer index: [FFN channels]}`` they take, ``split_outlier_channels``).
 
     Raises:
         ValueError / SystemExit with a one-line message, before anything is written.
@@ -157,6 +166,7 @@ def export_onnx(model_dir, output, *, max_length: int | None = None, opset: int 
     predictor = Predictor(spec)
     model = predictor.model
     fuse_qkv(model)  # the copy loaded here, not the user's
+    outliers = split_outlier_channels(model) if quantize == "int8" and not int8_all else {}
     names = input_names(model, spec.loader)
     tokenizer = model.tokenizer if spec.loader == "sentence-transformers" else predictor.tokenizer
     batch = tokenizer(list(EXAMPLE_TEXTS), padding=True, truncation=True, max_length=spec.max_length,
@@ -178,8 +188,8 @@ def export_onnx(model_dir, output, *, max_length: int | None = None, opset: int 
             current = optimize_onnx(current, Path(work) / "optimized.onnx", _hf_config(model, spec.loader))
         fp32 = []
         if quantize == "int8":
-            if not int8_all:
-                fp32 = matmuls_of(current, first_ffn_out(model).weight)
+            if outliers:
+                fp32 = [name for linear in fp32_outlier_linears(model) for name in matmuls_of(current, linear.weight)]
             # MatMuls only: a quantised embedding Gather of the exported graph is dequantised whole at
             # every run (DequantizeLinear of the vocabulary table: 3% of the int8 movie-review run);
             # stock graphs fuse it into QEmbedLayerNormalization, ours do not.
@@ -188,16 +198,95 @@ def export_onnx(model_dir, output, *, max_length: int | None = None, opset: int 
     return {"output": str(output), "inputs": list(names), "outputs": list(outputs), "kind": spec.kind,
             "loader": spec.loader, "configuration": None if spec.retention is None else list(spec.retention),
             "opset": opset, "optimized": optimize, "quantize": quantize, "fp32_matmuls": fp32,
+            "fp32_channels": {str(layer): channels for layer, channels in outliers.items()},
             "bytes": output.stat().st_size}
 
 
-def first_ffn_out(model) -> torch.nn.Linear:
-    """The first encoder layer's FFN output projection (``LayerParts.ffn_out``) of ``model``
-    (a Hugging Face model of a supported family, or its sentence-transformers model)."""
+# An input channel of an FFN output projection is an outlier when its weight column's largest
+# |w| reaches OUTLIER_RATIO x the median column's: on the make-reproduce movie-review MiniLM-L6 the
+# outliers stand at 22-55x (layers 1-4: one channel each, two in layer 3), the next channel at
+# <= 9x; the same channels carry the GELU activations' outliers (24.6 against <= 5.9 in layer 1).
+OUTLIER_RATIO = 16.0
+MAX_OUTLIER_CHANNELS = 8
+
+
+class OutlierSplitLinear(torch.nn.Module):
+    """An FFN output projection split by input channels: ``bulk`` takes the first ``split``
+    channels of the input (int8 in a deployment), ``outliers`` the last ones (kept fp32).
+
+    ``forward(x)``: ``x`` ``[..., split + k]`` -> ``bulk(x[..., :split]) + outliers(x[..., split:])``,
+    ``[..., out]`` (the bias is ``bulk``'s). Built by ``split_outlier_channels``.
+    """
+
+    def __init__(self, bulk: torch.nn.Linear, outliers: torch.nn.Linear):
+        super().__init__()
+        self.bulk, self.outliers, self.split = bulk, outliers, bulk.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bulk(x[..., :self.split]) + self.outliers(x[..., self.split:])
+
+
+def outlier_channels(ffn_out: torch.nn.Linear, ratio: float = OUTLIER_RATIO,
+                     most: int = MAX_OUTLIER_CHANNELS) -> list[int]:
+    """Input channels of ``ffn_out`` (``[out, in]`` weight) whose column's max |w| is at least
+    ``ratio`` x the median column's, at most ``most`` of them (the largest), ascending."""
+    peak = ffn_out.weight.detach().abs().amax(0).float()
+    candidates = peak.argsort(descending=True)[:most]
+    return sorted(int(i) for i in candidates if peak[i] >= ratio * peak.median())
+
+
+def split_outlier_channels(model, ratio: float = OUTLIER_RATIO) -> dict[int, list[int]]:
+    """In place: in every encoder layer whose FFN output projection has outlier input channels
+    (``outlier_channels``), move those channels last (the FFN input projection's rows and bias and
+    the output projection's columns permuted alike: the function is unchanged, the activation is
+    elementwise) and replace the output projection by an ``OutlierSplitLinear``, so that dynamic
+    int8 can quantise the bulk with scales the outliers no longer set and leave the outliers fp32.
+
+    Args:
+        model: a Hugging Face model of a supported family (or its sentence-transformers model),
+            its FFN projections plain ``nn.Linear``; layers whose projections are not are skipped.
+
+    Returns:
+        ``{layer index: [original channel indices moved last]}`` of the layers split.
+    """
     from powerbert.elimination.families import resolve
 
-    family, base, _ = resolve(_hugging_face(model))
-    return family.layers(family.encoder(base))[0].ffn_out
+    hf = _hugging_face(model)
+    family, base, _ = resolve(hf)
+    parents = {id(module): name for name, module in hf.named_modules()}
+    split, done = {}, set()
+    for index, parts in enumerate(family.layers(family.encoder(base))):
+        ffn_in, ffn_out = parts.ffn_in, parts.ffn_out
+        if id(ffn_out) in done or type(ffn_in) is not torch.nn.Linear or type(ffn_out) is not torch.nn.Linear:
+            continue  # ALBERT's one shared layer is split once; a replaced Linear is left alone
+        done.add(id(ffn_out))
+        channels = outlier_channels(ffn_out, ratio)
+        if not channels:
+            continue
+        keep = [c for c in range(ffn_out.in_features) if c not in set(channels)]
+        order = torch.tensor(keep + channels, device=ffn_out.weight.device)
+        weight = ffn_out.weight.detach()
+        bulk = torch.nn.Linear(len(keep), ffn_out.out_features, bias=ffn_out.bias is not None,
+                               dtype=weight.dtype, device=weight.device)
+        outliers = torch.nn.Linear(len(channels), ffn_out.out_features, bias=False, dtype=weight.dtype,
+                                   device=weight.device)
+        with torch.no_grad():
+            ffn_in.weight.copy_(ffn_in.weight[order])
+            if ffn_in.bias is not None:
+                ffn_in.bias.copy_(ffn_in.bias[order])
+            bulk.weight.copy_(weight[:, order[:len(keep)]])
+            outliers.weight.copy_(weight[:, order[len(keep):]])
+            if ffn_out.bias is not None:
+                bulk.bias.copy_(ffn_out.bias)
+        parent, _, attribute = parents[id(ffn_out)].rpartition(".")
+        setattr(hf.get_submodule(parent), attribute, OutlierSplitLinear(bulk, outliers).train(ffn_out.training))
+        split[index] = channels
+    return split
+
+
+def fp32_outlier_linears(model) -> list[torch.nn.Linear]:
+    """The ``outliers`` Linears of every ``OutlierSplitLinear`` in ``model`` (what int8 keeps fp32)."""
+    return [module.outliers for module in model.modules() if isinstance(module, OutlierSplitLinear)]
 
 
 def matmuls_of(onnx_path: Path, weight: torch.Tensor) -> list[str]:
@@ -265,19 +354,24 @@ def _hf_config(model, loader: str):
     return model[0].auto_model.config if loader == "sentence-transformers" else model.config
 
 
+
 def quantize_torch_int8(model, *, int8_all: bool = False):
-    """``model`` with its ``nn.Linear`` modules in dynamic int8 (``torch.ao.quantization.quantize_dynamic``,
-    a new model; a patched model stays patched). The first layer's FFN output projection stays
-    fp32 unless ``int8_all`` (see the module docstring; ALBERT's one shared layer then stays fp32
-    in every application). ``int8_all`` quantises every Linear, as plain ``quantize_dynamic``
-    does, and takes a model of any family."""
-    spec = {torch.nn.Linear}
-    if not int8_all:
-        keep = first_ffn_out(model)
-        spec = {name for name, module in model.named_modules() if type(module) is torch.nn.Linear and module is not keep}
+    """``model`` with its ``nn.Linear`` modules in dynamic int8 (``torch.ao.quantization.quantize_dynamic``),
+    as a new model (``model`` is not changed; a patched model stays patched).
+
+    By default a copy first gets its FFN outlier channels split off (``split_outlier_channels``),
+    and those stay fp32, the rest int8 (see the module docstring). ``int8_all`` quantises every
+    Linear whole, as plain ``quantize_dynamic`` does, and takes a model of any family.
+    """
     with warnings.catch_warnings():  # torch 2.13 announces the move of quantisation to torchao
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+        if int8_all:
+            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        split = copy.deepcopy(model)
+        split_outlier_channels(split)
+        keep = {id(linear) for linear in fp32_outlier_linears(split)}
+        spec = {name for name, module in split.named_modules() if type(module) is torch.nn.Linear and id(module) not in keep}
+        return torch.ao.quantization.quantize_dynamic(split, spec, dtype=torch.qint8, inplace=True)
 
 
 def quantize_onnx_int8(source: Path, target: Path, *, fp32_nodes=(), op_types=None) -> Path:

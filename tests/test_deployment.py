@@ -181,21 +181,104 @@ def _quantized_weights(path):
     return int8, fp32
 
 
-def test_int8_keeps_the_first_ffn_output_projection_fp32(tmp_path, tokenizer):
-    """The int8 recipe: every projection in int8 but the first layer's FFN output (found again in
-    the exported graph by its weight), in ONNX and in torch alike; ``int8_all`` quantises it too."""
-    from powerbert.deployment import first_ffn_out, matmuls_of, quantize_torch_int8
+def plant_outliers(model, planted):
+    """Make input channels ``planted[layer]`` of those layers' FFN output projections outliers (weight
+    column x 40, the FFN input row x 4), as trained BERT-family FFNs have them; returns ``model``."""
+    from powerbert.elimination.families import resolve
+
+    family, base, _ = resolve(model)
+    layers = family.layers(family.encoder(base))
+    with torch.no_grad():
+        for layer, channels in planted.items():
+            for channel in channels:
+                layers[layer].ffn_out.weight[:, channel] *= 40
+                layers[layer].ffn_in.weight[channel] *= 4
+    return model
+
+
+PLANTED = {0: [5], 2: [7, 40]}
+
+
+def family_model(name, head):
+    """A tiny random model of family ``name`` (``bert`` or a ``test_families`` case), in eval mode."""
+    from elimination.test_families import CASES, build as build_family
+    from tiny_bert import build as build_bert
+
+    if name == "bert":
+        return build_bert(BertForSequenceClassification if head else BertModel)
+    return build_family(name, CASES[name].head if head else None).eval()
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["base", "classifier"])
+@pytest.mark.parametrize("name", ["bert", "albert", "roberta", "distilbert", "electra", "mpnet"])
+def test_splitting_outlier_channels_keeps_the_function(name, head):
+    """``split_outlier_channels`` finds the planted channels from the weights alone, and the split
+    model (FFN input permuted, output projection split) computes what it computed, stock and
+    patched (same survivors)."""
+    from elimination.test_families import batch as family_batch
+    from powerbert.deployment import OutlierSplitLinear, fp32_outlier_linears, split_outlier_channels
+
+    planted = {0: [5]} if name == "albert" else PLANTED  # ALBERT: one layer, shared by every application
+    inputs = family_batch()
+    key = "logits" if head else "last_hidden_state"
+    model, reference = (plant_outliers(family_model(name, head), planted) for _ in range(2))
+    with torch.no_grad():
+        before = model(**inputs)[key]
+    assert split_outlier_channels(model) == planted
+    assert len(fp32_outlier_linears(model)) == len(planted)
+    assert sum(isinstance(m, OutlierSplitLinear) for m in model.modules()) == len(planted)
+    powerbert.patch(model, [0.8, 0.5, 0.3])
+    powerbert.patch(reference, [0.8, 0.5, 0.3])
+    with torch.no_grad():
+        patched, expected = model(**inputs), reference(**inputs)
+        powerbert.unpatch(model)
+        torch.testing.assert_close(model(**inputs)[key], before, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(patched[key], expected[key], atol=1e-4, rtol=1e-4)
+    if not head:
+        assert torch.equal(patched.kept_positions, expected.kept_positions)
+
+
+def tiny_bert_config():
+    from tiny_bert import tiny_config
+
+    return tiny_config()
+
+
+def test_no_outlier_no_split():
+    """A random model has no outlier channel (the next largest column of a trained MiniLM FFN is 9x
+    the median, the threshold 16x): nothing is split, int8 quantises every projection whole."""
+    from powerbert.deployment import OUTLIER_RATIO, outlier_channels, split_outlier_channels
+
+    model = BertModel(tiny_bert_config()).eval()
+    assert split_outlier_channels(model) == {}
+    assert all(type(layer.output.dense) is torch.nn.Linear for layer in model.encoder.layer)
+    ffn_out = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        ffn_out.weight.fill_(0.1)
+        ffn_out.weight[:, 3] = 0.1 * OUTLIER_RATIO
+        ffn_out.weight[:, 6] = 0.1 * OUTLIER_RATIO * 0.99
+    assert outlier_channels(ffn_out) == [3]
+    assert outlier_channels(ffn_out, most=0) == []
+
+
+def test_int8_keeps_the_outlier_channels_fp32(tmp_path, tokenizer):
+    """The int8 recipe: every projection in int8, the outlier channels of the FFN output projections
+    split off in fp32 (found again in the exported graph by their weights), in ONNX and in torch
+    alike, and closer to fp32 than int8 of every projection whole; ``int8_all`` quantises everything."""
+    from powerbert.deployment import matmuls_of, quantize_torch_int8
 
     folder = tiny_folder(tmp_path / "clf", retention=FIXED)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    plant_outliers(model, PLANTED).save_pretrained(folder)
     summary = export_onnx(folder, tmp_path / "kept.onnx", quantize="int8")
     everything = export_onnx(folder, tmp_path / "all.onnx", quantize="int8", int8_all=True)
     export_onnx(folder, tmp_path / "fp32.onnx")
-    model = AutoModelForSequenceClassification.from_pretrained(folder)
-    assert len(matmuls_of(tmp_path / "fp32.onnx", first_ffn_out(model).weight)) == 1
     int8_kept, fp32_kept = _quantized_weights(tmp_path / "kept.onnx")
     int8_all, fp32_all = _quantized_weights(tmp_path / "all.onnx")
-    assert summary["fp32_matmuls"] == fp32_kept and len(fp32_kept) == 1 and everything["fp32_matmuls"] == []
-    assert fp32_all == [] and len(int8_kept) == len(int8_all) - 1
+    assert summary["fp32_channels"] == {str(k): v for k, v in PLANTED.items()}
+    assert sorted(summary["fp32_matmuls"]) == sorted(fp32_kept) and len(fp32_kept) == len(PLANTED)
+    assert everything["fp32_matmuls"] == [] and everything["fp32_channels"] == {} and fp32_all == []
+    assert len(int8_kept) == len(int8_all)  # the bulk of a split projection is int8 too
     import onnx
     # MatMuls only: the embedding tables stay fp32 (no per-run DequantizeLinear of the vocabulary)
     assert not [n for n in onnx.load(str(tmp_path / "kept.onnx")).graph.node if n.op_type == "DequantizeLinear"]
@@ -204,13 +287,33 @@ def test_int8_keeps_the_first_ffn_output_projection_fp32(tmp_path, tokenizer):
     assert np.abs(run_onnx(tmp_path / "kept.onnx", batch, summary["inputs"])[0] - fp32).max() < 0.1
 
     powerbert.patch(model.eval())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     kept = quantize_torch_int8(model)
-    linears = [name for name, m in kept.named_modules() if type(m) is torch.nn.Linear]
-    assert linears == ["bert.encoder.layer.0.output.dense"]
+    linears = [m for m in kept.modules() if type(m) is torch.nn.Linear]
+    assert len(linears) == len(PLANTED) and all(m.in_features in (1, 2) and m.bias is None for m in linears)
     assert not any(type(m) is torch.nn.Linear for m in quantize_torch_int8(model, int8_all=True).modules())
-    assert powerbert.is_patched(kept) and type(first_ffn_out(model)) is torch.nn.Linear  # the user's model untouched
+    assert powerbert.is_patched(kept) and type(model.bert.encoder.layer[0].output.dense) is torch.nn.Linear
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model untouched
     with torch.no_grad():
         torch.testing.assert_close(kept(**batch).logits, model(**batch).logits, atol=0.1, rtol=0)
+
+
+def test_split_int8_projection_is_closer_to_fp32_than_whole():
+    """What the split buys: on an FFN activation whose outlier channel sets the int8 scales, the
+    split projection (bulk int8, outlier fp32) errs far less than the projection in int8 whole."""
+    from powerbert.deployment import quantize_torch_int8
+
+    model = plant_outliers(BertModel(tiny_bert_config()).eval(), PLANTED)
+    layer = model.encoder.layer[0]
+    hidden = torch.randn(4, 13, layer.intermediate.dense.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x = layer.intermediate(hidden)  # the GELU output: the projection's input, the outlier channel 5 in it
+        reference = layer.output.dense(x)
+        whole = quantize_torch_int8(model, int8_all=True).encoder.layer[0].output.dense(x)
+        order = [c for c in range(x.shape[-1]) if c not in PLANTED[0]] + PLANTED[0]
+        split = quantize_torch_int8(model).encoder.layer[0].output.dense(x[..., order])
+    split_error, whole_error = (split - reference).abs().max(), (whole - reference).abs().max()
+    assert split_error < whole_error / 4, (split_error, whole_error)
 
 
 class _Selection(torch.nn.Module):
