@@ -39,8 +39,9 @@ outliers no longer set, the outliers (1-2 of 1,536 channels) in fp32. Measured o
 PoWER-BERT model (2,000 test sentences, ONNX Runtime, length-sorted batches of 16 / 64 / 256):
 -0.05 / -0.30 / -0.30 points to the fp32 baseline (the model's own fp32: -0.30), against
 -0.70 / -0.85 / -1.00 for int8 of every projection whole and -0.65 / -0.30 / -1.10 for the earlier
-recipe (the first layer's FFN output projection in fp32), at the speed of int8 of every projection
-(1.72x against 1.74x stock ONNX Runtime int8; ``benchmarks/results/deploy_cpu.md``).
+recipe (the first layer's FFN output projection in fp32), at 94% of the speed of int8 of every
+projection (1.64x against 1.74x stock ONNX Runtime int8 in the 9-round deploy benchmark,
+``benchmarks/results/deploy_cpu.md``; 1.69-1.72x against 1.73-1.74x in standalone A/Bs).
 ``int8_all=True`` quantises every projection whole, as plain ``quantize_dynamic`` does.
 """
 from __future__ import annotations
