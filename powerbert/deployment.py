@@ -254,7 +254,7 @@ def split_outlier_channels(model, ratio: float = OUTLIER_RATIO) -> dict[int, lis
 
     hf = _hugging_face(model)
     family, base, _ = resolve(hf)
-    parents = {id(module): name for name, module in hf.named_modules()}
+    names = {id(module): name for name, module in hf.named_modules()}
     split, done = {}, set()
     for index, parts in enumerate(family.layers(family.encoder(base))):
         ffn_in, ffn_out = parts.ffn_in, parts.ffn_out
@@ -264,7 +264,8 @@ def split_outlier_channels(model, ratio: float = OUTLIER_RATIO) -> dict[int, lis
         channels = outlier_channels(ffn_out, ratio)
         if not channels:
             continue
-        keep = [c for c in range(ffn_out.in_features) if c not in set(channels)]
+        outlying = set(channels)
+        keep = [c for c in range(ffn_out.in_features) if c not in outlying]
         order = torch.tensor(keep + channels, device=ffn_out.weight.device)
         weight = ffn_out.weight.detach()
         bulk = torch.nn.Linear(len(keep), ffn_out.out_features, bias=ffn_out.bias is not None,
@@ -279,8 +280,7 @@ def split_outlier_channels(model, ratio: float = OUTLIER_RATIO) -> dict[int, lis
             outliers.weight.copy_(weight[:, order[len(keep):]])
             if ffn_out.bias is not None:
                 bulk.bias.copy_(ffn_out.bias)
-        parent, _, attribute = parents[id(ffn_out)].rpartition(".")
-        setattr(hf.get_submodule(parent), attribute, OutlierSplitLinear(bulk, outliers).train(ffn_out.training))
+        hf.set_submodule(names[id(ffn_out)], OutlierSplitLinear(bulk, outliers).train(ffn_out.training))
         split[index] = channels
     return split
 

@@ -7,9 +7,10 @@ torch and ONNX Runtime.
 For each model folder (patched from its ``config.json`` when it holds ``powerbert_retention``, as
 ``powerbert evaluate`` runs it): torch fp32, torch int8 (``torch.ao.quantization.quantize_dynamic``)
 of every ``nn.Linear`` ("all") and with the outlier input channels of the FFN output projections
-split off in fp32 (the library's default, ``powerbert.deployment.split_outlier_channels``), ONNX Runtime fp32 and the same two
-int8 variants (``powerbert export``, ``--quantize int8`` with and without ``--int8-all``). Texts are sorted by token count and batched with dynamic padding (``--batch-size``, one or several sizes); the accuracy is
-over every row of ``--data``, with its delta to the first model's torch fp32 in points, and the
+split off in fp32 (the library's default, ``powerbert.deployment.split_outlier_channels``), ONNX
+Runtime fp32 and the same two int8 variants (``powerbert export``, ``--quantize int8`` with and
+without ``--int8-all``). Texts are sorted by token count and batched with dynamic padding
+(``--batch-size``, one or several sizes); the accuracy is over every row of ``--data``, with its delta to the first model's torch fp32 in points, and the
 agreement of each variant's predictions with that model's own torch fp32.
 """
 from __future__ import annotations
@@ -34,6 +35,19 @@ WORK = Path(__file__).resolve().parents[2] / "work" / "int8-accuracy-onnx"  # th
 BATCH = 64
 
 
+def torch_classes(model):
+    """``batch -> [rows] int64 predicted class`` of a torch classifier (a tokenizer's dict batch)."""
+    def classes(batch):
+        with torch.inference_mode():
+            return model(**batch).logits.argmax(-1).numpy()
+    return classes
+
+
+def ort_classes(session, inputs):
+    """``batch -> [rows] int64 predicted class`` of an ONNX Runtime session taking ``inputs``."""
+    return lambda batch: session.run(None, {k: batch[k].numpy() for k in inputs})[0].argmax(-1)
+
+
 def predictions(model_dir: Path, texts: list[str], work: Path, max_length: int,
                 batch_sizes=(BATCH,)) -> dict[tuple[str, int], np.ndarray]:
     """``{(variant, batch size): [rows] int64 predicted class}`` for every variant (``VARIANTS``)
@@ -50,24 +64,21 @@ def predictions(model_dir: Path, texts: list[str], work: Path, max_length: int,
     model = load_model(model_dir).eval()
     if getattr(model.config, "powerbert_retention", None) is not None:
         patch(model)
-    runners = {"torch fp32": model, "torch int8 all": quantize_torch_int8(model, int8_all=True),
-               "torch int8": quantize_torch_int8(model)}
+    runners = {"torch fp32": torch_classes(model),
+               "torch int8 all": torch_classes(quantize_torch_int8(model, int8_all=True)),
+               "torch int8": torch_classes(quantize_torch_int8(model))}
     work.mkdir(parents=True, exist_ok=True)
     for name, quantize, int8_all in (("ORT fp32", None, False), ("ORT int8 all", "int8", True), ("ORT int8", "int8", False)):
         path = work / f"{model_dir.parent.name}-{model_dir.name}-{name.replace(' ', '-')}.onnx"  # unique per model
         summary = export_onnx(model_dir, path, quantize=quantize, overwrite=True, int8_all=int8_all)
-        runners[name] = (ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), summary["inputs"])
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        runners[name] = ort_classes(session, summary["inputs"])
     out = {}
-    for name, runner in runners.items():
+    for name, classes in runners.items():
         for size, batches in batchings.items():
             pred = np.zeros(len(texts), dtype=np.int64)
             for index, batch in batches:
-                if isinstance(runner, torch.nn.Module):
-                    with torch.inference_mode():
-                        pred[index] = runner(**batch).logits.argmax(-1).numpy()
-                else:
-                    session, inputs = runner
-                    pred[index] = session.run(None, {k: batch[k].numpy() for k in inputs})[0].argmax(-1)
+                pred[index] = classes(batch)
             out[name, size] = pred
     return out
 
